@@ -1,0 +1,3 @@
+from saedynamics.cli import main
+
+raise SystemExit(main())

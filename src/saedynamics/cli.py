@@ -1,0 +1,320 @@
+"""`python -m saedynamics <command>`: one subcommand per Snakemake rule.
+
+Each command takes its settings either as `--settings JSON` (what the rules pass: the config slice of
+the stage, see `StudyConfig.stage_settings`) or as `--config FILE` (a whole study config, for running
+one stage by hand), validates them before any work, and writes its outputs atomically. Errors meant
+for the user (bad config, unreadable file, diverged training) print one message and exit 1.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from pathlib import Path
+
+from pydantic import TypeAdapter, ValidationError
+
+from saedynamics.errors import ConfigError, SaedynamicsError
+
+log = logging.getLogger("saedynamics")
+
+
+# ---- settings ---------------------------------------------------------------------------------------
+
+
+def _settings(args, stage: str, architecture: str | None = None) -> dict:
+    from saedynamics.config import load_config
+
+    if args.config:
+        return load_config(args.config).stage_settings(stage, architecture)
+    try:
+        return json.loads(args.settings)
+    except json.JSONDecodeError as e:
+        raise ConfigError(f"--settings is not valid JSON: {e}") from None
+
+
+def _validate(model, data, key: str):
+    """Validate one slice (`key` names it in errors) with a pydantic model or type."""
+    from saedynamics.config import _format_errors
+
+    try:
+        return TypeAdapter(model).validate_python(data)
+    except ValidationError as e:
+        raise ConfigError(f"invalid settings:\n{_format_errors(e, prefix=key)}") from None
+
+
+def _provenance(settings: dict) -> dict:
+    from saedynamics.artifacts import provenance
+
+    return provenance(settings)
+
+
+def _seed_dirs(saes_dir: Path) -> list[Path]:
+    dirs = sorted(Path(saes_dir).glob("seed*/"), key=lambda p: int(p.name.removeprefix("seed")))
+    if not dirs:
+        raise SaedynamicsError(f"{saes_dir}: no seed*/ SAE directories; run the train rule")
+    return dirs
+
+
+def _identity(args, settings: dict, sae) -> dict:
+    return {
+        "study": settings["study"],
+        "step": args.step,
+        "layer": args.layer,
+        "architecture": args.architecture,
+        "architecture_type": sae.architecture,
+        "architecture_title": sae.title or sae.architecture,
+        "d_model": sae.d_in,
+        "n_latents": sae.d_sae,
+    }
+
+
+# ---- commands -----------------------------------------------------------------------------------------
+
+
+def cmd_check_config(args) -> None:
+    from saedynamics.config import load_config
+
+    cfg = load_config(args.path)
+    print(f"{args.path}: valid; study {cfg.study!r}, {len(cfg.model.steps)} steps x "
+          f"{len(cfg.activations.layers)} layers x {len(cfg.architectures)} architectures x "
+          f"{len(cfg.training.seeds)} seeds")
+
+
+def cmd_tokens(args) -> None:
+    from saedynamics.config import CorpusConfig, ModelConfig, TokensConfig
+    from saedynamics.corpus import build_token_sample
+
+    s = _settings(args, "tokens")
+    build_token_sample(
+        _validate(CorpusConfig, s["corpus"], "corpus"),
+        _validate(TokensConfig, s["tokens"], "tokens"),
+        _validate(ModelConfig, s["model"], "model"),
+        Path(args.out_tokens),
+        Path(args.out_tokenizer),
+    )
+
+
+def cmd_checkpoint(args) -> None:
+    from saedynamics.checkpoints import download_checkpoint
+    from saedynamics.config import HubModelConfig
+
+    s = _settings(args, "checkpoint")
+    model = _validate(HubModelConfig, s["model"], "model")
+    earlier = [Path(p) / "manifest.json" if Path(p).is_dir() else Path(p) for p in args.earlier]
+    download_checkpoint(model, args.step, Path(args.out), earlier)
+
+
+def cmd_micro_lm(args) -> None:
+    from saedynamics.checkpoints import train_micro_suite
+    from saedynamics.config import MicroModelConfig
+
+    s = _settings(args, "micro_lm")
+    model = _validate(MicroModelConfig, s["model"], "model")
+    train_micro_suite(model, Path(args.tokens), Path(args.tokenizer), Path(args.out_root), Path(args.curve))
+
+
+def cmd_activations(args) -> None:
+    from saedynamics.activations import cache_activations
+    from saedynamics.config import ActivationsConfig
+
+    s = _settings(args, "activations")
+    cfg = _validate(ActivationsConfig, s["activations"], "activations")
+    cache_activations(cfg, Path(args.checkpoint), Path(args.tokens), Path(args.out))
+
+
+def cmd_train(args) -> None:
+    from saedynamics.config import TrainingConfig
+    from saedynamics.saes import REGISTRY
+    from saedynamics.training import train_saes
+
+    s = _settings(args, "train", args.architecture)
+    training = _validate(TrainingConfig, s["training"], "training")
+    kind = s["architecture"].get("architecture")
+    if kind not in REGISTRY:
+        raise ConfigError(f"architecture {kind!r} is not registered; allowed: {', '.join(sorted(REGISTRY))}")
+    arch = _validate(REGISTRY[kind].Config, s["architecture"], f"architectures.{args.architecture}")
+    identity = {"study": s["study"], "step": args.step, "layer": args.layer}
+    train_saes(training, args.architecture, arch, Path(args.activations), Path(args.out), identity,
+               _provenance(s))
+
+
+def cmd_reconstruction(args) -> None:
+    from saedynamics.activations import ActivationFile, resolve_device
+    from saedynamics.artifacts import write_json
+    from saedynamics.config import MetricsConfig
+    from saedynamics.metrics.reconstruction import evaluate
+    from saedynamics.saes import load
+
+    s = _settings(args, "reconstruction")
+    metrics = _validate(MetricsConfig, s["metrics"], "metrics")
+    device = resolve_device(metrics.device)
+    acts = ActivationFile(args.activations)
+    seeds, sae = [], None
+    for d in _seed_dirs(args.saes):
+        sae = load(d).to(device)
+        seeds.append({"seed": sae.provenance["seed"], **evaluate(sae, acts.tensors(metrics.batch_size))})
+        log.info("%s seed %s: FVU %.4f, L0 %.2f", d, seeds[-1]["seed"], seeds[-1]["fvu"], seeds[-1]["l0"])
+    write_json(args.out, {**_identity(args, s, sae), "seeds": seeds, "provenance": _provenance(s)})
+
+
+def cmd_consistency(args) -> None:
+    from saedynamics.artifacts import write_json
+    from saedynamics.config import MetricsConfig
+    from saedynamics.metrics.consistency import max_cosine, mcc, null_baseline, shared_fraction
+    from saedynamics.saes import load
+
+    s = _settings(args, "consistency")
+    metrics = _validate(MetricsConfig, s["metrics"], "metrics")
+    saes = [load(d) for d in _seed_dirs(args.saes)]
+    pairs = []
+    for i, a in enumerate(saes):
+        for b in saes[i + 1 :]:
+            pairs.append({
+                "seed_a": a.provenance["seed"],
+                "seed_b": b.provenance["seed"],
+                "mcc": mcc(a.W_dec, b.W_dec),
+                "encoder_mcc": mcc(a.W_enc.T, b.W_enc.T),
+                "max_cosine": max_cosine(a.W_dec, b.W_dec),
+                "shared_fraction": shared_fraction(a, b, metrics.shared_threshold),
+            })
+    null = null_baseline(saes[0].d_sae, saes[0].d_in, metrics.shared_threshold, metrics.null_draws,
+                         metrics.null_seed)
+    pw = [p["mcc"] for p in pairs]
+    log.info("PW-MCC %.4f (null %.4f); shared fraction %.4f (null %.4f)", sum(pw) / len(pw),
+             null["pw_mcc"], sum(p["shared_fraction"] for p in pairs) / len(pairs), null["shared_fraction"])
+    write_json(args.out, {
+        **_identity(args, s, saes[0]),
+        "pw_mcc": {"mean": sum(pw) / len(pw), "pairs": len(pw)},
+        "pairs": pairs,
+        "null": null,
+        "shared_threshold": metrics.shared_threshold,
+        "provenance": _provenance(s),
+    })
+
+
+def cmd_superposition(args) -> None:
+    from saedynamics.activations import ActivationFile, resolve_device
+    from saedynamics.artifacts import write_json
+    from saedynamics.config import MetricsConfig
+    from saedynamics.metrics.superposition import effective_features
+    from saedynamics.saes import load
+
+    s = _settings(args, "superposition")
+    metrics = _validate(MetricsConfig, s["metrics"], "metrics")
+    device = resolve_device(metrics.device)
+    acts = ActivationFile(args.activations)
+    seeds, sae = [], None
+    for d in _seed_dirs(args.saes):
+        sae = load(d).to(device)
+        codes = (sae.encode(x.to(device)) for x in acts.tensors(metrics.batch_size))
+        seeds.append({"seed": sae.provenance["seed"], **effective_features(codes, sae.d_in)})
+    write_json(args.out, {**_identity(args, s, sae), "seeds": seeds, "provenance": _provenance(s)})
+
+
+def cmd_tables(args) -> None:
+    from saedynamics.tables import collect
+
+    _settings(args, "tables")
+    counts = collect([Path(p) for p in args.inputs], Path(args.out))
+    log.info("tables: %s", ", ".join(f"{k} {v} rows" for k, v in counts.items()))
+
+
+def cmd_figures(args) -> None:
+    from saedynamics.config import FiguresConfig
+    from saedynamics.figures import render_all
+
+    s = _settings(args, "figures")
+    written = render_all(Path(args.tables), Path(args.out), _validate(FiguresConfig, s["figures"], "figures"))
+    log.info("figures: %d files in %s", len(written), args.out)
+
+
+# ---- parser -------------------------------------------------------------------------------------------
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m saedynamics", description=__doc__.split("\n")[0])
+    sub = parser.add_subparsers(dest="command", required=True, metavar="command")
+
+    def command(name, func, help, *, ident=False):
+        p = sub.add_parser(name, help=help)
+        src = p.add_mutually_exclusive_group(required=True)
+        src.add_argument("--settings", help="the stage's config slice as JSON (what the rules pass)")
+        src.add_argument("--config", help="a whole study config file (YAML)")
+        p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+        if ident:
+            p.add_argument("--step", type=int, required=True)
+            p.add_argument("--layer", type=int, required=True)
+            p.add_argument("--architecture", required=True, help="name in the config's architectures")
+        p.set_defaults(func=func)
+        return p
+
+    p = sub.add_parser("check-config", help="validate a study config and summarise it")
+    p.add_argument("path")
+    p.set_defaults(func=cmd_check_config, threads=None)
+
+    p = command("tokens", cmd_tokens, "draw the fixed token sample and its tokenizer")
+    p.add_argument("--out-tokens", required=True)
+    p.add_argument("--out-tokenizer", required=True)
+
+    p = command("checkpoint", cmd_checkpoint, "download one Hub checkpoint (with manifest)")
+    p.add_argument("--step", type=int, required=True)
+    p.add_argument("--out", required=True)
+    p.add_argument("--earlier", nargs="*", default=[], help="earlier checkpoint dirs (for duplicates)")
+
+    p = command("micro-lm", cmd_micro_lm, "train the micro suite and save its checkpoints")
+    p.add_argument("--tokens", required=True)
+    p.add_argument("--tokenizer", required=True)
+    p.add_argument("--out-root", required=True)
+    p.add_argument("--curve", required=True)
+
+    p = command("activations", cmd_activations, "cache one checkpoint's activations to Parquet")
+    p.add_argument("--checkpoint", required=True)
+    p.add_argument("--tokens", required=True)
+    p.add_argument("--out", required=True, help="activations/step<N>/ (layer<L>/ written inside)")
+
+    p = command("train", cmd_train, "train all seeds of one (step, layer, architecture)", ident=True)
+    p.add_argument("--activations", required=True, help="train.parquet")
+    p.add_argument("--out", required=True, help="saes/step<N>/layer<L>/<architecture>/")
+
+    for name, func, needs_acts in (
+        ("reconstruction", cmd_reconstruction, True),
+        ("consistency", cmd_consistency, False),
+        ("superposition", cmd_superposition, True),
+    ):
+        p = command(name, func, f"{name} metrics of one (step, layer, architecture)", ident=True)
+        p.add_argument("--saes", required=True, help="saes/step<N>/layer<L>/<architecture>/")
+        if needs_acts:
+            p.add_argument("--activations", required=True, help="eval.parquet")
+        p.add_argument("--out", required=True)
+
+    p = command("tables", cmd_tables, "collect per-run results into tidy Parquet tables")
+    p.add_argument("--out", required=True)
+    p.add_argument("--inputs", nargs="+", required=True)
+
+    p = command("figures", cmd_figures, "render the figures from the tables")
+    p.add_argument("--tables", required=True)
+    p.add_argument("--out", required=True)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+                        stream=sys.stderr, force=True)
+    if args.threads:
+        import torch
+
+        torch.set_num_threads(args.threads)
+    try:
+        args.func(args)
+    except SaedynamicsError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,401 @@
+"""The study configuration: pydantic models, the one source of defaults.
+
+A study config (config.yaml, workflow/configs/*.yaml) is validated by `load_config` when the
+Snakefile loads and when any CLI command starts. Every rule receives only the slice of the config
+its stage depends on (`StudyConfig.stage_settings`), as JSON; so changing e.g. a figure setting
+re-runs the figures and nothing upstream, and every artifact records the hash of exactly the
+settings that produced it.
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+from typing import Annotated, Any, Literal, get_args, get_origin
+
+import yaml
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    SerializeAsAny,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
+
+from saedynamics.errors import ConfigError
+from saedynamics.saes import REGISTRY, ArchitectureConfig
+
+SLUG = r"^[a-z0-9][a-z0-9_.\-]*$"  # names that become path components
+
+
+class Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+# ---- text and tokens -----------------------------------------------------------------------------
+
+
+class CorpusConfig(Strict):
+    """Where the text comes from. Everything goes through the `datasets` library."""
+
+    source: Literal["pydoc", "hub", "files"] = Field(
+        default="pydoc",
+        description="pydoc: Python's own documentation (offline); hub: a Hub dataset; files: local files",
+    )
+    dataset: str | None = Field(default=None, description="hub: dataset id")
+    subset: str | None = Field(default=None, description="hub: dataset configuration name")
+    revision: str | None = Field(default=None, description="hub: dataset revision (pin it)")
+    data_files: list[str] | None = Field(default=None, description="files: paths or globs")
+    format: Literal["text", "json", "parquet", "csv"] = Field(
+        default="json", description="files: the datasets builder that reads them"
+    )
+    split: str = "train"
+    text_field: str = "text"
+
+    @model_validator(mode="after")
+    def _source_fields(self) -> CorpusConfig:
+        if self.source == "hub" and not self.dataset:
+            raise ValueError("corpus.source 'hub' needs corpus.dataset (a Hub dataset id)")
+        if self.source == "files" and not self.data_files:
+            raise ValueError("corpus.source 'files' needs corpus.data_files (paths or globs)")
+        return self
+
+
+class TokensConfig(Strict):
+    """The fixed token sample: context windows drawn once per study, reused for every checkpoint."""
+
+    context_length: int = Field(default=128, ge=2, le=8192)
+    train_sequences: int | None = Field(
+        default=None, gt=0, description="windows in the train split; None: all that remain"
+    )
+    eval_sequences: int = Field(default=64, gt=0)
+    seed: int = 0
+
+
+# ---- the language model ------------------------------------------------------------------------
+
+# EleutherAI Pythia sizes (spec/measurements.md section 4.1): layers and d_model.
+PYTHIA = {
+    "14m": (6, 128),
+    "31m": (6, 256),
+    "70m": (6, 512),
+    "160m": (12, 768),
+    "410m": (24, 1024),
+    "1b": (16, 2048),
+    "1.4b": (24, 2048),
+    "2.8b": (32, 2560),
+    "6.9b": (32, 4096),
+    "12b": (36, 5120),
+}
+PYTHIA_STEPS = sorted({0, *(2**i for i in range(10)), *range(1000, 143001, 1000)})
+
+
+def pythia_size(repo_id: str) -> str | None:
+    m = re.fullmatch(r"EleutherAI/pythia-([0-9.]+[mb])(-deduped|-seed\d)?(-v0)?", repo_id)
+    return m.group(1) if m and m.group(1) in PYTHIA else None
+
+
+class HubModelConfig(Strict):
+    """Checkpoints of a model on the Hugging Face Hub, one revision per training step."""
+
+    source: Literal["hub"]
+    repo_id: str = "EleutherAI/pythia-70m-deduped"
+    steps: list[int]
+    revision: str = Field(default="step{step}", description="revision template, {step} filled in")
+    tokenizer_revision: str = Field(default="main", description="revision to take the tokenizer from")
+    num_layers: int | None = Field(default=None, gt=0, description="known for Pythia; else required")
+    d_model: int | None = Field(default=None, gt=0, description="known for Pythia; else required")
+    cache_dir: str | None = Field(default=None, description="HF hub cache; None: HF_HUB_CACHE")
+
+    @model_validator(mode="after")
+    def _known_model(self) -> HubModelConfig:
+        size = pythia_size(self.repo_id)
+        if size is not None:
+            layers, d_model = PYTHIA[size]
+            object.__setattr__(self, "num_layers", self.num_layers or layers)
+            object.__setattr__(self, "d_model", self.d_model or d_model)
+            bad = [s for s in self.steps if s not in PYTHIA_STEPS]
+            if bad:
+                raise ValueError(
+                    f"steps {bad} are not Pythia revisions; Pythia has step0, step1, 2, 4, ..., 512, "
+                    "then every 1000 up to step143000"
+                )
+        elif self.num_layers is None or self.d_model is None:
+            raise ValueError(
+                f"{self.repo_id} is not a known Pythia model: set model.num_layers and model.d_model"
+            )
+        return self
+
+
+class MicroModelConfig(Strict):
+    """A tiny GPT-NeoX (the Pythia architecture) trained here: the offline miniature of the study."""
+
+    source: Literal["micro"]
+    steps: list[int] = Field(description="checkpoints the study analyses; must be on the schedule")
+    vocab_size: int = Field(default=1024, ge=300, description="BPE tokenizer trained on the corpus")
+    d_model: int = Field(default=64, gt=0)
+    num_layers: int = Field(default=4, gt=0)
+    num_heads: int = Field(default=4, gt=0)
+    intermediate_size: int | None = Field(default=None, description="None: 4 * d_model")
+    rotary_pct: float = Field(default=0.25, gt=0, le=1)
+    train_steps: int = Field(default=1000, gt=0)
+    batch_size: int = Field(default=16, gt=0, description="sequences per optimiser step")
+    lr: float = Field(default=1e-3, gt=0, description="peak lr (Pythia-70M: 1e-3)")
+    warmup_fraction: float = Field(default=0.01, ge=0, le=1)
+    min_lr_fraction: float = Field(default=0.1, ge=0, le=1, description="cosine decays to this")
+    weight_decay: float = Field(default=0.01, ge=0)
+    checkpoint_every: int = Field(default=100, gt=0, description="after step 512 (Pythia: 1000)")
+    seed: int = 0
+
+    def schedule(self) -> list[int]:
+        """Pythia's checkpoint schedule in miniature: 0, 1, 2, 4, ..., 512, then regular, and the end."""
+        log_spaced = [0] + [2**i for i in range(10) if 2**i <= self.train_steps]
+        regular = range(self.checkpoint_every, self.train_steps + 1, self.checkpoint_every)
+        return sorted({*log_spaced, *(s for s in regular if s > 512), self.train_steps})
+
+    @model_validator(mode="after")
+    def _steps_on_schedule(self) -> MicroModelConfig:
+        if self.d_model % self.num_heads:
+            raise ValueError(f"d_model {self.d_model} is not divisible by num_heads {self.num_heads}")
+        bad = [s for s in self.steps if s not in self.schedule()]
+        if bad:
+            raise ValueError(f"steps {bad} are not saved by the micro suite; its schedule is {self.schedule()}")
+        return self
+
+
+ModelConfig = Annotated[HubModelConfig | MicroModelConfig, Field(discriminator="source")]
+
+
+# ---- activations, SAE training, measurements ------------------------------------------------------
+
+
+class ActivationsConfig(Strict):
+    layers: list[int] = Field(description="residual stream after block L (hook gpt_neox.layers[L])")
+    drop_first_position: bool = Field(
+        default=True, description="position 0 has outlier norms; dropped for every checkpoint alike"
+    )
+    batch_sequences: int = Field(default=32, gt=0, description="sequences per forward pass")
+    row_group_rows: int = Field(default=8192, gt=0, description="Parquet row group size")
+    model_dtype: Literal["float32", "bfloat16", "float16"] = "float32"
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+
+
+class TrainingConfig(Strict):
+    """Settings every architecture shares; each architecture adds its own (see `architectures`)."""
+
+    n_latents: int = Field(gt=0, description="dictionary size d_sae")
+    seeds: list[int] = Field(default=[0, 1, 2], description="one SAE per seed (init RNG stream)")
+    data_seed: int = Field(default=0, description="data-order RNG stream, shared by the seeds of a job")
+    train_tokens: int = Field(gt=0, description="tokens each SAE sees (epochs over the cache)")
+    batch_size: int = Field(default=4096, gt=0)
+    lr_warmup_fraction: float = Field(default=0.01, ge=0, le=1)
+    lr_decay_fraction: float = Field(default=0.2, ge=0, le=1, description="linear decay to 0 at the end")
+    adam_betas: tuple[float, float] = (0.9, 0.999)
+    grad_clip_norm: float | None = Field(default=1.0, gt=0)
+    input_scaling: Literal["expected_norm", "centred", "none"] = Field(
+        default="expected_norm",
+        description="expected_norm: E|x| = sqrt(d) (SAELens); centred: E|x - E x|^2 = d, so that "
+        "sparsity penalties weigh the same signal across checkpoints whose mean offset differs; "
+        "folded into the weights at save",
+    )
+    log_every: int = Field(default=10, gt=0, description="optimiser steps between loss-curve rows")
+    threads: int | None = Field(default=None, gt=0, description="torch CPU threads; None: the rule's")
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+
+    @field_validator("seeds")
+    @classmethod
+    def _seeds(cls, v: list[int]) -> list[int]:
+        if len(v) < 2 or len(set(v)) != len(v):
+            raise ValueError("seeds must hold at least two distinct seeds (seed consistency compares them)")
+        return v
+
+
+class MetricsConfig(Strict):
+    batch_size: int = Field(default=4096, gt=0)
+    shared_threshold: float = Field(default=0.7, gt=0, le=1, description="Paulo & Belrose: 0.7")
+    null_draws: int = Field(default=2, gt=0, description="random-dictionary draws for the null baseline")
+    null_seed: int = 0
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+
+
+class FiguresConfig(Strict):
+    formats: list[Literal["png", "pdf", "svg"]] = ["png", "pdf"]
+    dpi: int = Field(default=200, gt=0)
+
+
+class ContainersConfig(Strict):
+    main: str = Field(
+        default="containers/saedynamics-0.1.0.sif",
+        description="image for every rule with --use-apptainer (a .sif path, docker:// or oras://)",
+    )
+
+
+# ---- the study -----------------------------------------------------------------------------------
+
+
+class StudyConfig(Strict):
+    study: str = Field(pattern=SLUG, description="results go to <results>/<study>/")
+    results: str = "results"
+    corpus: CorpusConfig = CorpusConfig()
+    tokens: TokensConfig = TokensConfig()
+    model: ModelConfig
+    activations: ActivationsConfig
+    training: TrainingConfig
+    architectures: dict[str, SerializeAsAny[ArchitectureConfig]]
+    metrics: MetricsConfig = MetricsConfig()
+    figures: FiguresConfig = FiguresConfig()
+    containers: ContainersConfig = ContainersConfig()
+
+    @field_validator("architectures", mode="before")
+    @classmethod
+    def _architectures(cls, raw: Any) -> dict[str, ArchitectureConfig]:
+        """Validate each entry against the hyperparameters of its registered architecture."""
+        if not isinstance(raw, dict) or not raw:
+            raise ValueError("architectures must be a non-empty mapping name -> {architecture: ...}")
+        out = {}
+        for name, entry in raw.items():
+            if not isinstance(name, str) or not re.match(SLUG, name):
+                raise ValueError(f"architecture name {name!r} must match {SLUG} (it becomes a folder)")
+            if isinstance(entry, ArchitectureConfig):
+                out[name] = entry
+                continue
+            if not isinstance(entry, dict) or "architecture" not in entry:
+                raise ValueError(f"architectures.{name} needs a key 'architecture'")
+            kind = entry["architecture"]
+            if kind not in REGISTRY:
+                raise ValueError(
+                    f"architectures.{name}.architecture: {kind!r} is not registered; "
+                    f"allowed: {', '.join(sorted(REGISTRY))}"
+                )
+            arch_cfg = REGISTRY[kind].Config
+            try:
+                out[name] = arch_cfg.model_validate(entry)
+            except ValidationError as e:
+                raise ValueError(
+                    _format_errors(e, prefix=f"architectures.{name}", model=arch_cfg, bullet=False)
+                ) from None
+        return out
+
+    @model_validator(mode="after")
+    def _dimensions(self) -> StudyConfig:
+        n_layers = self.model.num_layers
+        bad = [layer for layer in self.activations.layers if not 0 <= layer < n_layers]
+        if bad:
+            raise ValueError(
+                f"activations.layers {bad}: the model has {n_layers} layers, so layers must be in "
+                f"0..{n_layers - 1}"
+            )
+        if not self.activations.layers or len(set(self.activations.layers)) != len(self.activations.layers):
+            raise ValueError("activations.layers must be a non-empty list of distinct layers")
+        if not self.model.steps or len(set(self.model.steps)) != len(self.model.steps):
+            raise ValueError("model.steps must be a non-empty list of distinct steps")
+        for name, arch in self.architectures.items():
+            try:
+                arch.check_dimensions(self.model.d_model, self.training.n_latents)
+            except ValueError as e:
+                raise ValueError(f"architectures.{name}: {e}") from None
+        return self
+
+    # ---- derived --------------------------------------------------------------------------------
+
+    @property
+    def root(self) -> str:
+        return f"{self.results}/{self.study}"
+
+    def stage_settings(self, stage: str, architecture: str | None = None) -> dict[str, Any]:
+        """The config slice a stage depends on, as JSON-able data (see the module docstring)."""
+        dump = self.model_dump(mode="json")
+        common = {"study": self.study}
+        slices = {
+            "tokens": ["corpus", "tokens", "model"],
+            "checkpoint": ["model"],
+            "micro_lm": ["model", "tokens"],
+            "activations": ["model", "activations"],
+            "train": ["training"],
+            "reconstruction": ["metrics"],
+            "consistency": ["metrics", "training"],
+            "superposition": ["metrics"],
+            "tables": [],
+            "figures": ["figures"],
+        }
+        if stage not in slices:
+            raise KeyError(f"unknown stage {stage!r}; stages: {', '.join(slices)}")
+        out = common | {key: dump[key] for key in slices[stage]}
+        if stage == "train":
+            out["architecture_name"] = architecture
+            out["architecture"] = dump["architectures"][architecture]
+        return out
+
+
+# ---- loading and error messages --------------------------------------------------------------------
+
+
+def load_config(source: str | Path | dict, name: str | None = None) -> StudyConfig:
+    """Validate a config file (or an already-parsed dict); raise ConfigError naming the problem."""
+    if isinstance(source, dict):
+        raw, name = source, name or "the config"
+    else:
+        path = Path(source)
+        name = name or str(path)
+        try:
+            raw = yaml.safe_load(path.read_text())
+        except OSError as e:
+            raise ConfigError(f"cannot read config file {path}: {e.strerror}") from None
+        except yaml.YAMLError as e:
+            raise ConfigError(f"config file {path} is not valid YAML: {e}") from None
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{name}: expected a mapping of keys at the top level, got {type(raw).__name__}")
+    try:
+        return StudyConfig.model_validate(raw)
+    except ValidationError as e:
+        raise ConfigError(f"invalid configuration in {name}:\n{_format_errors(e, model=StudyConfig)}") from None
+
+
+def _format_errors(error: ValidationError, prefix: str = "", model=None, bullet: bool = True) -> str:
+    lines = []
+    for err in error.errors():
+        loc = [str(p) for p in err["loc"]]
+        # discriminated unions put the tag into the path ("model.hub.steps"): drop it
+        if len(loc) > 1 and loc[0] == "model" and loc[1] in ("hub", "micro"):
+            loc = [loc[0], *loc[2:]]
+        key = ".".join(filter(None, [prefix, *loc]))
+        msg = err["msg"].removeprefix("Value error, ")
+        if err["type"] == "extra_forbidden":
+            allowed = _allowed_keys(model, err["loc"][:-1])
+            msg = "unknown key" + (f"; allowed keys here: {', '.join(allowed)}" if allowed else "")
+        elif err["type"] == "missing":
+            msg = "required key is missing"
+        elif err["type"] == "union_tag_invalid":
+            msg = "model.source must be 'hub' or 'micro'"
+        if msg.startswith(f"{key}.") or msg.startswith(f"{key}:") or not key:
+            line = msg  # the message already names its key (nested validators)
+        else:
+            line = f"{key}: {msg}"
+        lines.append(f"  - {line}" if bullet else line)
+    return "\n".join(lines)
+
+
+def _allowed_keys(model, loc) -> list[str]:
+    """The field names of the (nested) model at `loc`, for 'unknown key' messages."""
+    for part in loc:
+        if model is None:
+            return []
+        field = getattr(model, "model_fields", {}).get(part)
+        if field is not None:
+            model = _model_of(field.annotation)
+        else:  # a discriminated union's tag
+            model = {"hub": HubModelConfig, "micro": MicroModelConfig}.get(part)
+    return sorted(getattr(model, "model_fields", {})) if model is not None else []
+
+
+def _model_of(annotation):
+    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+        return annotation
+    if get_origin(annotation) is not None or get_args(annotation):
+        for arg in get_args(annotation):
+            found = _model_of(arg)
+            if found is not None:
+                return found
+    return None

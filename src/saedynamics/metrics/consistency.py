@@ -1,0 +1,105 @@
+"""Seed consistency: do SAEs trained with different seeds find the same dictionary?
+
+PW-MCC (Song, Muhamed et al. 2025): for two decoders [F, d], unit-normalise the rows, match all F
+latents one-to-one so that the summed *signed* cosine is maximal (Hungarian algorithm), and take the
+mean matched cosine (dead latents included); PW-MCC is the mean over all seed pairs.
+
+    MCC(D_a, D_b) = max_{pi in Perm(F)} (1/F) sum_i cos(D_a[i], D_b[pi(i)])
+
+Shared fraction (Paulo & Belrose 2025): match encoder rows and decoder rows separately; latent i of
+SAE a is shared iff both matchings give it the same partner and both cosines are >= threshold (0.7).
+
+Null baseline: the same statistics for random dictionaries of the same shape (rows i.i.d. Gaussian,
+numpy default_rng), which match far above 0 (spec/measurements.md section 1.3). For the shared
+fraction the random "SAE" is tied (encoder = decoder^T, as an SAE at init), the conservative choice:
+with independent random encoders the chance of agreeing partners would be ~1/F.
+"""
+
+from __future__ import annotations
+
+import itertools
+
+import numpy as np
+import torch
+from scipy.optimize import linear_sum_assignment
+from torch import Tensor
+
+
+def unit_rows(m: Tensor | np.ndarray) -> np.ndarray:
+    """Rows scaled to unit L2 norm, as float64; all-zero rows stay zero."""
+    m = m.detach().cpu().double().numpy() if isinstance(m, Tensor) else np.asarray(m, dtype=np.float64)
+    norms = np.linalg.norm(m, axis=1, keepdims=True)
+    return m / np.where(norms == 0, 1.0, norms)
+
+
+def match(a: Tensor | np.ndarray, b: Tensor | np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Optimal one-to-one matching of the rows of a to the rows of b by signed cosine.
+
+    Returns (partner, cosine): row i of a is matched to row partner[i] of b with cosine cosine[i].
+    """
+    cos = unit_rows(a) @ unit_rows(b).T
+    rows, cols = linear_sum_assignment(cos, maximize=True)
+    partner = np.empty(len(rows), dtype=np.int64)
+    partner[rows] = cols
+    return partner, cos[rows, cols][np.argsort(rows)]
+
+
+def mcc(a: Tensor | np.ndarray, b: Tensor | np.ndarray) -> float:
+    """Mean matched signed cosine of two dictionaries [F, d]."""
+    return float(match(a, b)[1].mean())
+
+
+def max_cosine(a: Tensor | np.ndarray, b: Tensor | np.ndarray) -> float:
+    """Mean over rows of a of the best cosine in b, without the one-to-one constraint (upper bound)."""
+    return float((unit_rows(a) @ unit_rows(b).T).max(axis=1).mean())
+
+
+def pw_mcc(decoders: list[Tensor]) -> dict:
+    """PW-MCC of decoders [F, d] (one per seed): mean, std (over pairs, ddof 0) and per pair."""
+    if len(decoders) < 2:
+        raise ValueError("pw_mcc needs at least two decoders")
+    pairs = [
+        {"a": i, "b": j, "mcc": mcc(decoders[i], decoders[j])}
+        for i, j in itertools.combinations(range(len(decoders)), 2)
+    ]
+    values = np.array([p["mcc"] for p in pairs])
+    return {"mean": float(values.mean()), "std": float(values.std()), "pairs": pairs}
+
+
+def shared_latents(sae_a, sae_b, threshold: float = 0.7) -> np.ndarray:
+    """Boolean per latent of sae_a: shared with sae_b (same enc and dec partner, both cos >= threshold)."""
+    enc_partner, enc_cos = match(sae_a.W_enc.T, sae_b.W_enc.T)
+    dec_partner, dec_cos = match(sae_a.W_dec, sae_b.W_dec)
+    return (enc_partner == dec_partner) & (enc_cos >= threshold) & (dec_cos >= threshold)
+
+
+def shared_fraction(sae_a, sae_b, threshold: float = 0.7) -> float:
+    """Fraction of sae_a's latents shared with sae_b (Paulo & Belrose 2025)."""
+    return float(shared_latents(sae_a, sae_b, threshold).mean())
+
+
+class _Dictionary:
+    """A stand-in SAE with given encoder/decoder rows, for the null baseline."""
+
+    def __init__(self, decoder: np.ndarray, encoder_rows: np.ndarray):
+        self.W_dec = torch.from_numpy(decoder)
+        self.W_enc = torch.from_numpy(encoder_rows.T)
+
+
+def null_baseline(n_latents: int, d_model: int, threshold: float = 0.7, draws: int = 2, seed: int = 0) -> dict:
+    """PW-MCC, max-cos and shared fraction of pairs of random dictionaries [n_latents, d_model]."""
+    rng = np.random.default_rng(seed)
+    mccs, maxcos, shared = [], [], []
+    for _ in range(draws):
+        a = rng.standard_normal((n_latents, d_model))
+        b = rng.standard_normal((n_latents, d_model))
+        mccs.append(mcc(a, b))
+        maxcos.append(max_cosine(a, b))
+        shared.append(shared_fraction(_Dictionary(a, a), _Dictionary(b, b), threshold))
+    return {
+        "pw_mcc": float(np.mean(mccs)),
+        "max_cosine": float(np.mean(maxcos)),
+        "shared_fraction": float(np.mean(shared)),
+        "draws": draws,
+        "seed": seed,
+    }

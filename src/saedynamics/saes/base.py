@@ -1,0 +1,324 @@
+"""The SAE interface, the registry of architectures, and the machinery they share.
+
+An architecture is a subclass of `SAE` that declares its hyperparameters as a nested `Config`
+(a pydantic model, validated with the study config) and registers itself by name:
+
+    @register("topk")
+    class TopKSAE(SAE):
+        class Config(ArchitectureConfig):
+            k: int = 32
+        def encode(self, x): ...
+        def loss(self, x, step): ...
+
+Parameters follow SAELens names and shapes: W_enc [d_in, d_sae], b_enc [d_sae], W_dec [d_sae, d_in]
+(row i is latent i's decoder direction d_i), b_dec [d_in]. Codes f = sigma(pre), x_hat = f W_dec + b_dec.
+
+Shared here, so that no architecture re-implements it (spec/sae-variants.md section 0):
+- decoder-norm handling: hard unit norm + gradient projection (`unit_norm_decoder = True`), or
+  norms left free and folded into the encoder at export (`fold_decoder_norm`);
+- tied init (W_enc = W_dec^T) with a chosen decoder row norm; b_dec at zero or the geometric median;
+- dead-latent statistics counted in tokens, and the AuxK auxiliary loss that uses them;
+- input scaling: the trainer feeds x * input_scale; `exported()` folds the scale into the weights so
+  that a saved SAE works on raw activations (SAELens `fold_activation_norm_scaling_factor`).
+
+Reconstruction loss unit: mean over tokens of the summed squared error, mean_b sum_j (x - x_hat)^2
+(dictionary_learning and SAELens convention; spec section 0.6).
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, ClassVar, Literal, NamedTuple
+
+import torch
+from pydantic import BaseModel, ConfigDict, Field
+from safetensors.torch import load_file, save_file
+from torch import Tensor, nn
+
+from saedynamics.artifacts import atomic_directory
+from saedynamics.errors import DataError
+
+
+class ArchitectureConfig(BaseModel):
+    """Hyperparameters every architecture has; subclasses add their own."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    architecture: str = Field(description="registered architecture name")
+    lr: float | None = Field(
+        default=None, gt=0, description="Adam learning rate; None: the architecture's default"
+    )
+    dead_tokens: int = Field(
+        default=10_000_000, gt=0, description="a latent is dead after this many tokens without firing"
+    )
+    b_dec_init: Literal["zero", "geometric_median", "mean"] | None = Field(
+        default=None, description="decoder bias init from the first batch; None: the paper's choice"
+    )
+
+    def check_dimensions(self, d_model: int, n_latents: int) -> None:
+        """Raise ValueError if the hyperparameters do not fit these dimensions."""
+
+
+REGISTRY: dict[str, type[SAE]] = {}
+
+
+def register(name: str):
+    """Class decorator: make an architecture available under `name`."""
+
+    def decorate(cls: type[SAE]) -> type[SAE]:
+        if name in REGISTRY:
+            raise ValueError(f"architecture {name!r} is registered twice")
+        cls.architecture = name
+        REGISTRY[name] = cls
+        return cls
+
+    return decorate
+
+
+class TrainStep(NamedTuple):
+    """Where training stands; schedules inside a loss (e.g. an L1 warm-up) read `progress`."""
+
+    index: int
+    total: int
+
+    @property
+    def progress(self) -> float:
+        return self.index / max(self.total, 1)
+
+
+@dataclass
+class LossOutput:
+    total: Tensor  # scalar to minimise
+    terms: dict[str, Tensor]  # named scalar parts, for the loss curve
+    codes: Tensor  # [batch, d_sae]
+    x_hat: Tensor  # [batch, d_in]
+
+
+class SAE(nn.Module):
+    architecture: ClassVar[str]
+    title: ClassVar[str] = ""  # the name in words, for figure legends
+    Config: ClassVar[type[ArchitectureConfig]] = ArchitectureConfig
+    saelens_architecture: ClassVar[str | None] = None  # SAELens can load it under this name
+    unit_norm_decoder: ClassVar[bool] = True  # else: norms are free and folded at export
+    decoder_init_norm: ClassVar[float] = 1.0
+    apply_b_dec_to_input: ClassVar[bool] = True  # pre = (x - b_dec) W_enc + b_enc
+    default_b_dec_init: ClassVar[str] = "zero"  # or "geometric_median" / "mean" of the first batch
+    base_lr: ClassVar[float] = 2e-4
+
+    def __init__(self, d_in: int, d_sae: int, cfg: ArchitectureConfig, generator=None):
+        super().__init__()
+        self.d_in, self.d_sae, self.cfg = d_in, d_sae, cfg
+        # Tied init: random decoder rows at the chosen norm, encoder = decoder^T (spec 0.2).
+        w = torch.empty(d_sae, d_in)
+        nn.init.kaiming_uniform_(w, a=5**0.5, generator=generator)
+        w = w / w.norm(dim=1, keepdim=True) * self.decoder_init_norm
+        self.W_dec = nn.Parameter(w.clone())
+        self.W_enc = nn.Parameter(w.T.clone())
+        self.b_enc = nn.Parameter(torch.zeros(d_sae))
+        self.b_dec = nn.Parameter(torch.zeros(d_in))
+        self.register_buffer("tokens_since_fired", torch.zeros(d_sae, dtype=torch.long))
+
+    # ---- the interface -------------------------------------------------------------------------
+
+    def pre_acts(self, x: Tensor) -> Tensor:
+        x_in = x - self.b_dec if self.apply_b_dec_to_input else x
+        return x_in @ self.W_enc + self.b_enc
+
+    def encode(self, x: Tensor) -> Tensor:
+        """Codes at inference [batch, d_sae]."""
+        raise NotImplementedError
+
+    def decode(self, codes: Tensor) -> Tensor:
+        return codes @ self.W_dec + self.b_dec
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.decode(self.encode(x))
+
+    def loss(self, x: Tensor, step: TrainStep) -> LossOutput:
+        raise NotImplementedError
+
+    @torch.no_grad()
+    def before_step(self) -> None:
+        """Called after backward, before the optimiser step."""
+        if self.unit_norm_decoder and self.W_dec.grad is not None:
+            remove_parallel_gradient_(self.W_dec)
+
+    @torch.no_grad()
+    def after_step(self, codes: Tensor) -> None:
+        """Called after the optimiser step with the step's codes: constraints and statistics."""
+        if self.unit_norm_decoder:
+            normalise_rows_(self.W_dec)
+        fired = (codes != 0).any(dim=0)
+        self.tokens_since_fired += codes.shape[0]
+        self.tokens_since_fired[fired] = 0
+
+    def default_lr(self) -> float:
+        """Adam lr when the config leaves it unset."""
+        return self.base_lr
+
+    @property
+    def lr(self) -> float:
+        return self.cfg.lr if self.cfg.lr is not None else self.default_lr()
+
+    def dead_mask(self) -> Tensor:
+        return self.tokens_since_fired >= self.cfg.dead_tokens
+
+    @torch.no_grad()
+    def init_from_batch(self, x: Tensor) -> None:
+        """Data-dependent init from the first (scaled) training batch: b_dec (spec 0.2)."""
+        how = self.cfg.b_dec_init or self.default_b_dec_init
+        if how == "geometric_median":
+            self.b_dec.copy_(geometric_median(x))
+        elif how == "mean":
+            self.b_dec.copy_(x.mean(dim=0))
+
+    # ---- export --------------------------------------------------------------------------------
+
+    @torch.no_grad()
+    def fold_decoder_norm(self) -> None:
+        """Make decoder rows unit norm without changing x_hat: f_i * |d_i| and d_i / |d_i|.
+
+        Exact for positively homogeneous activations (ReLU, TopK on pre-acts scaled per latent).
+        """
+        norms = self.W_dec.norm(dim=1)
+        self.W_enc.mul_(norms)
+        self.b_enc.mul_(norms)
+        self.W_dec.div_(norms[:, None])
+
+    @torch.no_grad()
+    def fold_input_scale(self, scale: float) -> None:
+        """Trained on x * scale; afterwards works on raw x with identical codes and x_hat / scale."""
+        self.W_enc.mul_(scale)
+        self.W_dec.div_(scale)
+        self.b_dec.div_(scale)
+
+    def exported(self, input_scale: float) -> SAE:
+        """A copy for inference on raw activations: decoder rows unit norm, input scale folded."""
+        sae = copy.deepcopy(self).cpu().float()
+        if not self.unit_norm_decoder:
+            sae.fold_decoder_norm()
+        sae.fold_input_scale(input_scale)
+        return sae
+
+    def saelens_config(self) -> dict[str, Any]:
+        """The SAELens cfg.json fields for this SAE (architecture-specific extras added by subclasses)."""
+        return {
+            "architecture": self.saelens_architecture or self.architecture,
+            "d_in": self.d_in,
+            "d_sae": self.d_sae,
+            "dtype": "float32",
+            "device": "cpu",
+            "apply_b_dec_to_input": self.apply_b_dec_to_input,
+            "normalize_activations": "none",
+            "reshape_activations": "none",
+        }
+
+    def save(self, directory: str | Path, metadata: dict[str, Any], provenance: dict[str, Any]) -> None:
+        """Write `directory` (SAELens layout: cfg.json + sae_weights.safetensors), atomically."""
+        cfg = self.saelens_config()
+        cfg["metadata"] = metadata
+        cfg["saedynamics"] = {
+            "architecture": self.architecture,
+            "hyperparameters": self.cfg.model_dump(mode="json"),
+            "loadable_by": ["saedynamics"] + (["sae_lens"] if self.saelens_architecture else []),
+            **provenance,
+        }
+        tensors = {k: v.detach().cpu().contiguous() for k, v in self.weights().items()}
+        with atomic_directory(directory) as tmp:
+            (tmp / "cfg.json").write_text(json.dumps(cfg, indent=2) + "\n")
+            save_file(tensors, tmp / "sae_weights.safetensors")
+
+    def weights(self) -> dict[str, Tensor]:
+        """The tensors an exported SAE consists of (no training statistics)."""
+        return {name: p for name, p in self.named_parameters()}
+
+
+def load(directory: str | Path) -> SAE:
+    """Load an SAE saved by `SAE.save` (any registered architecture)."""
+    directory = Path(directory)
+    try:
+        cfg = json.loads((directory / "cfg.json").read_text())
+        tensors = load_file(directory / "sae_weights.safetensors")
+    except (OSError, ValueError) as e:
+        raise DataError(f"{directory}: not a readable SAE directory ({e})") from e
+    ours = cfg.get("saedynamics", {})
+    name = ours.get("architecture")
+    if name not in REGISTRY:
+        raise DataError(
+            f"{directory}/cfg.json: architecture {name!r} is not registered; "
+            f"registered: {', '.join(sorted(REGISTRY))}"
+        )
+    cls = REGISTRY[name]
+    sae = cls(cfg["d_in"], cfg["d_sae"], cls.Config.model_validate(ours["hyperparameters"]))
+    expected = {k: tuple(v.shape) for k, v in sae.weights().items()}
+    found = {k: tuple(v.shape) for k, v in tensors.items()}
+    if expected != found:
+        raise DataError(
+            f"{directory}/sae_weights.safetensors: tensors {found} do not match cfg.json, "
+            f"which implies {expected}"
+        )
+    sae.load_state_dict(tensors, strict=False)
+    sae.metadata = cfg.get("metadata", {})
+    sae.provenance = ours
+    return sae.eval()
+
+
+# ---- shared machinery ------------------------------------------------------------------------
+
+
+def normalise_rows_(w: Tensor, eps: float = 1e-8) -> None:
+    """In place: every row of `w` to unit norm (W_dec [d_sae, d_in]: one row per latent)."""
+    w.data.div_(w.data.norm(dim=1, keepdim=True).clamp_min(eps))
+
+
+def remove_parallel_gradient_(w: nn.Parameter) -> None:
+    """In place: drop the gradient component along each (unit) row, g_i -= (g_i . d_i) d_i.
+
+    With unit rows this keeps the optimiser step tangent to the sphere; the renormalisation after
+    the step then only corrects second-order drift.
+    """
+    unit = w.data / w.data.norm(dim=1, keepdim=True).clamp_min(1e-8)
+    w.grad.sub_((w.grad * unit).sum(dim=1, keepdim=True) * unit)
+
+
+def geometric_median(x: Tensor, max_iter: int = 100, tol: float = 1e-5) -> Tensor:
+    """Weiszfeld's algorithm: the point minimising the summed Euclidean distance to the rows of x."""
+    x = x.double()
+    g = x.mean(dim=0)
+    for _ in range(max_iter):
+        w = 1.0 / (x - g).norm(dim=1).clamp_min(1e-12)
+        g_next = (w[:, None] * x).sum(dim=0) / w.sum()
+        if (g_next - g).norm() < tol:
+            g = g_next
+            break
+        g = g_next
+    return g.float()
+
+
+def auxk_loss(x: Tensor, x_hat: Tensor, pre: Tensor, W_dec: Tensor, dead: Tensor, k_aux: int) -> Tensor:
+    """AuxK (Gao et al. 2024, App. A.2): model the residual with the top-k_aux dead latents.
+
+        e = sg(x - x_hat);  I = top-k_aux of pre over dead latents;  e_hat = sum_{i in I} ReLU(pre_i) d_i
+        L_aux = sum_b |e - e_hat|^2 / sum_b |e - mean_b e|^2      (0 when no latent is dead)
+
+    e_hat has no b_dec: the residual already excludes it (the double count of spec 0.3 avoided).
+    """
+    n_dead = int(dead.sum())
+    if n_dead == 0:
+        return x.new_zeros(())
+    e = (x - x_hat).detach()
+    k = min(k_aux, n_dead)
+    dead_pre = pre.masked_fill(~dead, float("-inf"))
+    values, indices = dead_pre.topk(k, dim=-1)
+    aux_codes = torch.zeros_like(pre).scatter(-1, indices, values.relu())
+    e_hat = aux_codes @ W_dec
+    denominator = (e - e.mean(dim=0)).pow(2).sum()
+    return (e - e_hat).pow(2).sum() / denominator.clamp_min(1e-12)
+
+
+def mean_squared_error(x: Tensor, x_hat: Tensor) -> Tensor:
+    """The training reconstruction loss: mean_b sum_j (x - x_hat)^2."""
+    return (x - x_hat).pow(2).sum(dim=-1).mean()

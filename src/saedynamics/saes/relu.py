@@ -1,0 +1,59 @@
+"""ReLU SAE with an L1 penalty weighted by decoder norms (Anthropic's April-2024 update,
+"How we train SAEs"; SAELens `standard` with apply_b_dec_to_input=False).
+
+Method. f = ReLU(W_enc x + b_enc), with no b_dec subtracted from the input; x_hat = f W_dec + b_dec.
+Loss = mean_b [ |x - x_hat|^2 + lambda * sum_i f_i |d_i| ]: because the penalty includes the decoder
+norm, the decoder is left unconstrained and cannot shrink the codes for free. lambda warms up
+linearly from 0 over the first 5% of training. Init: decoder rows of norm 0.1, W_enc = W_dec^T,
+biases 0 (`b_dec_init` can start b_dec at the data's median instead, which matters where the
+residual stream is dominated by a constant offset, as early in LM training). The inputs are scaled so that E|x| = sqrt(d) (the trainer's `input_scaling`).
+
+At export the decoder norms are folded into the encoder (f_i |d_i|, d_i / |d_i|), which leaves x_hat
+and the penalty unchanged and gives unit decoder rows, as SAELens does.
+"""
+
+from __future__ import annotations
+
+from pydantic import Field
+from torch import Tensor
+
+from saedynamics.saes.base import (
+    SAE,
+    ArchitectureConfig,
+    LossOutput,
+    TrainStep,
+    mean_squared_error,
+    register,
+)
+
+
+@register("relu")
+class ReLUSAE(SAE):
+    class Config(ArchitectureConfig):
+        l1_coefficient: float = Field(default=5.0, ge=0, description="lambda of the L1 penalty")
+        l1_warmup_fraction: float = Field(
+            default=0.05, ge=0, le=1, description="fraction of training over which lambda ramps up"
+        )
+
+    title = "ReLU + L1"
+    saelens_architecture = "standard"
+    unit_norm_decoder = False
+    decoder_init_norm = 0.1
+    apply_b_dec_to_input = False
+    base_lr = 5e-5
+
+    def encode(self, x: Tensor) -> Tensor:
+        return self.pre_acts(x).relu()
+
+    def l1_coefficient(self, step: TrainStep) -> float:
+        warmup = self.cfg.l1_warmup_fraction
+        ramp = 1.0 if warmup == 0 else min(1.0, step.progress / warmup)
+        return self.cfg.l1_coefficient * ramp
+
+    def loss(self, x: Tensor, step: TrainStep) -> LossOutput:
+        codes = self.encode(x)
+        x_hat = self.decode(codes)
+        mse = mean_squared_error(x, x_hat)
+        l1 = (codes * self.W_dec.norm(dim=1)).sum(dim=-1).mean()
+        total = mse + self.l1_coefficient(step) * l1
+        return LossOutput(total, {"mse": mse, "l1": l1}, codes, x_hat)

@@ -1,0 +1,147 @@
+"""The trainer: every seed of one (step, layer, architecture) from one read of the data.
+
+It consumes an iterator of activation batches and knows only the SAE interface (`loss`,
+`before_step`, `after_step`, `exported`, `save`); it never sees the language model. All seeds
+advance on the same batch: the data-order RNG stream (`training.data_seed`) is shared by the job,
+the init RNG stream is the seed itself, and both are recorded in every cfg.json.
+
+Inputs are multiplied by a scale from the activation file's norm statistics (`input_scaling`) and
+the scale is folded into the weights at export, so saved SAEs work on raw activations. Schedule: Adam, linear lr warm-up,
+constant, linear decay to 0 over the last `lr_decay_fraction`; gradient-norm clipping.
+A NaN or infinite loss stops the job, naming the seed and the step; nothing is written then, since
+all seeds are saved together into one directory renamed into place at the end.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import torch
+from tqdm import tqdm
+
+from saedynamics.activations import ActivationFile, resolve_device
+from saedynamics.artifacts import atomic_directory
+from saedynamics.config import TrainingConfig
+from saedynamics.errors import TrainingDiverged
+from saedynamics.saes import REGISTRY, ArchitectureConfig, TrainStep
+
+log = logging.getLogger(__name__)
+
+
+def lr_multiplier(step: int, total: int, warmup_fraction: float, decay_fraction: float) -> float:
+    warmup = round(warmup_fraction * total)
+    decay_start = total - round(decay_fraction * total)
+    if step < warmup:
+        return (step + 1) / warmup
+    if step >= decay_start:
+        return (total - step) / (total - decay_start)
+    return 1.0
+
+
+def train_saes(
+    training: TrainingConfig,
+    name: str,
+    arch: ArchitectureConfig,
+    train_file: Path,
+    out_dir: Path,
+    identity: dict,
+    provenance: dict,
+) -> None:
+    """Train one SAE per seed on `train_file`; write out_dir/seed<s>/ for all seeds at once."""
+    acts = ActivationFile(train_file)
+    device = resolve_device(training.device)
+    d_in = acts.d_model
+    scale = acts.input_scale(training.input_scaling)
+    n_steps = max(1, training.train_tokens // training.batch_size)
+
+    cls = REGISTRY[arch.architecture]
+    saes = {
+        seed: cls(d_in, training.n_latents, arch, generator=torch.Generator().manual_seed(seed)).to(device)
+        for seed in training.seeds
+    }
+    optimizers = {s: torch.optim.Adam(sae.parameters(), lr=sae.lr, betas=training.adam_betas)
+                  for s, sae in saes.items()}
+    schedules = {
+        s: torch.optim.lr_scheduler.LambdaLR(
+            opt,
+            lambda i: lr_multiplier(i, n_steps, training.lr_warmup_fraction, training.lr_decay_fraction),
+        )
+        for s, opt in optimizers.items()
+    }
+    curves: dict[int, list[dict]] = {s: [] for s in saes}
+    batches = acts.shuffled(training.batch_size, seed=training.data_seed)
+    started = time.perf_counter()
+
+    for i in tqdm(range(n_steps), desc=f"train {name}", mininterval=5, unit="step"):
+        x = next(batches).to(device) * scale
+        step = TrainStep(i, n_steps)
+        for seed, sae in saes.items():
+            if i == 0:
+                sae.init_from_batch(x)
+            out = sae.loss(x, step)
+            if not torch.isfinite(out.total):
+                raise TrainingDiverged(
+                    f"{name} (step {identity['step']}, layer {identity['layer']}), seed {seed}: the loss "
+                    f"is {out.total.item()} at training step {i} of {n_steps} (after {i * training.batch_size} "
+                    f"tokens). Lower architectures.{name}.lr, or check the activations in {train_file}. "
+                    "No SAE was written."
+                )
+            optimizers[seed].zero_grad(set_to_none=True)
+            out.total.backward()
+            sae.before_step()
+            if training.grad_clip_norm is not None:
+                torch.nn.utils.clip_grad_norm_(sae.parameters(), training.grad_clip_norm)
+            optimizers[seed].step()
+            schedules[seed].step()
+            sae.after_step(out.codes.detach())
+            if i % training.log_every == 0 or i == n_steps - 1:
+                curves[seed].append(_curve_row(i, training, out, x, sae, optimizers[seed]))
+
+    seconds = time.perf_counter() - started
+    tokens = n_steps * training.batch_size
+    log.info("%s: %d seeds x %d tokens in %.1f s (%.0f tokens/s per seed, %.0f in all)",
+             name, len(saes), tokens, seconds, tokens / seconds, tokens * len(saes) / seconds)
+
+    with atomic_directory(out_dir) as tmp:
+        for seed, sae in saes.items():
+            metadata = {
+                "model_name": acts.metadata.get("model"),
+                "hook_name": acts.metadata.get("hook_point"),
+                "hook_head_index": None,
+                "prepend_bos": False,
+                "context_size": acts.metadata.get("context_length"),
+                "model_from_pretrained_kwargs": {"revision": acts.metadata.get("revision")},
+            }
+            ours = {
+                **identity,
+                "architecture_name": name,
+                "seed": seed,
+                "init_seed": seed,
+                "data_seed": training.data_seed,
+                "tokens_seen": tokens,
+                "input_scale": scale,
+                "activations": {k: acts.metadata.get(k) for k in ("model", "revision", "commit", "hook")},
+                "provenance": provenance,
+            }
+            sae.exported(scale).save(tmp / f"seed{seed}", metadata, ours)
+            pq.write_table(pa.Table.from_pylist(curves[seed]), tmp / f"seed{seed}" / "training.parquet")
+
+
+def _curve_row(i: int, training: TrainingConfig, out, x: torch.Tensor, sae, opt) -> dict:
+    with torch.no_grad():
+        residual = (x - out.x_hat).pow(2).sum()
+        variance = (x - x.mean(dim=0)).pow(2).sum()
+        return {
+            "train_step": i,
+            "tokens": (i + 1) * training.batch_size,
+            "lr": opt.param_groups[0]["lr"],
+            "loss": out.total.item(),
+            **{k: v.item() for k, v in out.terms.items()},
+            "l0": (out.codes != 0).sum(dim=-1).float().mean().item(),
+            "fvu": (residual / variance).item(),
+            "dead_fraction": sae.dead_mask().float().mean().item(),
+        }

@@ -1,0 +1,128 @@
+"""Shared fixtures. Everything runs offline on CPU.
+
+HF_HUB_OFFLINE is read when huggingface_hub is imported, so it is set here, before any test module
+imports transformers; the local Hub cache the hub tests use is built by `hub_cache` below.
+"""
+
+from __future__ import annotations
+
+import os
+
+os.environ["HF_HUB_OFFLINE"] = "1"
+os.environ["HF_DATASETS_OFFLINE"] = "1"
+os.environ["TRANSFORMERS_OFFLINE"] = "1"
+os.environ["HF_HUB_DISABLE_TELEMETRY"] = "1"
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+import copy  # noqa: E402
+import hashlib  # noqa: E402
+import shutil  # noqa: E402
+from pathlib import Path  # noqa: E402
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+import yaml  # noqa: E402
+
+REPO = Path(__file__).resolve().parents[1]
+HUB_REPO_ID = "saedynamics-tests/tiny-neox"
+HUB_STEPS = (0, 1, 2)  # step1 = step0 byte for byte (as Pythia's); step2 ships pickled weights only
+
+
+def tiny_tokenizer():
+    """A byte-level BPE tokenizer like Pythia's, trained on a few sentences."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=300, special_tokens=["<|endoftext|>", "<|padding|>"],
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
+    tok.train_from_iterator(["The quick brown fox jumps over the lazy dog. " * 20], trainer=trainer)
+    return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<|endoftext|>",
+                                   eos_token="<|endoftext|>", unk_token="<|endoftext|>", pad_token="<|padding|>")
+
+
+def tiny_neox(vocab_size: int, seed: int):
+    from transformers import GPTNeoXConfig, GPTNeoXForCausalLM
+
+    torch.manual_seed(seed)
+    cfg = GPTNeoXConfig(vocab_size=vocab_size, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                        intermediate_size=64, max_position_embeddings=64, rotary_pct=0.25)
+    return GPTNeoXForCausalLM(cfg).eval()
+
+
+@pytest.fixture(scope="session")
+def hub_cache(tmp_path_factory) -> Path:
+    """A Hugging Face hub cache holding HUB_REPO_ID at revisions step0, step1, step2.
+
+    Layout as huggingface_hub writes it: models--org--name/{refs/<revision>, snapshots/<commit>/...}.
+    """
+    cache = tmp_path_factory.mktemp("hf") / "hub"
+    repo = cache / ("models--" + HUB_REPO_ID.replace("/", "--"))
+    tok = tiny_tokenizer()
+    for step in HUB_STEPS:
+        commit = hashlib.sha1(f"commit-{step}".encode()).hexdigest()
+        snap = repo / "snapshots" / commit
+        model = tiny_neox(len(tok), seed=0 if step in (0, 1) else step)
+        model.save_pretrained(snap, safe_serialization=True)
+        tok.save_pretrained(snap)
+        if step == 2:  # an old-style revision: pickled weights only
+            torch.save(model.state_dict(), snap / "pytorch_model.bin")
+            (snap / "model.safetensors").unlink()
+        (repo / "refs").mkdir(parents=True, exist_ok=True)
+        (repo / "refs" / f"step{step}").write_text(commit)
+    (repo / "refs" / "main").write_text((repo / "refs" / "step2").read_text())
+    return cache
+
+
+@pytest.fixture()
+def offline_hub(hub_cache, monkeypatch) -> Path:
+    """Point huggingface_hub at the local cache for this test (and its subprocesses)."""
+    import huggingface_hub.constants as constants
+
+    monkeypatch.setenv("HF_HUB_CACHE", str(hub_cache))
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(hub_cache))
+    return hub_cache
+
+
+@pytest.fixture(scope="session")
+def tiny_raw() -> dict:
+    """The tiny end-to-end config (workflow/configs/tiny.yaml) as a dict."""
+    return yaml.safe_load((REPO / "workflow/configs/tiny.yaml").read_text())
+
+
+@pytest.fixture()
+def tiny_cfg(tiny_raw):
+    from saedynamics.config import load_config
+
+    return load_config(copy.deepcopy(tiny_raw), "tiny.yaml")
+
+
+def hub_config(tmp_path: Path, hub_cache: Path) -> dict:
+    """A study over the local hub repo, with a local-files corpus."""
+    corpus = tmp_path / "corpus.jsonl"
+    corpus.write_text("".join(f'{{"text": "The quick brown fox {i} jumps over the lazy dog."}}\n' for i in range(200)))
+    return {
+        "study": "hub-test",
+        "results": str(tmp_path / "results"),
+        "corpus": {"source": "files", "data_files": [str(corpus)], "format": "json"},
+        "tokens": {"context_length": 16, "train_sequences": 64, "eval_sequences": 16},
+        "model": {"source": "hub", "repo_id": HUB_REPO_ID, "steps": list(HUB_STEPS), "num_layers": 2,
+                  "d_model": 32, "tokenizer_revision": "step2", "cache_dir": str(hub_cache)},
+        "activations": {"layers": [0, 1], "row_group_rows": 256},
+        "training": {"n_latents": 64, "seeds": [0, 1], "train_tokens": 4096, "batch_size": 256},
+        "architectures": {"topk": {"architecture": "topk", "k": 4, "lr": 0.004}},
+    }
+
+
+def copy_workflow(dest: Path) -> Path:
+    """A copy of the workflow (Snakefile, rules, configs, package) to run Snakemake in."""
+    dest.mkdir(parents=True, exist_ok=True)
+    for name in ("Snakefile", "workflow", "src"):
+        src = REPO / name
+        if src.is_dir():
+            shutil.copytree(src, dest / name, ignore=shutil.ignore_patterns("__pycache__", "*.egg-info"))
+        else:
+            shutil.copy2(src, dest / name)
+    return dest

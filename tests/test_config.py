@@ -1,0 +1,110 @@
+"""Config validation: valid configs load; bad ones stop with a message naming the key."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+
+from saedynamics.cli import main
+from saedynamics.config import PYTHIA_STEPS, load_config
+from saedynamics.errors import ConfigError
+
+from .conftest import REPO
+
+
+@pytest.mark.parametrize("path", ["config.yaml", "workflow/configs/demo.yaml", "workflow/configs/tiny.yaml"])
+def test_shipped_configs_are_valid(path):
+    cfg = load_config(REPO / path)
+    assert cfg.architectures and cfg.training.seeds
+
+
+def test_study_config_is_the_pythia_study():
+    cfg = load_config(REPO / "config.yaml")
+    assert cfg.model.repo_id == "EleutherAI/pythia-70m-deduped"
+    assert (cfg.model.num_layers, cfg.model.d_model) == (6, 512)  # filled from the known sizes
+    assert cfg.training.n_latents == 16384 and len(cfg.training.seeds) == 3
+    assert set(cfg.model.steps) <= set(PYTHIA_STEPS) and 1 not in cfg.model.steps
+
+
+def test_pythia_revisions():
+    assert PYTHIA_STEPS[:12] == [0, 1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1000]
+    assert len(PYTHIA_STEPS) == 154 and PYTHIA_STEPS[-1] == 143000
+
+
+def test_micro_schedule_is_pythia_like(tiny_raw):
+    demo = load_config(REPO / "workflow/configs/demo.yaml")
+    assert demo.model.schedule()[:11] == [0, 1, 2, 4, 8, 16, 32, 64, 128, 256, 512]
+    assert demo.model.schedule()[-1] == demo.model.train_steps
+
+
+BAD = [
+    (lambda c: c["activations"].update(layrs=[0]), "activations.layrs: unknown key; allowed keys here: "),
+    (lambda c: c.update(seeds=[0]), "seeds: unknown key"),
+    (lambda c: c["architectures"]["topk"].update(architecture="topkk"), "'topkk' is not registered; allowed: "),
+    (lambda c: c["architectures"]["topk"].update(kk=3), "architectures.topk.kk: unknown key"),
+    (lambda c: c["architectures"]["topk"].update(k="many"), "architectures.topk.k: Input should be a valid integer"),
+    (lambda c: c["architectures"]["topk"].update(k=64), "k = 64 must be smaller than n_latents = 64"),
+    (lambda c: c["activations"].update(layers=[0, 5]), "layers [5]: the model has 2 layers"),
+    (lambda c: c["model"].update(steps=[0, 7]), "steps [7] are not saved by the micro suite"),
+    (lambda c: c["model"].update(source="hf"), "model.source must be 'hub' or 'micro'"),
+    (lambda c: c["training"].update(seeds=[1]), "at least two distinct seeds"),
+    (lambda c: c["training"].update(n_latents=-5), "training.n_latents: Input should be greater than 0"),
+    (lambda c: c.pop("training"), "training: required key is missing"),
+    (lambda c: c.update(study="../escape"), "study: String should match pattern"),
+    (lambda c: c.update(architectures={}), "architectures must be a non-empty mapping"),
+    (lambda c: c["architectures"].update({"Bad Name": {"architecture": "topk"}}), "must match"),
+]
+
+
+@pytest.mark.parametrize(("mutate", "message"), BAD)
+def test_bad_configs_name_the_key(tiny_raw, mutate, message):
+    raw = copy.deepcopy(tiny_raw)
+    mutate(raw)
+    with pytest.raises(ConfigError) as err:
+        load_config(raw, "tiny.yaml")
+    assert message in str(err.value)
+    assert "tiny.yaml" in str(err.value)
+
+
+def test_hub_steps_must_be_pythia_revisions(tiny_raw):
+    raw = copy.deepcopy(tiny_raw)
+    raw["model"] = {"source": "hub", "repo_id": "EleutherAI/pythia-70m-deduped", "steps": [0, 1500]}
+    raw["activations"]["layers"] = [1]
+    with pytest.raises(ConfigError, match=r"steps \[1500\] are not Pythia revisions"):
+        load_config(raw)
+    raw["model"] = {"source": "hub", "repo_id": "someone/other-model", "steps": [0]}
+    with pytest.raises(ConfigError, match="set model.num_layers and model.d_model"):
+        load_config(raw)
+
+
+def test_unreadable_config_files(tmp_path):
+    with pytest.raises(ConfigError, match="cannot read config file"):
+        load_config(tmp_path / "missing.yaml")
+    (tmp_path / "bad.yaml").write_text("study: [unclosed\n")
+    with pytest.raises(ConfigError, match="is not valid YAML"):
+        load_config(tmp_path / "bad.yaml")
+    (tmp_path / "list.yaml").write_text("- a\n- b\n")
+    with pytest.raises(ConfigError, match="expected a mapping"):
+        load_config(tmp_path / "list.yaml")
+
+
+def test_stage_settings_are_minimal_slices(tiny_cfg):
+    train = tiny_cfg.stage_settings("train", "topk")
+    assert set(train) == {"study", "training", "architecture_name", "architecture"}
+    assert train["architecture"]["k"] == 4
+    assert set(tiny_cfg.stage_settings("figures")) == {"study", "figures"}
+    # defaults are part of the slice, so a changed default re-runs the stage
+    assert train["training"]["grad_clip_norm"] == 1.0
+
+
+def test_cli_reports_config_errors_without_traceback(tmp_path, capsys):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text((REPO / "workflow/configs/tiny.yaml").read_text().replace("layers: [0, 1]", "layers: [0, 9]"))
+    assert main(["check-config", str(bad)]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("error: invalid configuration") and "layers [9]" in err and "Traceback" not in err
+    assert main(["check-config", str(REPO / "workflow/configs/tiny.yaml")]) == 0
+    assert main(["train", "--settings", "{not json", "--step", "0", "--layer", "0", "--architecture", "x",
+                 "--activations", "a", "--out", "b"]) == 1
+    assert "--settings is not valid JSON" in capsys.readouterr().err

@@ -1,0 +1,195 @@
+"""The measurements against their definitions, brute force and known anchors."""
+
+from __future__ import annotations
+
+import itertools
+import math
+
+import numpy as np
+import pytest
+import torch
+from scipy.optimize import minimize_scalar
+
+from saedynamics.metrics.consistency import (
+    match,
+    max_cosine,
+    mcc,
+    null_baseline,
+    pw_mcc,
+    shared_fraction,
+    shared_latents,
+)
+from saedynamics.metrics.reconstruction import evaluate
+from saedynamics.metrics.superposition import effective_features
+from saedynamics.saes import REGISTRY
+
+
+def brute_force_mcc(a: np.ndarray, b: np.ndarray) -> float:
+    a = a / np.linalg.norm(a, axis=1, keepdims=True)
+    b = b / np.linalg.norm(b, axis=1, keepdims=True)
+    cos = a @ b.T
+    n = len(a)
+    return max(np.mean([cos[i, p[i]] for i in range(n)]) for p in itertools.permutations(range(n)))
+
+
+@pytest.mark.parametrize("seed", range(5))
+def test_hungarian_equals_exhaustive_matching(seed):
+    rng = np.random.default_rng(seed)
+    a, b = rng.normal(size=(6, 3)), rng.normal(size=(6, 3))
+    assert mcc(a, b) == pytest.approx(brute_force_mcc(a, b), abs=1e-12)
+
+
+def test_matching_recovers_a_permutation_and_uses_signed_cosine():
+    rng = np.random.default_rng(0)
+    a = rng.normal(size=(50, 10))
+    perm = rng.permutation(50)
+    b = a[perm] * rng.uniform(0.5, 2, size=(50, 1))  # row norms do not matter
+    partner, cos = match(a, b)
+    assert np.array_equal(perm[partner], np.arange(50))
+    assert np.allclose(cos, 1.0)
+    # signed cosine: a flipped direction is anti-aligned, not a match (|cos| would give 1)
+    assert mcc(np.array([[1.0, 2.0]]), np.array([[-1.0, -2.0]])) == pytest.approx(-1.0)
+    assert mcc(a, -a) < 0.9
+    assert max_cosine(a, b) == pytest.approx(1.0)
+
+
+def test_pw_mcc_averages_all_pairs():
+    rng = np.random.default_rng(1)
+    decs = [torch.tensor(rng.normal(size=(5, 3))) for _ in range(4)]
+    out = pw_mcc(decs)
+    assert len(out["pairs"]) == 6
+    values = [brute_force_mcc(decs[i].numpy(), decs[j].numpy()) for i, j in itertools.combinations(range(4), 2)]
+    assert out["mean"] == pytest.approx(np.mean(values)) and out["std"] == pytest.approx(np.std(values))
+    with pytest.raises(ValueError):
+        pw_mcc(decs[:1])
+
+
+class Dictionary:
+    def __init__(self, enc_rows, dec_rows):
+        self.W_enc = torch.tensor(enc_rows).T
+        self.W_dec = torch.tensor(dec_rows)
+
+
+def test_shared_fraction_rules():
+    rng = np.random.default_rng(2)
+    enc, dec = rng.normal(size=(40, 64)), rng.normal(size=(40, 64))
+    perm = rng.permutation(40)
+    a = Dictionary(enc, dec)
+    assert shared_fraction(a, Dictionary(enc[perm], dec[perm])) == 1.0
+    # latent 0's decoder direction replaced by noise in b: it is no longer shared
+    dec_b = dec.copy()
+    dec_b[0] = rng.normal(size=64)
+    assert shared_latents(a, Dictionary(enc, dec_b))[0] == np.False_
+    assert shared_fraction(a, Dictionary(enc, dec_b)) == pytest.approx(39 / 40)
+    # the threshold applies to both cosines: rows tilted to cosine 0.75 from their partners
+    eye = np.eye(10, 64)
+    tilted = 0.75 * eye + math.sqrt(1 - 0.75**2) * np.roll(eye, 10, axis=1)
+    assert shared_fraction(Dictionary(eye, eye), Dictionary(tilted, eye), threshold=0.7) == 1.0
+    assert shared_fraction(Dictionary(eye, eye), Dictionary(tilted, eye), threshold=0.8) == 0.0
+    assert shared_fraction(Dictionary(eye, eye), Dictionary(eye, tilted), threshold=0.8) == 0.0
+
+
+def test_null_baseline_matches_the_spec_anchors():
+    # spec/measurements.md section 1.3 (numpy default_rng seed 0, mean of 2 draws)
+    assert null_baseline(1024, 128, draws=2, seed=0)["pw_mcc"] == pytest.approx(0.272, abs=0.005)
+    small = null_baseline(32, 16, draws=20, seed=0)
+    assert small["pw_mcc"] == pytest.approx(0.460, abs=0.02)
+    assert small["max_cosine"] >= small["pw_mcc"]  # no bijection: an upper bound
+    assert null_baseline(256, 64, draws=1)["shared_fraction"] == 0.0
+
+
+class LinearSAE(torch.nn.Module):
+    """A fixed encoder/decoder pair to check the metric formulas."""
+
+    def __init__(self, d_in=6, d_sae=10, seed=0):
+        super().__init__()
+        g = torch.Generator().manual_seed(seed)
+        self.d_in, self.d_sae = d_in, d_sae
+        self.W = torch.nn.Parameter(torch.randn(d_in, d_sae, generator=g))
+        self.D = torch.nn.Parameter(torch.randn(d_sae, d_in, generator=g) * 0.3)
+        self.b = torch.nn.Parameter(torch.randn(d_in, generator=g))
+
+    def encode(self, x):
+        f = torch.relu(x @ self.W - 1.0)
+        f[:, -1] = 0  # one latent never fires
+        return f
+
+    def decode(self, f):
+        return f @ self.D + self.b
+
+
+def test_reconstruction_metrics_against_their_definitions():
+    sae = LinearSAE()
+    g = torch.Generator().manual_seed(5)
+    x = torch.randn(999, 6, generator=g) * 3 + 50  # large offset: tests the stable variance
+    out = evaluate(sae, torch.split(x, 128))  # uneven last batch
+    X = x.double().numpy()
+    with torch.no_grad():
+        f = sae.encode(x).double().numpy()
+        Xh = sae.decode(sae.encode(x)).double().numpy()
+    err = ((X - Xh) ** 2).sum()
+    fvu = err / ((X - X.mean(axis=0)) ** 2).sum()
+    assert out["fvu"] == pytest.approx(fvu, rel=1e-9)
+    assert out["explained_variance"] == pytest.approx(1 - fvu, rel=1e-9)
+    assert out["mse"] == pytest.approx(((X - Xh) ** 2).mean(), rel=1e-9)
+    cos = (X * Xh).sum(1) / np.linalg.norm(X, axis=1) / np.linalg.norm(Xh, axis=1)
+    assert out["cossim"] == pytest.approx(cos.mean(), rel=1e-9)
+    assert out["l2_ratio"] == pytest.approx((np.linalg.norm(Xh, axis=1) / np.linalg.norm(X, axis=1)).mean())
+    assert out["l0"] == pytest.approx((f != 0).sum(1).mean())
+    assert out["l1"] == pytest.approx(np.abs(f).sum(1).mean())
+    density = (f != 0).mean(0)
+    assert out["latent_density"] == pytest.approx(density.tolist())
+    assert out["dead_fraction"] == pytest.approx((density == 0).mean()) and out["dead_fraction"] >= 0.1
+    assert out["dense_fraction_10pct"] == pytest.approx((density > 0.1).mean())
+    # gamma is the argmin of sum |x_hat / gamma - x|^2 (searched numerically over u = 1 / gamma)
+    u = minimize_scalar(lambda u: ((u * Xh - X) ** 2).sum(), bounds=(-10, 10), method="bounded",
+                        options={"xatol": 1e-12}).x
+    assert out["shrinkage_gamma"] == pytest.approx(1 / u, rel=1e-6)
+    assert out["n_tokens"] == 999
+
+
+def test_fvu_is_zero_for_perfect_and_one_for_mean_reconstruction():
+    class Mean(LinearSAE):
+        def decode(self, f):
+            return torch.full((len(f), self.d_in), 2.0)
+
+    x = torch.randn(200, 6) + 2.0
+    x = x - x.mean(0) + 2.0  # exact mean 2
+    assert evaluate(Mean(), [x])["fvu"] == pytest.approx(1.0, rel=1e-6)
+
+    class Perfect(LinearSAE):
+        def encode(self, x):
+            return x.repeat(1, 2)[:, : self.d_sae]
+
+        def decode(self, f):
+            return f[:, : self.d_in]
+
+    assert evaluate(Perfect(), [x])["fvu"] == pytest.approx(0.0, abs=1e-12)
+
+
+def test_effective_features_on_known_entropies():
+    # uniform mass over n latents: F = n; one latent: F = 1
+    assert effective_features(torch.ones(7, 12), d_model=4)["effective_features"] == pytest.approx(12)
+    assert effective_features(torch.ones(7, 12), d_model=4)["psi"] == pytest.approx(3)
+    one = torch.zeros(5, 8)
+    one[:, 3] = 2.0
+    assert effective_features(one, d_model=8)["effective_features"] == pytest.approx(1.0)
+    # p = (1/2, 1/4, 1/4, 0): H = 1.5 ln 2, F = 2^1.5; summed over tokens, signs ignored
+    codes = torch.tensor([[2.0, 0.0, -1.0, 0.0], [0.0, 1.0, 0.0, 0.0], [2.0, 1.0, 1.0, 0.0]])
+    out = effective_features(codes, d_model=2)
+    assert out["effective_features"] == pytest.approx(2**1.5)
+    assert out["entropy"] == pytest.approx(1.5 * math.log(2)) and out["alive_latents"] == 3
+    # the same codes in batches: mass is summed over all tokens before the entropy
+    assert effective_features(iter(torch.split(codes, 1)), 2)["effective_features"] == pytest.approx(2**1.5)
+    # not a mean of per-token entropies
+    per_token = np.mean([math.exp(-sum(p * math.log(p) for p in (r / r.sum()) if p > 0))
+                         for r in codes.abs().numpy()])
+    assert out["effective_features"] != pytest.approx(per_token)
+
+
+def test_metrics_accept_registered_saes():
+    cls = REGISTRY["topk"]
+    sae = cls(8, 32, cls.Config(architecture="topk", k=3))
+    x = torch.randn(100, 8)
+    assert evaluate(sae, [x])["l0"] <= 3
+    assert effective_features(sae.encode(x), 8)["alive_latents"] <= 32

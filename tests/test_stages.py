@@ -1,0 +1,296 @@
+"""The stages one by one: corpus, offline hub download, activation cache and reader, training."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+import torch
+
+from saedynamics.activations import ActivationFile, ActivationWriter, cache_activations, read_metadata, schema
+from saedynamics.artifacts import read_json, sha256_file
+from saedynamics.checkpoints import download_checkpoint, download_tokenizer
+from saedynamics.cli import main
+from saedynamics.config import (
+    ActivationsConfig,
+    CorpusConfig,
+    HubModelConfig,
+    TokensConfig,
+    TrainingConfig,
+    load_config,
+)
+from saedynamics.corpus import build_token_sample, iter_texts, read_token_sample
+from saedynamics.errors import ConfigError, DataError, TrainingDiverged
+from saedynamics.saes import REGISTRY, load
+from saedynamics.training import lr_multiplier, train_saes
+
+from .conftest import HUB_REPO_ID, hub_config, tiny_neox
+
+# ---- corpus and tokens -------------------------------------------------------------------------------
+
+
+def test_pydoc_corpus_ships_with_python():
+    texts = list(iter_texts(CorpusConfig(source="pydoc")))
+    assert len(texts) > 50 and sum(map(len, texts)) > 100_000
+
+
+def test_token_sample_is_fixed_and_split(tmp_path, tiny_cfg):
+    paths = []
+    for run in ("a", "b"):
+        out = tmp_path / run
+        build_token_sample(tiny_cfg.corpus, tiny_cfg.tokens, tiny_cfg.model, out / "tokens.parquet", out / "tok")
+        paths.append(out / "tokens.parquet")
+    train_a, train_b = read_token_sample(paths[0], "train"), read_token_sample(paths[1], "train")
+    assert np.array_equal(train_a[1], train_b[1]) and np.array_equal(train_a[0], train_b[0])
+    docs_eval, eval_tokens = read_token_sample(paths[0], "eval")
+    assert train_a[1].shape == (400, 32) and eval_tokens.shape == (40, 32)
+    assert not set(docs_eval) & set(train_a[0])  # disjoint windows
+    assert pq.read_schema(paths[0]).names == ["split", "doc_id", "pos", "token_id"]
+    assert (tmp_path / "a/tok/tokenizer.json").exists()
+
+
+def test_files_corpus_and_a_wrong_text_field(tmp_path):
+    f = tmp_path / "docs.jsonl"
+    f.write_text('{"body": "one"}\n{"body": "two"}\n')
+    assert list(iter_texts(CorpusConfig(source="files", data_files=[str(f)], text_field="body"))) == ["one", "two"]
+    with pytest.raises(ConfigError, match="no field 'text'; their fields are body"):
+        list(iter_texts(CorpusConfig(source="files", data_files=[str(f)])))
+
+
+# ---- the hub path, offline ------------------------------------------------------------------------------
+
+
+def hub_model(hub_cache, steps=(0, 1, 2)) -> HubModelConfig:
+    return HubModelConfig(source="hub", repo_id=HUB_REPO_ID, steps=list(steps), num_layers=2, d_model=32,
+                          tokenizer_revision="step2", cache_dir=str(hub_cache))
+
+
+def test_hub_checkpoints_download_offline(offline_hub, tmp_path):
+    model = hub_model(offline_hub)
+    manifests = []
+    for step in (0, 1, 2):
+        earlier = [tmp_path / f"step{s}/manifest.json" for s in range(step)]
+        manifests.append(download_checkpoint(model, step, tmp_path / f"step{step}", earlier))
+    repo = offline_hub / ("models--" + HUB_REPO_ID.replace("/", "--"))
+    for step, m in zip((0, 1, 2), manifests, strict=True):
+        assert m["commit"] == (repo / "refs" / f"step{step}").read_text()
+        assert m["revision"] == f"step{step}" and read_json(tmp_path / f"step{step}/manifest.json") == m
+        for name, digest in m["files"].items():  # the recorded hashes are those of the files
+            assert sha256_file(tmp_path / f"step{step}" / name) == digest
+    assert manifests[0]["duplicate_of"] is None
+    assert manifests[1]["duplicate_of"] == 0  # byte-identical weights, as Pythia's step0/step1
+    assert manifests[2]["duplicate_of"] is None
+    # step2 shipped only pickled weights: converted, and the pickle is not copied
+    assert "pytorch_model.bin" in manifests[2]["source_files"]
+    assert sorted(p.name for p in (tmp_path / "step2").glob("*model*")) == ["model.safetensors"]
+    from transformers import AutoModelForCausalLM
+
+    loaded = AutoModelForCausalLM.from_pretrained(tmp_path / "step2")
+    reference = tiny_neox(loaded.config.vocab_size, seed=2)
+    for name, tensor in reference.state_dict().items():
+        assert torch.equal(loaded.state_dict()[name], tensor), name
+
+
+def test_hub_missing_revision_and_tokenizer(offline_hub, tmp_path):
+    with pytest.raises(DataError, match=r"cannot get saedynamics-tests/tiny-neox at revision 'step4'"):
+        download_checkpoint(hub_model(offline_hub), 4, tmp_path / "step4", [])
+    assert not (tmp_path / "step4").exists()
+    info = download_tokenizer(hub_model(offline_hub), tmp_path)
+    assert info["revision"] == "step2" and (tmp_path / "tokenizer.json").exists()
+
+
+# ---- activations ------------------------------------------------------------------------------------------
+
+
+@pytest.fixture()
+def hub_activations(offline_hub, tmp_path):
+    """Tokens (local files corpus, hub tokenizer), checkpoint step2, and its cached activations."""
+    raw = hub_config(tmp_path, offline_hub)
+    cfg = load_config(raw)
+    build_token_sample(cfg.corpus, cfg.tokens, cfg.model, tmp_path / "tokens.parquet", tmp_path / "tokenizer")
+    download_checkpoint(cfg.model, 2, tmp_path / "ckpt", [])
+    stats = cache_activations(cfg.activations, tmp_path / "ckpt", tmp_path / "tokens.parquet", tmp_path / "acts")
+    return cfg, tmp_path, stats
+
+
+def test_activation_cache_round_trip(hub_activations):
+    cfg, root, stats = hub_activations
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(root / "ckpt").eval()
+    docs, windows = read_token_sample(root / "tokens.parquet", "eval")
+    ids = torch.from_numpy(windows.astype(np.int64))
+    with torch.no_grad():
+        out = model(input_ids=ids, labels=ids, output_hidden_states=True)
+    for layer in (0, 1):
+        path = root / f"acts/layer{layer}/eval.parquet"
+        assert pq.read_schema(path).remove_metadata() == schema(32)
+        table = pq.read_table(path)
+        assert table.num_rows == 16 * 15  # position 0 dropped
+        assert table.column("pos").to_numpy().min() == 1
+        stored = np.stack(table.column("act").to_numpy(zero_copy_only=False)).astype(np.float32)
+        meta = read_metadata(path)
+        assert meta["layer"] == layer and meta["revision"] == "step2" and meta["hook"] == f"gpt_neox.layers.{layer}"
+        norms = np.linalg.norm(stored.astype(np.float64), axis=1)
+        assert meta["norm"]["mean_norm"] == pytest.approx(norms.mean())
+        assert meta["lm_eval_loss"] == pytest.approx(out.loss.item(), rel=1e-5)
+        if layer == 0:  # hidden_states[1] is block 0's output
+            expected = out.hidden_states[1][:, 1:].reshape(-1, 32).numpy()
+            assert np.allclose(stored, expected, atol=2e-3, rtol=2e-3)
+        else:  # the last hidden state is after the final LayerNorm: the stored one is before it
+            final = out.hidden_states[2][:, 1:].reshape(-1, 32)
+            assert not np.allclose(stored, final.numpy(), atol=1e-2)
+            with torch.no_grad():
+                normed = model.gpt_neox.final_layer_norm(torch.from_numpy(stored))
+            assert torch.allclose(normed, final, atol=2e-2)
+    assert stats["lm_eval_loss"] == pytest.approx(out.loss.item(), rel=1e-5)
+
+
+def synthetic_file(path, n=1000, d=4, row_group=64):
+    """Activation file whose first coordinate is the row index (exact in float16 below 2048)."""
+    writer = ActivationWriter(path, d, {"step": 0, "layer": 0}, row_group)
+    act = torch.zeros(n, d)
+    act[:, 0] = torch.arange(n)
+    act[:, 1:] = torch.randn(n, d - 1, generator=torch.Generator().manual_seed(0))
+    idx = np.arange(n, dtype=np.int32)
+    for start in range(0, n, 37):  # appends that do not align with row groups
+        sl = slice(start, start + 37)
+        writer.append(idx[sl], idx[sl], idx[sl], act[sl])
+    writer.close()
+    return ActivationFile(path)
+
+
+def test_reader_streams_a_seeded_shuffle(tmp_path, monkeypatch):
+    f = synthetic_file(tmp_path / "a.parquet")
+    assert f.n_rows == 1000 and f.num_row_groups == 16 and f.d_model == 4
+    ordered = torch.cat(list(f.tensors(100)))[:, 0]
+    assert torch.equal(ordered, torch.arange(1000.0))
+
+    def first_epoch(seed):
+        stream = f.shuffled(128, seed=seed)
+        return torch.cat([next(stream) for _ in range(1000 // 128)])[:, 0]
+
+    rows = first_epoch(3)
+    assert len(set(rows.tolist())) == len(rows) == 896  # no row twice within an epoch
+    assert not torch.equal(rows, torch.arange(896.0))  # shuffled
+    assert torch.equal(rows, first_epoch(3)) and not torch.equal(rows, first_epoch(4))
+    # streaming: the first batch needs only the first buffer of row groups, not the file
+    calls = []
+    original = ActivationFile.read_row_group
+    monkeypatch.setattr(ActivationFile, "read_row_group", lambda self, i, c=("act",): calls.append(i) or original(self, i, c))
+    next(f.shuffled(128, seed=0, buffer_row_groups=4))
+    assert len(calls) == 4
+
+
+def test_unreadable_activation_files_are_named(tmp_path):
+    good = synthetic_file(tmp_path / "good.parquet").path
+    garbage = tmp_path / "garbage.parquet"
+    garbage.write_bytes(b"not parquet at all" * 100)
+    truncated = tmp_path / "truncated.parquet"
+    truncated.write_bytes(good.read_bytes()[: good.stat().st_size // 2])
+    for path in (garbage, truncated):
+        with pytest.raises(DataError, match=f"{path}: not a readable activation file"):
+            ActivationFile(path)
+    with pytest.raises(DataError, match="no such activation file"):
+        ActivationFile(tmp_path / "missing.parquet")
+    plain = tmp_path / "plain.parquet"
+    pq.write_table(pa.table({"x": [1, 2]}), plain)
+    with pytest.raises(DataError, match=f"{plain}"):
+        ActivationFile(plain)
+
+
+def test_writer_refuses_float16_overflow_and_leaves_nothing(tmp_path):
+    writer = ActivationWriter(tmp_path / "big.parquet", 2, {}, 8)
+    with pytest.raises(DataError, match="overflow float16"):
+        writer.append(np.zeros(1, np.int32), np.zeros(1, np.int32), np.zeros(1, np.int32), torch.tensor([[1e6, 0.0]]))
+    writer.abort()
+    assert list(tmp_path.iterdir()) == []
+
+
+# ---- training ---------------------------------------------------------------------------------------------
+
+
+def sparse_file(path, n=4096, d=16, n_features=48, seed=0):
+    """Activations that really are sparse combinations of a few directions, plus an offset."""
+    g = torch.Generator().manual_seed(seed)
+    features = torch.nn.functional.normalize(torch.randn(n_features, d, generator=g), dim=1)
+    codes = torch.rand(n, n_features, generator=g) * (torch.rand(n, n_features, generator=g) < 0.06)
+    act = codes @ features + 2.0
+    writer = ActivationWriter(path, d, {"step": 0, "layer": 0, "model": "synthetic"}, 512)
+    idx = np.arange(n, dtype=np.int32)
+    writer.append(idx, idx, idx, act)
+    writer.close()
+    return path
+
+
+def training_config(**over):
+    return TrainingConfig(**{"n_latents": 64, "seeds": [0, 1], "train_tokens": 60_000, "batch_size": 256,
+                             "input_scaling": "centred", **over})
+
+
+@pytest.mark.parametrize("name", ["topk", "relu"])
+def test_training_learns_and_writes_every_seed(tmp_path, name):
+    acts = sparse_file(tmp_path / "train.parquet")
+    hyper = {"topk": {"k": 4, "lr": 0.004}, "relu": {"l1_coefficient": 0.5, "lr": 0.003}}[name]
+    arch = REGISTRY[name].Config(architecture=name, **hyper)
+    train_saes(training_config(), name, arch, acts, tmp_path / "out", {"study": "t", "step": 0, "layer": 0}, {})
+    for seed in (0, 1):
+        d = tmp_path / "out" / f"seed{seed}"
+        cfg = json.loads((d / "cfg.json").read_text())["saedynamics"]
+        assert cfg["seed"] == cfg["init_seed"] == seed and cfg["data_seed"] == 0
+        assert cfg["tokens_seen"] == 60_000 // 256 * 256 and cfg["input_scale"] > 0
+        curve = pq.read_table(d / "training.parquet").to_pandas()
+        assert curve["fvu"].iloc[-1] < 0.5 * curve["fvu"].iloc[0]
+        # the saved SAE works on raw activations as the trained one did on scaled ones (FVU is scale-free)
+        sae = load(d)
+        x = torch.cat(list(ActivationFile(acts).tensors(1024)))
+        with torch.no_grad():
+            raw_fvu = (((x - sae(x)) ** 2).sum() / ((x - x.mean(0)) ** 2).sum()).item()
+        assert raw_fvu == pytest.approx(curve["fvu"].iloc[-5:].mean(), abs=0.05)
+
+
+def test_training_is_deterministic_on_cpu(tmp_path):
+    acts = sparse_file(tmp_path / "train.parquet")
+    arch = REGISTRY["topk"].Config(architecture="topk", k=4, lr=0.004)
+    for run in ("a", "b"):
+        train_saes(training_config(train_tokens=10_000), "topk", arch, acts, tmp_path / run, {"study": "t", "step": 0, "layer": 0}, {})
+    a = (tmp_path / "a/seed1/sae_weights.safetensors").read_bytes()
+    assert a == (tmp_path / "b/seed1/sae_weights.safetensors").read_bytes()
+    assert a != (tmp_path / "a/seed0/sae_weights.safetensors").read_bytes()
+
+
+def test_nan_loss_stops_training_and_writes_nothing(tmp_path, capsys):
+    acts = sparse_file(tmp_path / "train.parquet")
+    arch = REGISTRY["relu"].Config(architecture="relu", lr=1e30)  # diverges on the first update
+    with pytest.raises(TrainingDiverged, match=r"seed 0: the loss is (nan|inf) at training step 1 of"):
+        train_saes(training_config(), "relu", arch, acts, tmp_path / "out", {"study": "t", "step": 0, "layer": 0}, {})
+    assert not (tmp_path / "out").exists() and not list(tmp_path.glob(".out*"))
+    # through the CLI: one message, exit 1
+    settings = {"study": "t", "training": training_config().model_dump(mode="json"), "architecture_name": "relu",
+                "architecture": arch.model_dump(mode="json")}
+    rc = main(["train", "--settings", json.dumps(settings), "--step", "0", "--layer", "0", "--architecture", "relu",
+               "--activations", str(acts), "--out", str(tmp_path / "out")])
+    assert rc == 1 and "No SAE was written" in capsys.readouterr().err
+
+
+def test_lr_schedule():
+    values = [lr_multiplier(i, 100, 0.1, 0.2) for i in range(100)]
+    assert values[0] == pytest.approx(0.1) and values[9] == 1.0 and values[50] == 1.0
+    assert values[80] == 1.0 and values[90] == pytest.approx(0.5) and values[99] == pytest.approx(0.05)
+
+
+def test_activations_config_rejects_layers_the_checkpoint_lacks(hub_activations):
+    cfg, root, _ = hub_activations
+    with pytest.raises(DataError, match=r"the model has 2 layers; layers \[3\] do not exist"):
+        cache_activations(ActivationsConfig(layers=[0, 3]), root / "ckpt", root / "tokens.parquet", root / "x")
+    assert not (root / "x").exists() or not any((root / "x").rglob("*.parquet"))
+
+
+def test_token_sample_too_small(tiny_cfg, tmp_path):
+    with pytest.raises(DataError, match="the config asks for"):
+        build_token_sample(tiny_cfg.corpus, TokensConfig(context_length=32, train_sequences=10**7),
+                           tiny_cfg.model, tmp_path / "t.parquet", tmp_path / "tok")
+    assert not (tmp_path / "t.parquet").exists()

@@ -36,19 +36,35 @@ def tiny_tokenizer():
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=300, special_tokens=["<|endoftext|>", "<|padding|>"],
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
+    trainer = trainers.BpeTrainer(
+        vocab_size=300,
+        special_tokens=["<|endoftext|>", "<|padding|>"],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
     tok.train_from_iterator(["The quick brown fox jumps over the lazy dog. " * 20], trainer=trainer)
-    return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<|endoftext|>",
-                                   eos_token="<|endoftext|>", unk_token="<|endoftext|>", pad_token="<|padding|>")
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tok,
+        bos_token="<|endoftext|>",
+        eos_token="<|endoftext|>",
+        unk_token="<|endoftext|>",
+        pad_token="<|padding|>",
+    )
 
 
 def tiny_neox(vocab_size: int, seed: int):
     from transformers import GPTNeoXConfig, GPTNeoXForCausalLM
 
     torch.manual_seed(seed)
-    cfg = GPTNeoXConfig(vocab_size=vocab_size, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
-                        intermediate_size=64, max_position_embeddings=64, rotary_pct=0.25)
+    cfg = GPTNeoXConfig(
+        vocab_size=vocab_size,
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        intermediate_size=64,
+        max_position_embeddings=64,
+        rotary_pct=0.25,
+    )
     return GPTNeoXForCausalLM(cfg).eval()
 
 
@@ -102,14 +118,25 @@ def tiny_cfg(tiny_raw):
 def hub_config(tmp_path: Path, hub_cache: Path) -> dict:
     """A study over the local hub repo, with a local-files corpus."""
     corpus = tmp_path / "corpus.jsonl"
-    corpus.write_text("".join(f'{{"text": "The quick brown fox {i} jumps over the lazy dog."}}\n' for i in range(200)))
+    corpus.write_text(
+        "".join(
+            f'{{"text": "The quick brown fox {i} jumps over the lazy dog."}}\n' for i in range(200)
+        )
+    )
     return {
         "study": "hub-test",
         "results": str(tmp_path / "results"),
         "corpus": {"source": "files", "data_files": [str(corpus)], "format": "json"},
         "tokens": {"context_length": 16, "train_sequences": 64, "eval_sequences": 16},
-        "model": {"source": "hub", "repo_id": HUB_REPO_ID, "steps": list(HUB_STEPS), "num_layers": 2,
-                  "d_model": 32, "tokenizer_revision": "step2", "cache_dir": str(hub_cache)},
+        "model": {
+            "source": "hub",
+            "repo_id": HUB_REPO_ID,
+            "steps": list(HUB_STEPS),
+            "num_layers": 2,
+            "d_model": 32,
+            "tokenizer_revision": "step2",
+            "cache_dir": str(hub_cache),
+        },
         "activations": {"layers": [0, 1], "row_group_rows": 256},
         "training": {"n_latents": 64, "seeds": [0, 1], "train_tokens": 4096, "batch_size": 256},
         "architectures": {"topk": {"architecture": "topk", "k": 4, "lr": 0.004}},
@@ -122,7 +149,9 @@ def copy_workflow(dest: Path) -> Path:
     for name in ("Snakefile", "workflow", "src"):
         src = REPO / name
         if src.is_dir():
-            shutil.copytree(src, dest / name, ignore=shutil.ignore_patterns("__pycache__", "*.egg-info"))
+            shutil.copytree(
+                src, dest / name, ignore=shutil.ignore_patterns("__pycache__", "*.egg-info")
+            )
         else:
             shutil.copy2(src, dest / name)
     return dest

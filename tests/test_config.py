@@ -13,7 +13,9 @@ from saedynamics.errors import ConfigError
 from .conftest import REPO
 
 
-@pytest.mark.parametrize("path", ["config.yaml", "workflow/configs/demo.yaml", "workflow/configs/tiny.yaml"])
+@pytest.mark.parametrize(
+    "path", ["config.yaml", "workflow/configs/demo.yaml", "workflow/configs/tiny.yaml"]
+)
 def test_shipped_configs_are_valid(path):
     cfg = load_config(REPO / path)
     assert cfg.architectures and cfg.training.seeds
@@ -39,17 +41,32 @@ def test_micro_schedule_is_pythia_like(tiny_raw):
 
 
 BAD = [
-    (lambda c: c["activations"].update(layrs=[0]), "activations.layrs: unknown key; allowed keys here: "),
+    (
+        lambda c: c["activations"].update(layrs=[0]),
+        "activations.layrs: unknown key; allowed keys here: ",
+    ),
     (lambda c: c.update(seeds=[0]), "seeds: unknown key"),
-    (lambda c: c["architectures"]["topk"].update(architecture="topkk"), "'topkk' is not registered; allowed: "),
+    (
+        lambda c: c["architectures"]["topk"].update(architecture="topkk"),
+        "'topkk' is not registered; allowed: ",
+    ),
     (lambda c: c["architectures"]["topk"].update(kk=3), "architectures.topk.kk: unknown key"),
-    (lambda c: c["architectures"]["topk"].update(k="many"), "architectures.topk.k: Input should be a valid integer"),
-    (lambda c: c["architectures"]["topk"].update(k=64), "k = 64 must be smaller than n_latents = 64"),
+    (
+        lambda c: c["architectures"]["topk"].update(k="many"),
+        "architectures.topk.k: Input should be a valid integer",
+    ),
+    (
+        lambda c: c["architectures"]["topk"].update(k=64),
+        "k = 64 must be smaller than n_latents = 64",
+    ),
     (lambda c: c["activations"].update(layers=[0, 5]), "layers [5]: the model has 2 layers"),
     (lambda c: c["model"].update(steps=[0, 7]), "steps [7] are not saved by the micro suite"),
     (lambda c: c["model"].update(source="hf"), "model.source must be 'hub' or 'micro'"),
     (lambda c: c["training"].update(seeds=[1]), "at least two distinct seeds"),
-    (lambda c: c["training"].update(n_latents=-5), "training.n_latents: Input should be greater than 0"),
+    (
+        lambda c: c["training"].update(n_latents=-5),
+        "training.n_latents: Input should be greater than 0",
+    ),
     (lambda c: c.pop("training"), "training: required key is missing"),
     (lambda c: c.update(study="../escape"), "study: String should match pattern"),
     (lambda c: c.update(architectures={}), "architectures must be a non-empty mapping"),
@@ -100,11 +117,37 @@ def test_stage_settings_are_minimal_slices(tiny_cfg):
 
 def test_cli_reports_config_errors_without_traceback(tmp_path, capsys):
     bad = tmp_path / "bad.yaml"
-    bad.write_text((REPO / "workflow/configs/tiny.yaml").read_text().replace("layers: [0, 1]", "layers: [0, 9]"))
+    bad.write_text(
+        (REPO / "workflow/configs/tiny.yaml")
+        .read_text()
+        .replace("layers: [0, 1]", "layers: [0, 9]")
+    )
     assert main(["check-config", str(bad)]) == 1
     err = capsys.readouterr().err
-    assert err.startswith("error: invalid configuration") and "layers [9]" in err and "Traceback" not in err
+    assert (
+        err.startswith("error: invalid configuration")
+        and "layers [9]" in err
+        and "Traceback" not in err
+    )
     assert main(["check-config", str(REPO / "workflow/configs/tiny.yaml")]) == 0
-    assert main(["train", "--settings", "{not json", "--step", "0", "--layer", "0", "--architecture", "x",
-                 "--activations", "a", "--out", "b"]) == 1
+    assert (
+        main(
+            [
+                "train",
+                "--settings",
+                "{not json",
+                "--step",
+                "0",
+                "--layer",
+                "0",
+                "--architecture",
+                "x",
+                "--activations",
+                "a",
+                "--out",
+                "b",
+            ]
+        )
+        == 1
+    )
     assert "--settings is not valid JSON" in capsys.readouterr().err

@@ -58,8 +58,13 @@ def test_pw_mcc_averages_all_pairs():
     decs = [torch.tensor(rng.normal(size=(5, 3))) for _ in range(4)]
     out = pw_mcc(decs)
     assert len(out["pairs"]) == 6
-    values = [brute_force_mcc(decs[i].numpy(), decs[j].numpy()) for i, j in itertools.combinations(range(4), 2)]
-    assert out["mean"] == pytest.approx(np.mean(values)) and out["std"] == pytest.approx(np.std(values))
+    values = [
+        brute_force_mcc(decs[i].numpy(), decs[j].numpy())
+        for i, j in itertools.combinations(range(4), 2)
+    ]
+    assert out["mean"] == pytest.approx(np.mean(values)) and out["std"] == pytest.approx(
+        np.std(values)
+    )
     with pytest.raises(ValueError):
         pw_mcc(decs[:1])
 
@@ -134,16 +139,24 @@ def test_reconstruction_metrics_against_their_definitions():
     assert out["mse"] == pytest.approx(((X - Xh) ** 2).mean(), rel=1e-9)
     cos = (X * Xh).sum(1) / np.linalg.norm(X, axis=1) / np.linalg.norm(Xh, axis=1)
     assert out["cossim"] == pytest.approx(cos.mean(), rel=1e-9)
-    assert out["l2_ratio"] == pytest.approx((np.linalg.norm(Xh, axis=1) / np.linalg.norm(X, axis=1)).mean())
+    assert out["l2_ratio"] == pytest.approx(
+        (np.linalg.norm(Xh, axis=1) / np.linalg.norm(X, axis=1)).mean()
+    )
     assert out["l0"] == pytest.approx((f != 0).sum(1).mean())
     assert out["l1"] == pytest.approx(np.abs(f).sum(1).mean())
     density = (f != 0).mean(0)
     assert out["latent_density"] == pytest.approx(density.tolist())
-    assert out["dead_fraction"] == pytest.approx((density == 0).mean()) and out["dead_fraction"] >= 0.1
+    assert (
+        out["dead_fraction"] == pytest.approx((density == 0).mean()) and out["dead_fraction"] >= 0.1
+    )
     assert out["dense_fraction_10pct"] == pytest.approx((density > 0.1).mean())
     # gamma is the argmin of sum |x_hat / gamma - x|^2 (searched numerically over u = 1 / gamma)
-    u = minimize_scalar(lambda u: ((u * Xh - X) ** 2).sum(), bounds=(-10, 10), method="bounded",
-                        options={"xatol": 1e-12}).x
+    u = minimize_scalar(
+        lambda u: ((u * Xh - X) ** 2).sum(),
+        bounds=(-10, 10),
+        method="bounded",
+        options={"xatol": 1e-12},
+    ).x
     assert out["shrinkage_gamma"] == pytest.approx(1 / u, rel=1e-6)
     assert out["n_tokens"] == 999
 
@@ -169,7 +182,9 @@ def test_fvu_is_zero_for_perfect_and_one_for_mean_reconstruction():
 
 def test_effective_features_on_known_entropies():
     # uniform mass over n latents: F = n; one latent: F = 1
-    assert effective_features(torch.ones(7, 12), d_model=4)["effective_features"] == pytest.approx(12)
+    assert effective_features(torch.ones(7, 12), d_model=4)["effective_features"] == pytest.approx(
+        12
+    )
     assert effective_features(torch.ones(7, 12), d_model=4)["psi"] == pytest.approx(3)
     one = torch.zeros(5, 8)
     one[:, 3] = 2.0
@@ -180,10 +195,16 @@ def test_effective_features_on_known_entropies():
     assert out["effective_features"] == pytest.approx(2**1.5)
     assert out["entropy"] == pytest.approx(1.5 * math.log(2)) and out["alive_latents"] == 3
     # the same codes in batches: mass is summed over all tokens before the entropy
-    assert effective_features(iter(torch.split(codes, 1)), 2)["effective_features"] == pytest.approx(2**1.5)
+    assert effective_features(iter(torch.split(codes, 1)), 2)[
+        "effective_features"
+    ] == pytest.approx(2**1.5)
     # not a mean of per-token entropies
-    per_token = np.mean([math.exp(-sum(p * math.log(p) for p in (r / r.sum()) if p > 0))
-                         for r in codes.abs().numpy()])
+    per_token = np.mean(
+        [
+            math.exp(-sum(p * math.log(p) for p in (r / r.sum()) if p > 0))
+            for r in codes.abs().numpy()
+        ]
+    )
     assert out["effective_features"] != pytest.approx(per_token)
 
 

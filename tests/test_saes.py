@@ -23,7 +23,12 @@ from saedynamics.saes.topk import topk_codes
 
 def make(name: str, d_in=8, d_sae=32, seed=0, **hyper):
     cls = REGISTRY[name]
-    return cls(d_in, d_sae, cls.Config(architecture=name, **hyper), generator=torch.Generator().manual_seed(seed))
+    return cls(
+        d_in,
+        d_sae,
+        cls.Config(architecture=name, **hyper),
+        generator=torch.Generator().manual_seed(seed),
+    )
 
 
 def test_registry_has_the_architectures():
@@ -72,7 +77,11 @@ def test_relu_loss_by_hand():
     x_hat = f @ sae.W_dec + sae.b_dec
     mse = ((x - x_hat) ** 2).sum(dim=1).mean()
     l1 = (f * sae.W_dec.norm(dim=1)).sum(dim=1).mean()
-    for step, lam in [(TrainStep(0, 100), 0.0), (TrainStep(25, 100), 1.0), (TrainStep(80, 100), 2.0)]:
+    for step, lam in [
+        (TrainStep(0, 100), 0.0),
+        (TrainStep(25, 100), 1.0),
+        (TrainStep(80, 100), 2.0),
+    ]:
         out = sae.loss(x, step)
         assert torch.isclose(out.total, mse + lam * l1, rtol=1e-5), step
 
@@ -110,8 +119,12 @@ def test_geometric_median_against_numerical_minimum():
     rng = np.random.default_rng(0)
     x = np.concatenate([rng.normal(size=(40, 3)), rng.normal(loc=20, size=(5, 3))])  # outliers
     found = geometric_median(torch.tensor(x, dtype=torch.float32)).numpy()
-    res = minimize(lambda g: np.linalg.norm(x - g, axis=1).sum(), x.mean(axis=0), method="Nelder-Mead",
-                   options={"xatol": 1e-8, "fatol": 1e-10, "maxiter": 20000})
+    res = minimize(
+        lambda g: np.linalg.norm(x - g, axis=1).sum(),
+        x.mean(axis=0),
+        method="Nelder-Mead",
+        options={"xatol": 1e-8, "fatol": 1e-10, "maxiter": 20000},
+    )
     assert np.allclose(found, res.x, atol=1e-3)
     assert np.linalg.norm(found) < np.linalg.norm(x.mean(axis=0))  # robust to the outliers
 
@@ -161,9 +174,16 @@ def test_save_load_round_trip(tmp_path, name):
     sae = make(name, seed=2)
     sae.save(tmp_path / "sae", {"hook_name": "blocks.0.hook_resid_post"}, {"seed": 2})
     cfg = json.loads((tmp_path / "sae/cfg.json").read_text())
-    assert cfg["architecture"] == sae.saelens_architecture and cfg["d_in"] == 8 and cfg["d_sae"] == 32
+    assert (
+        cfg["architecture"] == sae.saelens_architecture and cfg["d_in"] == 8 and cfg["d_sae"] == 32
+    )
     assert cfg["saedynamics"]["architecture"] == name and cfg["saedynamics"]["seed"] == 2
-    assert set(load_file(tmp_path / "sae/sae_weights.safetensors")) == {"W_enc", "b_enc", "W_dec", "b_dec"}
+    assert set(load_file(tmp_path / "sae/sae_weights.safetensors")) == {
+        "W_enc",
+        "b_enc",
+        "W_dec",
+        "b_dec",
+    }
     loaded = load(tmp_path / "sae")
     x = torch.randn(10, 8)
     assert type(loaded) is type(sae) and torch.equal(loaded(x), sae(x))

@@ -10,7 +10,13 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 
-from saedynamics.activations import ActivationFile, ActivationWriter, cache_activations, read_metadata, schema
+from saedynamics.activations import (
+    ActivationFile,
+    ActivationWriter,
+    cache_activations,
+    read_metadata,
+    schema,
+)
 from saedynamics.artifacts import read_json, sha256_file
 from saedynamics.checkpoints import download_checkpoint, download_tokenizer
 from saedynamics.cli import main
@@ -41,7 +47,9 @@ def test_token_sample_is_fixed_and_split(tmp_path, tiny_cfg):
     paths = []
     for run in ("a", "b"):
         out = tmp_path / run
-        build_token_sample(tiny_cfg.corpus, tiny_cfg.tokens, tiny_cfg.model, out / "tokens.parquet", out / "tok")
+        build_token_sample(
+            tiny_cfg.corpus, tiny_cfg.tokens, tiny_cfg.model, out / "tokens.parquet", out / "tok"
+        )
         paths.append(out / "tokens.parquet")
     train_a, train_b = read_token_sample(paths[0], "train"), read_token_sample(paths[1], "train")
     assert np.array_equal(train_a[1], train_b[1]) and np.array_equal(train_a[0], train_b[0])
@@ -55,7 +63,9 @@ def test_token_sample_is_fixed_and_split(tmp_path, tiny_cfg):
 def test_files_corpus_and_a_wrong_text_field(tmp_path):
     f = tmp_path / "docs.jsonl"
     f.write_text('{"body": "one"}\n{"body": "two"}\n')
-    assert list(iter_texts(CorpusConfig(source="files", data_files=[str(f)], text_field="body"))) == ["one", "two"]
+    assert list(
+        iter_texts(CorpusConfig(source="files", data_files=[str(f)], text_field="body"))
+    ) == ["one", "two"]
     with pytest.raises(ConfigError, match="no field 'text'; their fields are body"):
         list(iter_texts(CorpusConfig(source="files", data_files=[str(f)])))
 
@@ -64,8 +74,15 @@ def test_files_corpus_and_a_wrong_text_field(tmp_path):
 
 
 def hub_model(hub_cache, steps=(0, 1, 2)) -> HubModelConfig:
-    return HubModelConfig(source="hub", repo_id=HUB_REPO_ID, steps=list(steps), num_layers=2, d_model=32,
-                          tokenizer_revision="step2", cache_dir=str(hub_cache))
+    return HubModelConfig(
+        source="hub",
+        repo_id=HUB_REPO_ID,
+        steps=list(steps),
+        num_layers=2,
+        d_model=32,
+        tokenizer_revision="step2",
+        cache_dir=str(hub_cache),
+    )
 
 
 def test_hub_checkpoints_download_offline(offline_hub, tmp_path):
@@ -77,7 +94,10 @@ def test_hub_checkpoints_download_offline(offline_hub, tmp_path):
     repo = offline_hub / ("models--" + HUB_REPO_ID.replace("/", "--"))
     for step, m in zip((0, 1, 2), manifests, strict=True):
         assert m["commit"] == (repo / "refs" / f"step{step}").read_text()
-        assert m["revision"] == f"step{step}" and read_json(tmp_path / f"step{step}/manifest.json") == m
+        assert (
+            m["revision"] == f"step{step}"
+            and read_json(tmp_path / f"step{step}/manifest.json") == m
+        )
         for name, digest in m["files"].items():  # the recorded hashes are those of the files
             assert sha256_file(tmp_path / f"step{step}" / name) == digest
     assert manifests[0]["duplicate_of"] is None
@@ -95,7 +115,9 @@ def test_hub_checkpoints_download_offline(offline_hub, tmp_path):
 
 
 def test_hub_missing_revision_and_tokenizer(offline_hub, tmp_path):
-    with pytest.raises(DataError, match=r"cannot get saedynamics-tests/tiny-neox at revision 'step4'"):
+    with pytest.raises(
+        DataError, match=r"cannot get saedynamics-tests/tiny-neox at revision 'step4'"
+    ):
         download_checkpoint(hub_model(offline_hub), 4, tmp_path / "step4", [])
     assert not (tmp_path / "step4").exists()
     info = download_tokenizer(hub_model(offline_hub), tmp_path)
@@ -110,9 +132,13 @@ def hub_activations(offline_hub, tmp_path):
     """Tokens (local files corpus, hub tokenizer), checkpoint step2, and its cached activations."""
     raw = hub_config(tmp_path, offline_hub)
     cfg = load_config(raw)
-    build_token_sample(cfg.corpus, cfg.tokens, cfg.model, tmp_path / "tokens.parquet", tmp_path / "tokenizer")
+    build_token_sample(
+        cfg.corpus, cfg.tokens, cfg.model, tmp_path / "tokens.parquet", tmp_path / "tokenizer"
+    )
     download_checkpoint(cfg.model, 2, tmp_path / "ckpt", [])
-    stats = cache_activations(cfg.activations, tmp_path / "ckpt", tmp_path / "tokens.parquet", tmp_path / "acts")
+    stats = cache_activations(
+        cfg.activations, tmp_path / "ckpt", tmp_path / "tokens.parquet", tmp_path / "acts"
+    )
     return cfg, tmp_path, stats
 
 
@@ -133,7 +159,11 @@ def test_activation_cache_round_trip(hub_activations):
         assert table.column("pos").to_numpy().min() == 1
         stored = np.stack(table.column("act").to_numpy(zero_copy_only=False)).astype(np.float32)
         meta = read_metadata(path)
-        assert meta["layer"] == layer and meta["revision"] == "step2" and meta["hook"] == f"gpt_neox.layers.{layer}"
+        assert (
+            meta["layer"] == layer
+            and meta["revision"] == "step2"
+            and meta["hook"] == f"gpt_neox.layers.{layer}"
+        )
         norms = np.linalg.norm(stored.astype(np.float64), axis=1)
         assert meta["norm"]["mean_norm"] == pytest.approx(norms.mean())
         assert meta["lm_eval_loss"] == pytest.approx(out.loss.item(), rel=1e-5)
@@ -180,7 +210,11 @@ def test_reader_streams_a_seeded_shuffle(tmp_path, monkeypatch):
     # streaming: the first batch needs only the first buffer of row groups, not the file
     calls = []
     original = ActivationFile.read_row_group
-    monkeypatch.setattr(ActivationFile, "read_row_group", lambda self, i, c=("act",): calls.append(i) or original(self, i, c))
+    monkeypatch.setattr(
+        ActivationFile,
+        "read_row_group",
+        lambda self, i, c=("act",): calls.append(i) or original(self, i, c),
+    )
     next(f.shuffled(128, seed=0, buffer_row_groups=4))
     assert len(calls) == 4
 
@@ -205,7 +239,12 @@ def test_unreadable_activation_files_are_named(tmp_path):
 def test_writer_refuses_float16_overflow_and_leaves_nothing(tmp_path):
     writer = ActivationWriter(tmp_path / "big.parquet", 2, {}, 8)
     with pytest.raises(DataError, match="overflow float16"):
-        writer.append(np.zeros(1, np.int32), np.zeros(1, np.int32), np.zeros(1, np.int32), torch.tensor([[1e6, 0.0]]))
+        writer.append(
+            np.zeros(1, np.int32),
+            np.zeros(1, np.int32),
+            np.zeros(1, np.int32),
+            torch.tensor([[1e6, 0.0]]),
+        )
     writer.abort()
     assert list(tmp_path.iterdir()) == []
 
@@ -227,8 +266,16 @@ def sparse_file(path, n=4096, d=16, n_features=48, seed=0):
 
 
 def training_config(**over):
-    return TrainingConfig(**{"n_latents": 64, "seeds": [0, 1], "train_tokens": 60_000, "batch_size": 256,
-                             "input_scaling": "centred", **over})
+    return TrainingConfig(
+        **{
+            "n_latents": 64,
+            "seeds": [0, 1],
+            "train_tokens": 60_000,
+            "batch_size": 256,
+            "input_scaling": "centred",
+            **over,
+        }
+    )
 
 
 @pytest.mark.parametrize("name", ["topk", "relu"])
@@ -236,7 +283,15 @@ def test_training_learns_and_writes_every_seed(tmp_path, name):
     acts = sparse_file(tmp_path / "train.parquet")
     hyper = {"topk": {"k": 4, "lr": 0.004}, "relu": {"l1_coefficient": 0.5, "lr": 0.003}}[name]
     arch = REGISTRY[name].Config(architecture=name, **hyper)
-    train_saes(training_config(), name, arch, acts, tmp_path / "out", {"study": "t", "step": 0, "layer": 0}, {})
+    train_saes(
+        training_config(),
+        name,
+        arch,
+        acts,
+        tmp_path / "out",
+        {"study": "t", "step": 0, "layer": 0},
+        {},
+    )
     for seed in (0, 1):
         d = tmp_path / "out" / f"seed{seed}"
         cfg = json.loads((d / "cfg.json").read_text())["saedynamics"]
@@ -256,7 +311,15 @@ def test_training_is_deterministic_on_cpu(tmp_path):
     acts = sparse_file(tmp_path / "train.parquet")
     arch = REGISTRY["topk"].Config(architecture="topk", k=4, lr=0.004)
     for run in ("a", "b"):
-        train_saes(training_config(train_tokens=10_000), "topk", arch, acts, tmp_path / run, {"study": "t", "step": 0, "layer": 0}, {})
+        train_saes(
+            training_config(train_tokens=10_000),
+            "topk",
+            arch,
+            acts,
+            tmp_path / run,
+            {"study": "t", "step": 0, "layer": 0},
+            {},
+        )
     a = (tmp_path / "a/seed1/sae_weights.safetensors").read_bytes()
     assert a == (tmp_path / "b/seed1/sae_weights.safetensors").read_bytes()
     assert a != (tmp_path / "a/seed0/sae_weights.safetensors").read_bytes()
@@ -265,32 +328,70 @@ def test_training_is_deterministic_on_cpu(tmp_path):
 def test_nan_loss_stops_training_and_writes_nothing(tmp_path, capsys):
     acts = sparse_file(tmp_path / "train.parquet")
     arch = REGISTRY["relu"].Config(architecture="relu", lr=1e30)  # diverges on the first update
-    with pytest.raises(TrainingDiverged, match=r"seed 0: the loss is (nan|inf) at training step 1 of"):
-        train_saes(training_config(), "relu", arch, acts, tmp_path / "out", {"study": "t", "step": 0, "layer": 0}, {})
+    with pytest.raises(
+        TrainingDiverged, match=r"seed 0: the loss is (nan|inf) at training step 1 of"
+    ):
+        train_saes(
+            training_config(),
+            "relu",
+            arch,
+            acts,
+            tmp_path / "out",
+            {"study": "t", "step": 0, "layer": 0},
+            {},
+        )
     assert not (tmp_path / "out").exists() and not list(tmp_path.glob(".out*"))
     # through the CLI: one message, exit 1
-    settings = {"study": "t", "training": training_config().model_dump(mode="json"), "architecture_name": "relu",
-                "architecture": arch.model_dump(mode="json")}
-    rc = main(["train", "--settings", json.dumps(settings), "--step", "0", "--layer", "0", "--architecture", "relu",
-               "--activations", str(acts), "--out", str(tmp_path / "out")])
+    settings = {
+        "study": "t",
+        "training": training_config().model_dump(mode="json"),
+        "architecture_name": "relu",
+        "architecture": arch.model_dump(mode="json"),
+    }
+    rc = main(
+        [
+            "train",
+            "--settings",
+            json.dumps(settings),
+            "--step",
+            "0",
+            "--layer",
+            "0",
+            "--architecture",
+            "relu",
+            "--activations",
+            str(acts),
+            "--out",
+            str(tmp_path / "out"),
+        ]
+    )
     assert rc == 1 and "No SAE was written" in capsys.readouterr().err
 
 
 def test_lr_schedule():
     values = [lr_multiplier(i, 100, 0.1, 0.2) for i in range(100)]
     assert values[0] == pytest.approx(0.1) and values[9] == 1.0 and values[50] == 1.0
-    assert values[80] == 1.0 and values[90] == pytest.approx(0.5) and values[99] == pytest.approx(0.05)
+    assert (
+        values[80] == 1.0 and values[90] == pytest.approx(0.5) and values[99] == pytest.approx(0.05)
+    )
 
 
 def test_activations_config_rejects_layers_the_checkpoint_lacks(hub_activations):
     cfg, root, _ = hub_activations
     with pytest.raises(DataError, match=r"the model has 2 layers; layers \[3\] do not exist"):
-        cache_activations(ActivationsConfig(layers=[0, 3]), root / "ckpt", root / "tokens.parquet", root / "x")
+        cache_activations(
+            ActivationsConfig(layers=[0, 3]), root / "ckpt", root / "tokens.parquet", root / "x"
+        )
     assert not (root / "x").exists() or not any((root / "x").rglob("*.parquet"))
 
 
 def test_token_sample_too_small(tiny_cfg, tmp_path):
     with pytest.raises(DataError, match="the config asks for"):
-        build_token_sample(tiny_cfg.corpus, TokensConfig(context_length=32, train_sequences=10**7),
-                           tiny_cfg.model, tmp_path / "t.parquet", tmp_path / "tok")
+        build_token_sample(
+            tiny_cfg.corpus,
+            TokensConfig(context_length=32, train_sequences=10**7),
+            tiny_cfg.model,
+            tmp_path / "t.parquet",
+            tmp_path / "tok",
+        )
     assert not (tmp_path / "t.parquet").exists()

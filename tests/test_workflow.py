@@ -21,7 +21,9 @@ def run(args, cwd, env=None, check=True) -> subprocess.CompletedProcess:
     env = {**os.environ, **(env or {})}
     out = subprocess.run(SNAKEMAKE + args, cwd=cwd, env=env, capture_output=True, text=True)
     if check and out.returncode != 0:
-        raise AssertionError(f"snakemake {' '.join(args)} failed:\n{out.stdout[-4000:]}\n{out.stderr[-4000:]}")
+        raise AssertionError(
+            f"snakemake {' '.join(args)} failed:\n{out.stdout[-4000:]}\n{out.stderr[-4000:]}"
+        )
     return out
 
 
@@ -33,15 +35,29 @@ def test_lint_is_clean():
 def test_snakefmt_is_clean():
     exe = shutil.which("snakefmt") or str(Path(sys.executable).parent / "snakefmt")
     env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"}
-    out = subprocess.run([exe, "--check", "Snakefile", "workflow/rules"], cwd=REPO, capture_output=True,
-                         text=True, env=env)
+    out = subprocess.run(
+        [exe, "--check", "Snakefile", "workflow/rules"],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        env=env,
+    )
     assert out.returncode == 0, out.stderr
 
 
 def test_demo_dag_plans_every_stage():
     out = run(["-n", "--cores", "2", "--quiet", "rules"], cwd=REPO)
-    for rule in ("tokens", "micro_lm", "activations", "train", "reconstruction", "consistency",
-                 "superposition", "tables", "figures"):
+    for rule in (
+        "tokens",
+        "micro_lm",
+        "activations",
+        "train",
+        "reconstruction",
+        "consistency",
+        "superposition",
+        "tables",
+        "figures",
+    ):
         assert rule in out.stdout, rule
 
 
@@ -59,7 +75,9 @@ def test_tiny_study_end_to_end(tmp_path):
     assert len(cons) == 2 * 2 * 2 and (cons["mcc"] > cons["null_pw_mcc"]).all()
     assert set(pd.read_parquet(root / "tables/checkpoints.parquet")["step"]) == {0, 32}
     # every job stays far below 4 GB (benchmark files record max RSS in MB)
-    rss = [pd.read_csv(f, sep="\t")["max_rss"].iloc[0] for f in (root / "benchmarks").rglob("*.tsv")]
+    rss = [
+        pd.read_csv(f, sep="\t")["max_rss"].iloc[0] for f in (root / "benchmarks").rglob("*.tsv")
+    ]
     assert len(rss) > 20 and max(rss) < 4000
     # a second run has nothing to do
     again = run(["-n", "--cores", "2", "--configfile", "workflow/configs/tiny.yaml"], cwd=wd)
@@ -80,7 +98,9 @@ def test_hub_study_runs_offline(tmp_path, hub_cache):
     assert checkpoints["lm_eval_loss"].notna().all()
     assert (root / "figures/pw_mcc.png").exists()
     # the demo's micro suite was not merged into this study
-    assert not (wd / "results/demo").exists() and not (root / "checkpoints/micro_lm.parquet").exists()
+    assert (
+        not (wd / "results/demo").exists() and not (root / "checkpoints/micro_lm.parquet").exists()
+    )
 
 
 def test_bad_config_stops_before_any_job(tmp_path):

@@ -66,7 +66,9 @@ class ActivationWriter:
         self._sum = torch.zeros(d_model, dtype=torch.float64)
         self._open = True
 
-    def append(self, doc_id: np.ndarray, pos: np.ndarray, token_id: np.ndarray, act: torch.Tensor) -> None:
+    def append(
+        self, doc_id: np.ndarray, pos: np.ndarray, token_id: np.ndarray, act: torch.Tensor
+    ) -> None:
         half = act.detach().to("cpu", torch.float16)
         if not torch.isfinite(half).all():
             raise DataError(
@@ -91,8 +93,10 @@ class ActivationWriter:
         self._buffered = len(rest[0])
         acts = pa.FixedSizeListArray.from_arrays(pa.array(head[3].reshape(-1)), self.d_model)
         self._writer.write_table(
-            pa.table([pa.array(head[0]), pa.array(head[1]), pa.array(head[2]), acts],
-                     schema=schema(self.d_model))
+            pa.table(
+                [pa.array(head[0]), pa.array(head[1]), pa.array(head[2]), acts],
+                schema=schema(self.d_model),
+            )
         )
         self.n_rows += n
 
@@ -132,7 +136,9 @@ class ActivationFile:
             meta = self._file.metadata.metadata or {}  # file footer key-value metadata
             self.metadata = json.loads(meta[METADATA_KEY])
         except FileNotFoundError:
-            raise DataError(f"{self.path}: no such activation file; run the activations rule") from None
+            raise DataError(
+                f"{self.path}: no such activation file; run the activations rule"
+            ) from None
         except (OSError, pa.ArrowInvalid, KeyError, ValueError) as e:
             raise DataError(
                 f"{self.path}: not a readable activation file ({type(e).__name__}: {e}); "
@@ -144,9 +150,15 @@ class ActivationFile:
                 f"this saedynamics reads format {FORMAT_VERSION}; rerun the activations rule "
                 "(snakemake --forcerun activations)"
             )
-        act = self._file.schema_arrow.field("act").type if "act" in self._file.schema_arrow.names else None
+        act = (
+            self._file.schema_arrow.field("act").type
+            if "act" in self._file.schema_arrow.names
+            else None
+        )
         if not isinstance(act, pa.FixedSizeListType) or act.value_type != pa.float16():
-            raise DataError(f"{self.path}: column 'act' must be fixed_size_list<float16>, found {act}")
+            raise DataError(
+                f"{self.path}: column 'act' must be fixed_size_list<float16>, found {act}"
+            )
         self.d_model = act.list_size
         self.n_rows = self._file.metadata.num_rows
         self.num_row_groups = self._file.num_row_groups
@@ -164,7 +176,9 @@ class ActivationFile:
         try:
             table = self._file.read_row_group(i, columns=list(columns))
         except (OSError, pa.ArrowInvalid) as e:
-            raise DataError(f"{self.path}: row group {i} is unreadable ({e}); the file is corrupt") from None
+            raise DataError(
+                f"{self.path}: row group {i} is unreadable ({e}); the file is corrupt"
+            ) from None
         out = {}
         for name in columns:
             col = table.column(name).combine_chunks()
@@ -196,14 +210,18 @@ class ActivationFile:
         for b in self.batches(batch_size):
             yield torch.from_numpy(b["act"]).float()
 
-    def shuffled(self, batch_size: int, seed: int, buffer_row_groups: int = 4) -> Iterator[torch.Tensor]:
+    def shuffled(
+        self, batch_size: int, seed: int, buffer_row_groups: int = 4
+    ) -> Iterator[torch.Tensor]:
         """Endless float32 batches [batch_size, d_model] in a seeded shuffled order, epoch after epoch."""
         rng = np.random.default_rng(seed)
         leftover = np.empty((0, self.d_model), dtype=np.float16)
         while True:
             order = rng.permutation(self.num_row_groups)
             for start in range(0, len(order), buffer_row_groups):
-                parts = [leftover] + [self.read_row_group(i)["act"] for i in order[start : start + buffer_row_groups]]
+                parts = [leftover] + [
+                    self.read_row_group(i)["act"] for i in order[start : start + buffer_row_groups]
+                ]
                 rows = np.concatenate(parts)
                 rows = rows[rng.permutation(len(rows))]
                 n_full = len(rows) // batch_size * batch_size
@@ -255,13 +273,19 @@ def cache_activations(
 
     manifest = read_json(checkpoint_dir / "manifest.json")
     device = resolve_device(cfg.device)
-    model = AutoModelForCausalLM.from_pretrained(
-        checkpoint_dir, dtype=getattr(torch, cfg.model_dtype), trust_remote_code=False
-    ).to(device).eval()
+    model = (
+        AutoModelForCausalLM.from_pretrained(
+            checkpoint_dir, dtype=getattr(torch, cfg.model_dtype), trust_remote_code=False
+        )
+        .to(device)
+        .eval()
+    )
     blocks = _block_modules(model)
     missing = [layer for layer in cfg.layers if layer >= len(blocks)]
     if missing:
-        raise DataError(f"{checkpoint_dir}: the model has {len(blocks)} layers; layers {missing} do not exist")
+        raise DataError(
+            f"{checkpoint_dir}: the model has {len(blocks)} layers; layers {missing} do not exist"
+        )
     d_model = model.config.hidden_size
     first = 1 if cfg.drop_first_position else 0
 
@@ -312,9 +336,15 @@ def cache_activations(
             stop_after[0] = None if split == "eval" else max(cfg.layers)
             loss_sum, loss_count = 0.0, 0
             try:
-                for start in tqdm(range(0, len(windows), cfg.batch_sequences), desc=f"activations {split}",
-                                  mininterval=5, unit="batch"):
-                    ids = torch.from_numpy(windows[start : start + cfg.batch_sequences].astype(np.int64))
+                for start in tqdm(
+                    range(0, len(windows), cfg.batch_sequences),
+                    desc=f"activations {split}",
+                    mininterval=5,
+                    unit="batch",
+                ):
+                    ids = torch.from_numpy(
+                        windows[start : start + cfg.batch_sequences].astype(np.int64)
+                    )
                     with torch.no_grad():
                         try:
                             out = model(input_ids=ids.to(device))

@@ -105,5 +105,6 @@ def provenance(settings: Any) -> dict[str, Any]:
         "config_hash": settings_hash(settings),
         "package_version": __version__,
         "git_commit": git_commit(),
-        "container": os.environ.get("APPTAINER_CONTAINER") or os.environ.get("SINGULARITY_CONTAINER"),
+        "container": os.environ.get("APPTAINER_CONTAINER")
+        or os.environ.get("SINGULARITY_CONTAINER"),
     }

@@ -48,7 +48,9 @@ def _snapshot(repo_id: str, revision: str, patterns: list[str], cache_dir: str |
 
     try:
         return Path(
-            snapshot_download(repo_id, revision=revision, allow_patterns=patterns, cache_dir=cache_dir)
+            snapshot_download(
+                repo_id, revision=revision, allow_patterns=patterns, cache_dir=cache_dir
+            )
         )
     except (LocalEntryNotFoundError, HfHubHTTPError, OSError) as e:
         raise DataError(
@@ -67,27 +69,39 @@ def download_tokenizer(model: HubModelConfig, out_dir: Path) -> dict:
             copied[name] = sha256_file(out_dir / name)
     if "tokenizer.json" not in copied:
         raise DataError(f"{model.repo_id}@{model.tokenizer_revision} has no tokenizer.json")
-    return {"repo_id": model.repo_id, "revision": model.tokenizer_revision,
-            "commit": snapshot.name, "files": copied}
+    return {
+        "repo_id": model.repo_id,
+        "revision": model.tokenizer_revision,
+        "commit": snapshot.name,
+        "files": copied,
+    }
 
 
-def download_checkpoint(model: HubModelConfig, step: int, out_dir: Path, earlier: list[Path]) -> dict:
+def download_checkpoint(
+    model: HubModelConfig, step: int, out_dir: Path, earlier: list[Path]
+) -> dict:
     """Fetch one revision, write `out_dir` (model dir + manifest.json) atomically; return the manifest.
 
     `earlier`: manifests of steps fetched before this one, to detect byte-identical weights.
     """
     revision = model.revision.format(step=step)
-    snapshot = _snapshot(model.repo_id, revision, CONFIG_FILES + TOKENIZER_FILES + SAFETENSORS,
-                         model.cache_dir)
+    snapshot = _snapshot(
+        model.repo_id, revision, CONFIG_FILES + TOKENIZER_FILES + SAFETENSORS, model.cache_dir
+    )
     weights = sorted(snapshot.glob("model*.safetensors"))
     if not weights:  # old revisions: pickled weights only, read safely and converted below
-        snapshot = _snapshot(model.repo_id, revision, CONFIG_FILES + TOKENIZER_FILES + PICKLED,
-                             model.cache_dir)
+        snapshot = _snapshot(
+            model.repo_id, revision, CONFIG_FILES + TOKENIZER_FILES + PICKLED, model.cache_dir
+        )
         weights = sorted(snapshot.glob("pytorch_model*.bin"))
     if not (snapshot / "config.json").exists() or not weights:
-        raise DataError(f"{model.repo_id}@{revision} (commit {snapshot.name}) has no config.json or weights")
+        raise DataError(
+            f"{model.repo_id}@{revision} (commit {snapshot.name}) has no config.json or weights"
+        )
 
-    patterns = CONFIG_FILES + TOKENIZER_FILES + (PICKLED if weights[0].suffix == ".bin" else SAFETENSORS)
+    patterns = (
+        CONFIG_FILES + TOKENIZER_FILES + (PICKLED if weights[0].suffix == ".bin" else SAFETENSORS)
+    )
     source_files = {
         p.name: sha256_file(p)
         for p in sorted(snapshot.iterdir())
@@ -107,7 +121,9 @@ def download_checkpoint(model: HubModelConfig, step: int, out_dir: Path, earlier
             "commit": snapshot.name,
             "source_files": source_files,
             "files": {p.name: sha256_file(p) for p in sorted(tmp.iterdir())},
-            "weights_sha256": _combined_hash({n: h for n, h in source_files.items() if _is_weight(n)}),
+            "weights_sha256": _combined_hash(
+                {n: h for n, h in source_files.items() if _is_weight(n)}
+            ),
         }
         manifest["duplicate_of"] = _duplicate_of(manifest["weights_sha256"], earlier)
         write_json(tmp / "manifest.json", manifest)
@@ -132,7 +148,9 @@ def _is_weight(name: str) -> bool:
 
 
 def _combined_hash(file_hashes: dict[str, str]) -> str:
-    return hashlib.sha256("".join(f"{n}:{h}\n" for n, h in sorted(file_hashes.items())).encode()).hexdigest()
+    return hashlib.sha256(
+        "".join(f"{n}:{h}\n" for n, h in sorted(file_hashes.items())).encode()
+    ).hexdigest()
 
 
 def _duplicate_of(weights_sha256: str, earlier: list[Path]) -> int | None:
@@ -191,8 +209,13 @@ def train_micro_suite(
     decay = [p for n, p in lm.named_parameters() if p.ndim >= 2]
     no_decay = [p for n, p in lm.named_parameters() if p.ndim < 2]
     opt = torch.optim.AdamW(
-        [{"params": decay, "weight_decay": model.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
-        lr=model.lr, betas=(0.9, 0.95), eps=1e-8,
+        [
+            {"params": decay, "weight_decay": model.weight_decay},
+            {"params": no_decay, "weight_decay": 0.0},
+        ],
+        lr=model.lr,
+        betas=(0.9, 0.95),
+        eps=1e-8,
     )
     data = torch.from_numpy(windows.astype(np.int64))
     order_rng = torch.Generator().manual_seed(model.seed)
@@ -240,8 +263,14 @@ def train_micro_suite(
         loss.backward()
         torch.nn.utils.clip_grad_norm_(lm.parameters(), 1.0)
         opt.step()
-        rows.append({"step": step, "tokens": step * tokens_per_step, "loss": loss.item(),
-                     "lr": lr_at(model, step - 1)})
+        rows.append(
+            {
+                "step": step,
+                "tokens": step * tokens_per_step,
+                "loss": loss.item(),
+                "lr": lr_at(model, step - 1),
+            }
+        )
         if step in schedule:
             lm.eval()
             save(step, loss.item())

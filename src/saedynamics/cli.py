@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import sys
 from pathlib import Path
 
@@ -78,9 +79,11 @@ def cmd_check_config(args) -> None:
     from saedynamics.config import load_config
 
     cfg = load_config(args.path)
-    print(f"{args.path}: valid; study {cfg.study!r}, {len(cfg.model.steps)} steps x "
-          f"{len(cfg.activations.layers)} layers x {len(cfg.architectures)} architectures x "
-          f"{len(cfg.training.seeds)} seeds")
+    print(
+        f"{args.path}: valid; study {cfg.study!r}, {len(cfg.model.steps)} steps x "
+        f"{len(cfg.activations.layers)} layers x {len(cfg.architectures)} architectures x "
+        f"{len(cfg.training.seeds)} seeds"
+    )
 
 
 def cmd_tokens(args) -> None:
@@ -113,7 +116,9 @@ def cmd_micro_lm(args) -> None:
 
     s = _settings(args, "micro_lm")
     model = _validate(MicroModelConfig, s["model"], "model")
-    train_micro_suite(model, Path(args.tokens), Path(args.tokenizer), Path(args.out_root), Path(args.curve))
+    train_micro_suite(
+        model, Path(args.tokens), Path(args.tokenizer), Path(args.out_root), Path(args.curve)
+    )
 
 
 def cmd_activations(args) -> None:
@@ -134,11 +139,20 @@ def cmd_train(args) -> None:
     training = _validate(TrainingConfig, s["training"], "training")
     kind = s["architecture"].get("architecture")
     if kind not in REGISTRY:
-        raise ConfigError(f"architecture {kind!r} is not registered; allowed: {', '.join(sorted(REGISTRY))}")
+        raise ConfigError(
+            f"architecture {kind!r} is not registered; allowed: {', '.join(sorted(REGISTRY))}"
+        )
     arch = _validate(REGISTRY[kind].Config, s["architecture"], f"architectures.{args.architecture}")
     identity = {"study": s["study"], "step": args.step, "layer": args.layer}
-    train_saes(training, args.architecture, arch, Path(args.activations), Path(args.out), identity,
-               _provenance(s))
+    train_saes(
+        training,
+        args.architecture,
+        arch,
+        Path(args.activations),
+        Path(args.out),
+        identity,
+        _provenance(s),
+    )
 
 
 def cmd_reconstruction(args) -> None:
@@ -155,8 +169,12 @@ def cmd_reconstruction(args) -> None:
     seeds, sae = [], None
     for d in _seed_dirs(args.saes):
         sae = load(d).to(device)
-        seeds.append({"seed": sae.provenance["seed"], **evaluate(sae, acts.tensors(metrics.batch_size))})
-        log.info("%s seed %s: FVU %.4f, L0 %.2f", d, seeds[-1]["seed"], seeds[-1]["fvu"], seeds[-1]["l0"])
+        seeds.append(
+            {"seed": sae.provenance["seed"], **evaluate(sae, acts.tensors(metrics.batch_size))}
+        )
+        log.info(
+            "%s seed %s: FVU %.4f, L0 %.2f", d, seeds[-1]["seed"], seeds[-1]["fvu"], seeds[-1]["l0"]
+        )
     write_json(args.out, {**_identity(args, s, sae), "seeds": seeds, "provenance": _provenance(s)})
 
 
@@ -172,27 +190,38 @@ def cmd_consistency(args) -> None:
     pairs = []
     for i, a in enumerate(saes):
         for b in saes[i + 1 :]:
-            pairs.append({
-                "seed_a": a.provenance["seed"],
-                "seed_b": b.provenance["seed"],
-                "mcc": mcc(a.W_dec, b.W_dec),
-                "encoder_mcc": mcc(a.W_enc.T, b.W_enc.T),
-                "max_cosine": max_cosine(a.W_dec, b.W_dec),
-                "shared_fraction": shared_fraction(a, b, metrics.shared_threshold),
-            })
-    null = null_baseline(saes[0].d_sae, saes[0].d_in, metrics.shared_threshold, metrics.null_draws,
-                         metrics.null_seed)
+            pairs.append(
+                {
+                    "seed_a": a.provenance["seed"],
+                    "seed_b": b.provenance["seed"],
+                    "mcc": mcc(a.W_dec, b.W_dec),
+                    "encoder_mcc": mcc(a.W_enc.T, b.W_enc.T),
+                    "max_cosine": max_cosine(a.W_dec, b.W_dec),
+                    "shared_fraction": shared_fraction(a, b, metrics.shared_threshold),
+                }
+            )
+    null = null_baseline(
+        saes[0].d_sae, saes[0].d_in, metrics.shared_threshold, metrics.null_draws, metrics.null_seed
+    )
     pw = [p["mcc"] for p in pairs]
-    log.info("PW-MCC %.4f (null %.4f); shared fraction %.4f (null %.4f)", sum(pw) / len(pw),
-             null["pw_mcc"], sum(p["shared_fraction"] for p in pairs) / len(pairs), null["shared_fraction"])
-    write_json(args.out, {
-        **_identity(args, s, saes[0]),
-        "pw_mcc": {"mean": sum(pw) / len(pw), "pairs": len(pw)},
-        "pairs": pairs,
-        "null": null,
-        "shared_threshold": metrics.shared_threshold,
-        "provenance": _provenance(s),
-    })
+    log.info(
+        "PW-MCC %.4f (null %.4f); shared fraction %.4f (null %.4f)",
+        sum(pw) / len(pw),
+        null["pw_mcc"],
+        sum(p["shared_fraction"] for p in pairs) / len(pairs),
+        null["shared_fraction"],
+    )
+    write_json(
+        args.out,
+        {
+            **_identity(args, s, saes[0]),
+            "pw_mcc": {"mean": sum(pw) / len(pw), "pairs": len(pw)},
+            "pairs": pairs,
+            "null": null,
+            "shared_threshold": metrics.shared_threshold,
+            "provenance": _provenance(s),
+        },
+    )
 
 
 def cmd_superposition(args) -> None:
@@ -227,7 +256,9 @@ def cmd_figures(args) -> None:
     from saedynamics.figures import render_all
 
     s = _settings(args, "figures")
-    written = render_all(Path(args.tables), Path(args.out), _validate(FiguresConfig, s["figures"], "figures"))
+    written = render_all(
+        Path(args.tables), Path(args.out), _validate(FiguresConfig, s["figures"], "figures")
+    )
     log.info("figures: %d files in %s", len(written), args.out)
 
 
@@ -235,19 +266,25 @@ def cmd_figures(args) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="python -m saedynamics", description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(
+        prog="python -m saedynamics", description=__doc__.split("\n")[0]
+    )
     sub = parser.add_subparsers(dest="command", required=True, metavar="command")
 
     def command(name, func, help, *, ident=False):
         p = sub.add_parser(name, help=help)
         src = p.add_mutually_exclusive_group(required=True)
-        src.add_argument("--settings", help="the stage's config slice as JSON (what the rules pass)")
+        src.add_argument(
+            "--settings", help="the stage's config slice as JSON (what the rules pass)"
+        )
         src.add_argument("--config", help="a whole study config file (YAML)")
         p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
         if ident:
             p.add_argument("--step", type=int, required=True)
             p.add_argument("--layer", type=int, required=True)
-            p.add_argument("--architecture", required=True, help="name in the config's architectures")
+            p.add_argument(
+                "--architecture", required=True, help="name in the config's architectures"
+            )
         p.set_defaults(func=func)
         return p
 
@@ -262,7 +299,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = command("checkpoint", cmd_checkpoint, "download one Hub checkpoint (with manifest)")
     p.add_argument("--step", type=int, required=True)
     p.add_argument("--out", required=True)
-    p.add_argument("--earlier", nargs="*", default=[], help="earlier checkpoint dirs (for duplicates)")
+    p.add_argument(
+        "--earlier", nargs="*", default=[], help="earlier checkpoint dirs (for duplicates)"
+    )
 
     p = command("micro-lm", cmd_micro_lm, "train the micro suite and save its checkpoints")
     p.add_argument("--tokens", required=True)
@@ -275,7 +314,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--tokens", required=True)
     p.add_argument("--out", required=True, help="activations/step<N>/ (layer<L>/ written inside)")
 
-    p = command("train", cmd_train, "train all seeds of one (step, layer, architecture)", ident=True)
+    p = command(
+        "train", cmd_train, "train all seeds of one (step, layer, architecture)", ident=True
+    )
     p.add_argument("--activations", required=True, help="train.parquet")
     p.add_argument("--out", required=True, help="saes/step<N>/layer<L>/<architecture>/")
 
@@ -302,8 +343,14 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-                        stream=sys.stderr, force=True)
+    if not sys.stderr.isatty():  # a rule's log file: keep our own progress, not every library's bars
+        os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+    logging.basicConfig(
+        level=logging.INFO,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        stream=sys.stderr,
+        force=True,
+    )
     if args.threads:
         import torch
 

@@ -104,8 +104,12 @@ class HubModelConfig(Strict):
     repo_id: str = "EleutherAI/pythia-70m-deduped"
     steps: list[int]
     revision: str = Field(default="step{step}", description="revision template, {step} filled in")
-    tokenizer_revision: str = Field(default="main", description="revision to take the tokenizer from")
-    num_layers: int | None = Field(default=None, gt=0, description="known for Pythia; else required")
+    tokenizer_revision: str = Field(
+        default="main", description="revision to take the tokenizer from"
+    )
+    num_layers: int | None = Field(
+        default=None, gt=0, description="known for Pythia; else required"
+    )
     d_model: int | None = Field(default=None, gt=0, description="known for Pythia; else required")
     cache_dir: str | None = Field(default=None, description="HF hub cache; None: HF_HUB_CACHE")
 
@@ -158,10 +162,14 @@ class MicroModelConfig(Strict):
     @model_validator(mode="after")
     def _steps_on_schedule(self) -> MicroModelConfig:
         if self.d_model % self.num_heads:
-            raise ValueError(f"d_model {self.d_model} is not divisible by num_heads {self.num_heads}")
+            raise ValueError(
+                f"d_model {self.d_model} is not divisible by num_heads {self.num_heads}"
+            )
         bad = [s for s in self.steps if s not in self.schedule()]
         if bad:
-            raise ValueError(f"steps {bad} are not saved by the micro suite; its schedule is {self.schedule()}")
+            raise ValueError(
+                f"steps {bad} are not saved by the micro suite; its schedule is {self.schedule()}"
+            )
         return self
 
 
@@ -187,11 +195,15 @@ class TrainingConfig(Strict):
 
     n_latents: int = Field(gt=0, description="dictionary size d_sae")
     seeds: list[int] = Field(default=[0, 1, 2], description="one SAE per seed (init RNG stream)")
-    data_seed: int = Field(default=0, description="data-order RNG stream, shared by the seeds of a job")
+    data_seed: int = Field(
+        default=0, description="data-order RNG stream, shared by the seeds of a job"
+    )
     train_tokens: int = Field(gt=0, description="tokens each SAE sees (epochs over the cache)")
     batch_size: int = Field(default=4096, gt=0)
     lr_warmup_fraction: float = Field(default=0.01, ge=0, le=1)
-    lr_decay_fraction: float = Field(default=0.2, ge=0, le=1, description="linear decay to 0 at the end")
+    lr_decay_fraction: float = Field(
+        default=0.2, ge=0, le=1, description="linear decay to 0 at the end"
+    )
     adam_betas: tuple[float, float] = (0.9, 0.999)
     grad_clip_norm: float | None = Field(default=1.0, gt=0)
     input_scaling: Literal["expected_norm", "centred", "none"] = Field(
@@ -201,21 +213,27 @@ class TrainingConfig(Strict):
         "folded into the weights at save",
     )
     log_every: int = Field(default=10, gt=0, description="optimiser steps between loss-curve rows")
-    threads: int | None = Field(default=None, gt=0, description="torch CPU threads; None: the rule's")
+    threads: int | None = Field(
+        default=None, gt=0, description="torch CPU threads; None: the rule's"
+    )
     device: Literal["auto", "cpu", "cuda"] = "auto"
 
     @field_validator("seeds")
     @classmethod
     def _seeds(cls, v: list[int]) -> list[int]:
         if len(v) < 2 or len(set(v)) != len(v):
-            raise ValueError("seeds must hold at least two distinct seeds (seed consistency compares them)")
+            raise ValueError(
+                "seeds must hold at least two distinct seeds (seed consistency compares them)"
+            )
         return v
 
 
 class MetricsConfig(Strict):
     batch_size: int = Field(default=4096, gt=0)
     shared_threshold: float = Field(default=0.7, gt=0, le=1, description="Paulo & Belrose: 0.7")
-    null_draws: int = Field(default=2, gt=0, description="random-dictionary draws for the null baseline")
+    null_draws: int = Field(
+        default=2, gt=0, description="random-dictionary draws for the null baseline"
+    )
     null_seed: int = 0
     device: Literal["auto", "cpu", "cuda"] = "auto"
 
@@ -253,11 +271,15 @@ class StudyConfig(Strict):
     def _architectures(cls, raw: Any) -> dict[str, ArchitectureConfig]:
         """Validate each entry against the hyperparameters of its registered architecture."""
         if not isinstance(raw, dict) or not raw:
-            raise ValueError("architectures must be a non-empty mapping name -> {architecture: ...}")
+            raise ValueError(
+                "architectures must be a non-empty mapping name -> {architecture: ...}"
+            )
         out = {}
         for name, entry in raw.items():
             if not isinstance(name, str) or not re.match(SLUG, name):
-                raise ValueError(f"architecture name {name!r} must match {SLUG} (it becomes a folder)")
+                raise ValueError(
+                    f"architecture name {name!r} must match {SLUG} (it becomes a folder)"
+                )
             if isinstance(entry, ArchitectureConfig):
                 out[name] = entry
                 continue
@@ -287,7 +309,9 @@ class StudyConfig(Strict):
                 f"activations.layers {bad}: the model has {n_layers} layers, so layers must be in "
                 f"0..{n_layers - 1}"
             )
-        if not self.activations.layers or len(set(self.activations.layers)) != len(self.activations.layers):
+        if not self.activations.layers or len(set(self.activations.layers)) != len(
+            self.activations.layers
+        ):
             raise ValueError("activations.layers must be a non-empty list of distinct layers")
         if not self.model.steps or len(set(self.model.steps)) != len(self.model.steps):
             raise ValueError("model.steps must be a non-empty list of distinct steps")
@@ -346,14 +370,20 @@ def load_config(source: str | Path | dict, name: str | None = None) -> StudyConf
         except yaml.YAMLError as e:
             raise ConfigError(f"config file {path} is not valid YAML: {e}") from None
     if not isinstance(raw, dict):
-        raise ConfigError(f"{name}: expected a mapping of keys at the top level, got {type(raw).__name__}")
+        raise ConfigError(
+            f"{name}: expected a mapping of keys at the top level, got {type(raw).__name__}"
+        )
     try:
         return StudyConfig.model_validate(raw)
     except ValidationError as e:
-        raise ConfigError(f"invalid configuration in {name}:\n{_format_errors(e, model=StudyConfig)}") from None
+        raise ConfigError(
+            f"invalid configuration in {name}:\n{_format_errors(e, model=StudyConfig)}"
+        ) from None
 
 
-def _format_errors(error: ValidationError, prefix: str = "", model=None, bullet: bool = True) -> str:
+def _format_errors(
+    error: ValidationError, prefix: str = "", model=None, bullet: bool = True
+) -> str:
     lines = []
     for err in error.errors():
         loc = [str(p) for p in err["loc"]]

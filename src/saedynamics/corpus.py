@@ -41,7 +41,11 @@ def iter_texts(corpus: CorpusConfig) -> Iterator[str]:
         ds = datasets.Dataset.from_dict({"text": [topics[k] for k in sorted(topics)]})
     elif corpus.source == "hub":
         ds = datasets.load_dataset(
-            corpus.dataset, corpus.subset, split=corpus.split, revision=corpus.revision, streaming=True
+            corpus.dataset,
+            corpus.subset,
+            split=corpus.split,
+            revision=corpus.revision,
+            streaming=True,
         )
     else:
         ds = datasets.load_dataset(
@@ -104,9 +108,15 @@ def build_token_sample(
             tokenizer_source = download_tokenizer(model, tmp_tok)
             tokenizer = load_tokenizer(tmp_tok)
 
-    eos = tokenizer.convert_tokens_to_ids(EOS) if EOS in tokenizer.get_vocab() else tokenizer.eos_token_id
+    eos = (
+        tokenizer.convert_tokens_to_ids(EOS)
+        if EOS in tokenizer.get_vocab()
+        else tokenizer.eos_token_id
+    )
     ctx = tokens.context_length
-    wanted = None if tokens.train_sequences is None else tokens.train_sequences + tokens.eval_sequences
+    wanted = (
+        None if tokens.train_sequences is None else tokens.train_sequences + tokens.eval_sequences
+    )
 
     windows: list[np.ndarray] = []
     buffer: list[int] = []
@@ -164,7 +174,10 @@ def build_token_sample(
         pq.write_table(table, tmp, compression="zstd")
     log.info(
         "token sample: %d train + %d eval windows of %d tokens from %d documents",
-        len(train_ids), len(eval_ids), ctx, n_docs,
+        len(train_ids),
+        len(eval_ids),
+        ctx,
+        n_docs,
     )
     return summary
 

@@ -30,11 +30,20 @@ STEP_LABEL = "LM training step (symlog; 0 = initialisation)"
 
 
 def _style() -> None:
-    plt.rcParams.update({
-        "figure.dpi": 100, "font.size": 9, "axes.titlesize": 10, "axes.labelsize": 9,
-        "legend.fontsize": 8, "axes.spines.top": False, "axes.spines.right": False,
-        "axes.grid": True, "grid.alpha": 0.3, "savefig.bbox": "tight",
-    })
+    plt.rcParams.update(
+        {
+            "figure.dpi": 100,
+            "font.size": 9,
+            "axes.titlesize": 10,
+            "axes.labelsize": 9,
+            "legend.fontsize": 8,
+            "axes.spines.top": False,
+            "axes.spines.right": False,
+            "axes.grid": True,
+            "grid.alpha": 0.3,
+            "savefig.bbox": "tight",
+        }
+    )
 
 
 def architecture_styles(df: pd.DataFrame) -> dict[str, dict]:
@@ -42,8 +51,11 @@ def architecture_styles(df: pd.DataFrame) -> dict[str, dict]:
     names = sorted(df["architecture"].unique())
     titles = df.drop_duplicates("architecture").set_index("architecture")["architecture_title"]
     return {
-        name: {"color": PALETTE[i % len(PALETTE)], "marker": MARKERS[i % len(MARKERS)],
-               "label": f"{titles[name]} ({name})" if titles[name].lower() != name else titles[name]}
+        name: {
+            "color": PALETTE[i % len(PALETTE)],
+            "marker": MARKERS[i % len(MARKERS)],
+            "label": f"{titles[name]} ({name})" if titles[name].lower() != name else titles[name],
+        }
         for i, name in enumerate(names)
     }
 
@@ -52,7 +64,11 @@ def _step_axis(ax, steps) -> None:
     steps = sorted(set(int(s) for s in steps))
     ax.set_xscale("symlog", linthresh=1, linscale=0.4)
     ax.set_xticks(steps)
-    ax.set_xticklabels([f"{s:,}" for s in steps], rotation=45 if len(steps) > 5 else 0, ha="right" if len(steps) > 5 else "center")
+    ax.set_xticklabels(
+        [f"{s:,}" for s in steps],
+        rotation=45 if len(steps) > 5 else 0,
+        ha="right" if len(steps) > 5 else "center",
+    )
     ax.minorticks_off()
     ax.set_xlim(-0.2 if steps[0] == 0 else steps[0] / 1.5, steps[-1] * 1.5)
     ax.set_xlabel(STEP_LABEL)
@@ -60,8 +76,14 @@ def _step_axis(ax, steps) -> None:
 
 def _panels(df: pd.DataFrame, title: str, height: float = 3.0):
     layers = sorted(df["layer"].unique())
-    fig, axes = plt.subplots(1, len(layers), figsize=(3.6 * len(layers) + 0.6, height),
-                             sharey=True, squeeze=False, layout="constrained")
+    fig, axes = plt.subplots(
+        1,
+        len(layers),
+        figsize=(3.6 * len(layers) + 0.6, height),
+        sharey=True,
+        squeeze=False,
+        layout="constrained",
+    )
     fig.suptitle(title)
     return fig, dict(zip(layers, axes[0], strict=True))
 
@@ -73,13 +95,34 @@ def _lines_vs_step(df: pd.DataFrame, value: str, ylabel: str, title: str, null: 
     for layer, ax in axes.items():
         sub = df[df["layer"] == layer]
         for name, style in styles.items():
-            g = sub[sub["architecture"] == name].groupby("step")[value].agg(["mean", "std"]).fillna(0)
+            g = (
+                sub[sub["architecture"] == name]
+                .groupby("step")[value]
+                .agg(["mean", "std"])
+                .fillna(0)
+            )
             if g.empty:
                 continue
-            ax.plot(g.index, g["mean"], color=style["color"], marker=style["marker"], ms=4, label=style["label"])
-            ax.fill_between(g.index, g["mean"] - g["std"], g["mean"] + g["std"], color=style["color"], alpha=0.2, lw=0)
+            ax.plot(
+                g.index,
+                g["mean"],
+                color=style["color"],
+                marker=style["marker"],
+                ms=4,
+                label=style["label"],
+            )
+            ax.fill_between(
+                g.index,
+                g["mean"] - g["std"],
+                g["mean"] + g["std"],
+                color=style["color"],
+                alpha=0.2,
+                lw=0,
+            )
         if null is not None:
-            ax.axhline(sub[null].mean(), color="0.45", ls="--", lw=1, label="random dictionaries (null)")
+            ax.axhline(
+                sub[null].mean(), color="0.45", ls="--", lw=1, label="random dictionaries (null)"
+            )
         _step_axis(ax, df["step"])
         ax.set_title(f"layer {layer}")
     first = next(iter(axes.values()))
@@ -90,20 +133,34 @@ def _lines_vs_step(df: pd.DataFrame, value: str, ylabel: str, title: str, null: 
 
 def pw_mcc(tables: Path):
     df = load(tables, "consistency")
-    return _lines_vs_step(df, "mcc", "PW-MCC (mean matched decoder cosine)",
-                          "Seed consistency: PW-MCC across LM training", null="null_pw_mcc")
+    return _lines_vs_step(
+        df,
+        "mcc",
+        "PW-MCC (mean matched decoder cosine)",
+        "Seed consistency: PW-MCC across LM training",
+        null="null_pw_mcc",
+    )
 
 
 def shared_fraction(tables: Path):
     df = load(tables, "consistency")
-    return _lines_vs_step(df, "shared_fraction", "shared latents (fraction, cos >= 0.7)",
-                          "Seed consistency: shared latents across LM training", null="null_shared_fraction")
+    return _lines_vs_step(
+        df,
+        "shared_fraction",
+        "shared latents (fraction, cos >= 0.7)",
+        "Seed consistency: shared latents across LM training",
+        null="null_shared_fraction",
+    )
 
 
 def effective_features(tables: Path):
     df = load(tables, "superposition")
-    fig = _lines_vs_step(df, "effective_features", "effective features F = exp H(p)",
-                         "Superposition: effective features across LM training")
+    fig = _lines_vs_step(
+        df,
+        "effective_features",
+        "effective features F = exp H(p)",
+        "Superposition: effective features across LM training",
+    )
     d_model = int(df["d_model"].iloc[0])
     last = list(fig.axes)[len(df["layer"].unique()) - 1]
     right = last.secondary_yaxis("right", functions=(lambda f: f / d_model, lambda p: p * d_model))
@@ -113,8 +170,12 @@ def effective_features(tables: Path):
 
 def dead_fraction(tables: Path):
     df = load(tables, "reconstruction")
-    return _lines_vs_step(df, "dead_fraction", "dead latents (fraction, never active on eval tokens)",
-                          "Dead latents across LM training")
+    return _lines_vs_step(
+        df,
+        "dead_fraction",
+        "dead latents (fraction, never active on eval tokens)",
+        "Dead latents across LM training",
+    )
 
 
 def fvu_vs_l0(tables: Path):
@@ -123,13 +184,24 @@ def fvu_vs_l0(tables: Path):
     steps = sorted(df["step"].unique())
     cmap = plt.get_cmap("viridis", len(steps))
     norm = matplotlib.colors.BoundaryNorm(np.arange(len(steps) + 1) - 0.5, len(steps))
-    fig, axes = _panels(df, "Reconstruction-sparsity frontier, coloured by LM training step", height=3.2)
+    fig, axes = _panels(
+        df, "Reconstruction-sparsity frontier, coloured by LM training step", height=3.2
+    )
     for layer, ax in axes.items():
         sub = df[df["layer"] == layer]
         for name, style in styles.items():
             s = sub[sub["architecture"] == name]
-            ax.scatter(s["l0"], s["fvu"], c=[steps.index(v) for v in s["step"]], cmap=cmap, norm=norm,
-                       marker=style["marker"], s=28, edgecolor="0.2", lw=0.4)
+            ax.scatter(
+                s["l0"],
+                s["fvu"],
+                c=[steps.index(v) for v in s["step"]],
+                cmap=cmap,
+                norm=norm,
+                marker=style["marker"],
+                s=28,
+                edgecolor="0.2",
+                lw=0.4,
+            )
         ax.set_xscale("log")
         ax.xaxis.set_major_formatter(matplotlib.ticker.FuncFormatter(lambda v, _: f"{v:g}"))
         ax.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
@@ -137,11 +209,18 @@ def fvu_vs_l0(tables: Path):
         ax.set_title(f"layer {layer}")
     first = next(iter(axes.values()))
     first.set_ylabel("FVU (fraction of variance unexplained)")
-    markers = [matplotlib.lines.Line2D([], [], ls="", marker=st["marker"], color="0.55", mec="0.2", mew=0.4,
-                                       label=st["label"]) for st in styles.values()]
+    markers = [
+        matplotlib.lines.Line2D(
+            [], [], ls="", marker=st["marker"], color="0.55", mec="0.2", mew=0.4, label=st["label"]
+        )
+        for st in styles.values()
+    ]
     first.legend(handles=markers, loc="best", frameon=False)
-    bar = fig.colorbar(matplotlib.cm.ScalarMappable(norm=norm, cmap=cmap), ax=list(axes.values()),
-                       ticks=range(len(steps)))
+    bar = fig.colorbar(
+        matplotlib.cm.ScalarMappable(norm=norm, cmap=cmap),
+        ax=list(axes.values()),
+        ticks=range(len(steps)),
+    )
     bar.ax.set_yticklabels([f"{s:,}" for s in steps])
     bar.set_label("LM training step")
     return fig
@@ -153,7 +232,9 @@ def lm_loss(tables: Path):
     ax.plot(df["step"], df["lm_eval_loss"], color="0.15", marker="o", ms=4)
     dup = df[df["duplicate_of"].notna()]
     if len(dup):
-        ax.scatter(dup["step"], dup["lm_eval_loss"], color="#D55E00", zorder=3, label="duplicate weights")
+        ax.scatter(
+            dup["step"], dup["lm_eval_loss"], color="#D55E00", zorder=3, label="duplicate weights"
+        )
         ax.legend(frameon=False)
     _step_axis(ax, df["step"])
     ax.set_ylabel("LM eval loss (nats / token)")

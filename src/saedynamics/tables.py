@@ -63,12 +63,19 @@ def collect(inputs: list[Path], out_dir: Path) -> dict[str, int]:
         elif path.name == "manifest.json":
             m = read_json(path)
             rows["checkpoints"].append(
-                {k: m.get(k) for k in ("step", "revision", "commit", "duplicate_of", "weights_sha256")}
+                {
+                    k: m.get(k)
+                    for k in ("step", "revision", "commit", "duplicate_of", "weights_sha256")
+                }
             )
         elif path.name == "eval.parquet":
             meta = read_metadata(path)
             rows.setdefault("_lm", []).append(
-                {"step": meta["step"], "lm_eval_loss": meta["lm_eval_loss"], "lm_eval_tokens": meta["lm_eval_tokens"]}
+                {
+                    "step": meta["step"],
+                    "lm_eval_loss": meta["lm_eval_loss"],
+                    "lm_eval_tokens": meta["lm_eval_tokens"],
+                }
             )
         else:
             raise ValueError(f"tables: do not know what to do with {path}")
@@ -79,8 +86,11 @@ def collect(inputs: list[Path], out_dir: Path) -> dict[str, int]:
         df = pd.DataFrame(rows[name])
         if name == "checkpoints" and len(lm):
             df = df.merge(lm, on="step", how="left")
-        sort = [c for c in ("step", "layer", "architecture", "seed", "seed_a", "seed_b", "train_step")
-                if c in df.columns]
+        sort = [
+            c
+            for c in ("step", "layer", "architecture", "seed", "seed_a", "seed_b", "train_step")
+            if c in df.columns
+        ]
         if sort:
             df = df.sort_values(sort, kind="stable").reset_index(drop=True)
         with atomic_file(out_dir / f"{name}.parquet") as tmp:

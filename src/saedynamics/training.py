@@ -60,15 +60,21 @@ def train_saes(
 
     cls = REGISTRY[arch.architecture]
     saes = {
-        seed: cls(d_in, training.n_latents, arch, generator=torch.Generator().manual_seed(seed)).to(device)
+        seed: cls(d_in, training.n_latents, arch, generator=torch.Generator().manual_seed(seed)).to(
+            device
+        )
         for seed in training.seeds
     }
-    optimizers = {s: torch.optim.Adam(sae.parameters(), lr=sae.lr, betas=training.adam_betas)
-                  for s, sae in saes.items()}
+    optimizers = {
+        s: torch.optim.Adam(sae.parameters(), lr=sae.lr, betas=training.adam_betas)
+        for s, sae in saes.items()
+    }
     schedules = {
         s: torch.optim.lr_scheduler.LambdaLR(
             opt,
-            lambda i: lr_multiplier(i, n_steps, training.lr_warmup_fraction, training.lr_decay_fraction),
+            lambda i: lr_multiplier(
+                i, n_steps, training.lr_warmup_fraction, training.lr_decay_fraction
+            ),
         )
         for s, opt in optimizers.items()
     }
@@ -103,8 +109,15 @@ def train_saes(
 
     seconds = time.perf_counter() - started
     tokens = n_steps * training.batch_size
-    log.info("%s: %d seeds x %d tokens in %.1f s (%.0f tokens/s per seed, %.0f in all)",
-             name, len(saes), tokens, seconds, tokens / seconds, tokens * len(saes) / seconds)
+    log.info(
+        "%s: %d seeds x %d tokens in %.1f s (%.0f tokens/s per seed, %.0f in all)",
+        name,
+        len(saes),
+        tokens,
+        seconds,
+        tokens / seconds,
+        tokens * len(saes) / seconds,
+    )
 
     with atomic_directory(out_dir) as tmp:
         for seed, sae in saes.items():
@@ -124,11 +137,15 @@ def train_saes(
                 "data_seed": training.data_seed,
                 "tokens_seen": tokens,
                 "input_scale": scale,
-                "activations": {k: acts.metadata.get(k) for k in ("model", "revision", "commit", "hook")},
+                "activations": {
+                    k: acts.metadata.get(k) for k in ("model", "revision", "commit", "hook")
+                },
                 "provenance": provenance,
             }
             sae.exported(scale).save(tmp / f"seed{seed}", metadata, ours)
-            pq.write_table(pa.Table.from_pylist(curves[seed]), tmp / f"seed{seed}" / "training.parquet")
+            pq.write_table(
+                pa.Table.from_pylist(curves[seed]), tmp / f"seed{seed}" / "training.parquet"
+            )
 
 
 def _curve_row(i: int, training: TrainingConfig, out, x: torch.Tensor, sae, opt) -> dict:

@@ -18,6 +18,7 @@ rule figures:
         f"{R}/logs/figures.log",
     benchmark:
         f"{R}/benchmarks/figures.tsv"
+    localrule: True
     resources:
         mem_mb=2000,
     params:

@@ -22,6 +22,7 @@ rule tables:
         f"{R}/logs/tables.log",
     benchmark:
         f"{R}/benchmarks/tables.tsv"
+    localrule: True
     resources:
         mem_mb=4000,
     params:

@@ -27,7 +27,11 @@ from torch import Tensor
 
 def unit_rows(m: Tensor | np.ndarray) -> np.ndarray:
     """Rows scaled to unit L2 norm, as float64; all-zero rows stay zero."""
-    m = m.detach().cpu().double().numpy() if isinstance(m, Tensor) else np.asarray(m, dtype=np.float64)
+    m = (
+        m.detach().cpu().double().numpy()
+        if isinstance(m, Tensor)
+        else np.asarray(m, dtype=np.float64)
+    )
     norms = np.linalg.norm(m, axis=1, keepdims=True)
     return m / np.where(norms == 0, 1.0, norms)
 
@@ -86,7 +90,9 @@ class _Dictionary:
         self.W_enc = torch.from_numpy(encoder_rows.T)
 
 
-def null_baseline(n_latents: int, d_model: int, threshold: float = 0.7, draws: int = 2, seed: int = 0) -> dict:
+def null_baseline(
+    n_latents: int, d_model: int, threshold: float = 0.7, draws: int = 2, seed: int = 0
+) -> dict:
     """PW-MCC, max-cos and shared fraction of pairs of random dictionaries [n_latents, d_model]."""
     rng = np.random.default_rng(seed)
     mccs, maxcos, shared = [], [], []

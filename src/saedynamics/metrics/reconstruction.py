@@ -49,7 +49,11 @@ def evaluate(sae, batches: Iterable[Tensor]) -> dict:
         sse += (xd - xh).pow(2).sum().item()
         x_norm, xh_norm = xd.norm(dim=1), xh.norm(dim=1)
         cos_sum += ((xd * xh).sum(dim=1) / (x_norm * xh_norm).clamp_min(1e-12)).sum().item()
-        ratio_sum += torch.where(x_norm < 1e-4, torch.ones_like(x_norm), xh_norm / x_norm.clamp_min(1e-4)).sum().item()
+        ratio_sum += (
+            torch.where(x_norm < 1e-4, torch.ones_like(x_norm), xh_norm / x_norm.clamp_min(1e-4))
+            .sum()
+            .item()
+        )
         xhat_sq += xh.pow(2).sum().item()
         dot += (xd * xh).sum().item()
         active = codes != 0

@@ -32,8 +32,14 @@ def effective_features(codes: Tensor | Iterable[Tensor], d_model: int) -> dict:
     total = mass.sum()
     if total == 0:
         nan = float("nan")
-        return {"effective_features": nan, "psi": nan, "entropy": nan, "alive_latents": 0,
-                "effective_per_alive": nan, "n_tokens": n_tokens}
+        return {
+            "effective_features": nan,
+            "psi": nan,
+            "entropy": nan,
+            "alive_latents": 0,
+            "effective_per_alive": nan,
+            "n_tokens": n_tokens,
+        }
     p = mass / total
     p = p[p > 0]
     entropy = float(-(p * p.log()).sum())

@@ -52,7 +52,9 @@ class ArchitectureConfig(BaseModel):
         default=None, gt=0, description="Adam learning rate; None: the architecture's default"
     )
     dead_tokens: int = Field(
-        default=10_000_000, gt=0, description="a latent is dead after this many tokens without firing"
+        default=10_000_000,
+        gt=0,
+        description="a latent is dead after this many tokens without firing",
     )
     b_dec_init: Literal["zero", "geometric_median", "mean"] | None = Field(
         default=None, description="decoder bias init from the first batch; None: the paper's choice"
@@ -216,7 +218,9 @@ class SAE(nn.Module):
             "reshape_activations": "none",
         }
 
-    def save(self, directory: str | Path, metadata: dict[str, Any], provenance: dict[str, Any]) -> None:
+    def save(
+        self, directory: str | Path, metadata: dict[str, Any], provenance: dict[str, Any]
+    ) -> None:
         """Write `directory` (SAELens layout: cfg.json + sae_weights.safetensors), atomically."""
         cfg = self.saelens_config()
         cfg["metadata"] = metadata
@@ -298,7 +302,9 @@ def geometric_median(x: Tensor, max_iter: int = 100, tol: float = 1e-5) -> Tenso
     return g.float()
 
 
-def auxk_loss(x: Tensor, x_hat: Tensor, pre: Tensor, W_dec: Tensor, dead: Tensor, k_aux: int) -> Tensor:
+def auxk_loss(
+    x: Tensor, x_hat: Tensor, pre: Tensor, W_dec: Tensor, dead: Tensor, k_aux: int
+) -> Tensor:
     """AuxK (Gao et al. 2024, App. A.2): model the residual with the top-k_aux dead latents.
 
         e = sg(x - x_hat);  I = top-k_aux of pre over dead latents;  e_hat = sum_{i in I} ReLU(pre_i) d_i

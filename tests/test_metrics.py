@@ -11,6 +11,7 @@ import torch
 from scipy.optimize import minimize_scalar
 
 from saedynamics.metrics.consistency import (
+    compare,
     match,
     max_cosine,
     mcc,
@@ -19,7 +20,7 @@ from saedynamics.metrics.consistency import (
     shared_fraction,
     shared_latents,
 )
-from saedynamics.metrics.reconstruction import evaluate
+from saedynamics.metrics.reconstruction import batch_fvu, evaluate
 from saedynamics.metrics.superposition import effective_features
 from saedynamics.saes import REGISTRY
 
@@ -94,6 +95,17 @@ def test_shared_fraction_rules():
     assert shared_fraction(Dictionary(eye, eye), Dictionary(eye, tilted), threshold=0.8) == 0.0
 
 
+def test_compare_reuses_one_matching_per_matrix():
+    rng = np.random.default_rng(3)
+    a = Dictionary(rng.normal(size=(30, 8)), rng.normal(size=(30, 8)))
+    b = Dictionary(rng.normal(size=(30, 8)), rng.normal(size=(30, 8)))
+    out = compare(a, b, threshold=0.3)
+    assert out["mcc"] == pytest.approx(mcc(a.W_dec, b.W_dec))
+    assert out["encoder_mcc"] == pytest.approx(mcc(a.W_enc.T, b.W_enc.T))
+    assert out["shared_fraction"] == pytest.approx(shared_fraction(a, b, threshold=0.3))
+    assert out["max_cosine"] == pytest.approx(max_cosine(a.W_dec, b.W_dec))
+
+
 def test_null_baseline_matches_the_spec_anchors():
     # spec/measurements.md section 1.3 (numpy default_rng seed 0, mean of 2 draws)
     assert null_baseline(1024, 128, draws=2, seed=0)["pw_mcc"] == pytest.approx(0.272, abs=0.005)
@@ -159,6 +171,16 @@ def test_reconstruction_metrics_against_their_definitions():
     ).x
     assert out["shrinkage_gamma"] == pytest.approx(1 / u, rel=1e-6)
     assert out["n_tokens"] == 999
+
+
+def test_batch_fvu_is_the_same_formula():
+    sae = LinearSAE()
+    x = torch.randn(300, 6) * 2 + 1
+    with torch.no_grad():
+        x_hat = sae.decode(sae.encode(x))
+    assert batch_fvu(x.double(), x_hat.double()).item() == pytest.approx(
+        evaluate(sae, [x])["fvu"], rel=1e-9
+    )
 
 
 def test_fvu_is_zero_for_perfect_and_one_for_mean_reconstruction():

@@ -46,7 +46,7 @@ def test_snakefmt_is_clean():
 
 
 def test_demo_dag_plans_every_stage():
-    out = run(["-n", "--cores", "2", "--quiet", "rules"], cwd=REPO)
+    out = run(["-n", "--forceall", "--cores", "2", "--quiet", "rules"], cwd=REPO)
     for rule in (
         "tokens",
         "micro_lm",

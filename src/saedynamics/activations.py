@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import json
 import logging
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -302,6 +303,7 @@ def cache_activations(
 
     handles = [blocks[layer].register_forward_hook(hook(layer)) for layer in cfg.layers]
     lm_stats: dict[str, float] = {}
+    started, n_tokens = time.perf_counter(), 0
     try:
         for split in ("train", "eval"):
             doc_ids, windows = read_token_sample(tokens_parquet, split)
@@ -356,6 +358,7 @@ def cache_activations(
                         loss_sum += nll.sum().item()
                         loss_count += nll.numel()
                     b = len(ids)
+                    n_tokens += ids.numel()
                     pos = np.tile(np.arange(first, ctx, dtype=np.int32), b)
                     docs = np.repeat(doc_ids[start : start + b].astype(np.int32), ctx - first)
                     toks = windows[start : start + b, first:].reshape(-1).astype(np.int32)
@@ -374,5 +377,14 @@ def cache_activations(
     finally:
         for h in handles:
             h.remove()
-    log.info("step %s: LM eval loss %.4f", manifest["step"], lm_stats["lm_eval_loss"])
+    seconds = time.perf_counter() - started
+    log.info(
+        "step %s: %d tokens x %d layers in %.1f s (%.0f tokens/s); LM eval loss %.4f",
+        manifest["step"],
+        n_tokens,
+        len(cfg.layers),
+        seconds,
+        n_tokens / seconds,
+        lm_stats["lm_eval_loss"],
+    )
     return lm_stats

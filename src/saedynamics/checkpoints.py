@@ -19,6 +19,7 @@ import hashlib
 import logging
 import math
 import shutil
+import time
 from pathlib import Path
 
 import numpy as np
@@ -251,6 +252,7 @@ def train_micro_suite(
 
     save(0, None)
     lm.train()
+    started = time.perf_counter()
     for step in tqdm(range(1, model.train_steps + 1), desc="micro LM", mininterval=5, unit="step"):
         if cursor + model.batch_size > len(order):
             order, cursor = torch.randperm(len(data), generator=order_rng), 0
@@ -276,6 +278,14 @@ def train_micro_suite(
             save(step, loss.item())
             lm.train()
             log.info("micro LM step %d: train loss %.3f", step, loss.item())
+    seconds = time.perf_counter() - started
+    log.info(
+        "micro LM: %d steps, %d tokens in %.1f s (%.0f tokens/s)",
+        model.train_steps,
+        model.train_steps * tokens_per_step,
+        seconds,
+        model.train_steps * tokens_per_step / seconds,
+    )
     with atomic_file(curve) as tmp:
         pq.write_table(pa.Table.from_pylist(rows), tmp)
     return manifests

@@ -181,41 +181,39 @@ def cmd_reconstruction(args) -> None:
 def cmd_consistency(args) -> None:
     from saedynamics.artifacts import write_json
     from saedynamics.config import MetricsConfig
-    from saedynamics.metrics.consistency import max_cosine, mcc, null_baseline, shared_fraction
+    from saedynamics.metrics.consistency import compare, null_baseline, summarise
     from saedynamics.saes import load
 
     s = _settings(args, "consistency")
     metrics = _validate(MetricsConfig, s["metrics"], "metrics")
     saes = [load(d) for d in _seed_dirs(args.saes)]
-    pairs = []
-    for i, a in enumerate(saes):
-        for b in saes[i + 1 :]:
-            pairs.append(
-                {
-                    "seed_a": a.provenance["seed"],
-                    "seed_b": b.provenance["seed"],
-                    "mcc": mcc(a.W_dec, b.W_dec),
-                    "encoder_mcc": mcc(a.W_enc.T, b.W_enc.T),
-                    "max_cosine": max_cosine(a.W_dec, b.W_dec),
-                    "shared_fraction": shared_fraction(a, b, metrics.shared_threshold),
-                }
-            )
+    pairs = [
+        {
+            "seed_a": a.provenance["seed"],
+            "seed_b": b.provenance["seed"],
+            **compare(a, b, metrics.shared_threshold),
+        }
+        for i, a in enumerate(saes)
+        for b in saes[i + 1 :]
+    ]
     null = null_baseline(
         saes[0].d_sae, saes[0].d_in, metrics.shared_threshold, metrics.null_draws, metrics.null_seed
     )
-    pw = [p["mcc"] for p in pairs]
+    pw = summarise([p["mcc"] for p in pairs])
+    shared = summarise([p["shared_fraction"] for p in pairs])
     log.info(
         "PW-MCC %.4f (null %.4f); shared fraction %.4f (null %.4f)",
-        sum(pw) / len(pw),
+        pw["mean"],
         null["pw_mcc"],
-        sum(p["shared_fraction"] for p in pairs) / len(pairs),
+        shared["mean"],
         null["shared_fraction"],
     )
     write_json(
         args.out,
         {
             **_identity(args, s, saes[0]),
-            "pw_mcc": {"mean": sum(pw) / len(pw), "pairs": len(pw)},
+            "pw_mcc": pw,
+            "shared_fraction": shared,
             "pairs": pairs,
             "null": null,
             "shared_threshold": metrics.shared_threshold,
@@ -343,7 +341,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    if not sys.stderr.isatty():  # a rule's log file: keep our own progress, not every library's bars
+    if (
+        not sys.stderr.isatty()
+    ):  # a rule's log file: keep our own progress, not every library's bars
         os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
     logging.basicConfig(
         level=logging.INFO,

@@ -259,8 +259,12 @@ def render_all(tables: Path, out_dir: Path, cfg: FiguresConfig) -> list[Path]:
         fig = draw(tables)
         for fmt in cfg.formats:
             path = Path(out_dir) / f"{name}.{fmt}"
+            # no creation date in the file: the same tables give byte-identical figures
+            metadata = (
+                {"CreationDate": None} if fmt == "pdf" else {"Date": None} if fmt == "svg" else {}
+            )
             with atomic_file(path) as tmp:
-                fig.savefig(tmp, format=fmt, dpi=cfg.dpi)
+                fig.savefig(tmp, format=fmt, dpi=cfg.dpi, metadata=metadata)
             written.append(path)
         plt.close(fig)
     return written

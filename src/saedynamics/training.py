@@ -27,6 +27,7 @@ from saedynamics.activations import ActivationFile, resolve_device
 from saedynamics.artifacts import atomic_directory
 from saedynamics.config import TrainingConfig
 from saedynamics.errors import TrainingDiverged
+from saedynamics.metrics.reconstruction import batch_fvu
 from saedynamics.saes import REGISTRY, ArchitectureConfig, TrainStep
 
 log = logging.getLogger(__name__)
@@ -150,8 +151,6 @@ def train_saes(
 
 def _curve_row(i: int, training: TrainingConfig, out, x: torch.Tensor, sae, opt) -> dict:
     with torch.no_grad():
-        residual = (x - out.x_hat).pow(2).sum()
-        variance = (x - x.mean(dim=0)).pow(2).sum()
         return {
             "train_step": i,
             "tokens": (i + 1) * training.batch_size,
@@ -159,6 +158,6 @@ def _curve_row(i: int, training: TrainingConfig, out, x: torch.Tensor, sae, opt)
             "loss": out.total.item(),
             **{k: v.item() for k, v in out.terms.items()},
             "l0": (out.codes != 0).sum(dim=-1).float().mean().item(),
-            "fvu": (residual / variance).item(),
+            "fvu": batch_fvu(x, out.x_hat).item(),
             "dead_fraction": sae.dead_mask().float().mean().item(),
         }

@@ -58,6 +58,12 @@ def max_cosine(a: Tensor | np.ndarray, b: Tensor | np.ndarray) -> float:
     return float((unit_rows(a) @ unit_rows(b).T).max(axis=1).mean())
 
 
+def summarise(values) -> dict:
+    """Mean and std (ddof 0) over seed pairs."""
+    values = np.asarray(values, dtype=np.float64)
+    return {"mean": float(values.mean()), "std": float(values.std())}
+
+
 def pw_mcc(decoders: list[Tensor]) -> dict:
     """PW-MCC of decoders [F, d] (one per seed): mean, std (over pairs, ddof 0) and per pair."""
     if len(decoders) < 2:
@@ -66,20 +72,34 @@ def pw_mcc(decoders: list[Tensor]) -> dict:
         {"a": i, "b": j, "mcc": mcc(decoders[i], decoders[j])}
         for i, j in itertools.combinations(range(len(decoders)), 2)
     ]
-    values = np.array([p["mcc"] for p in pairs])
-    return {"mean": float(values.mean()), "std": float(values.std()), "pairs": pairs}
+    return {**summarise([p["mcc"] for p in pairs]), "pairs": pairs}
 
 
-def shared_latents(sae_a, sae_b, threshold: float = 0.7) -> np.ndarray:
-    """Boolean per latent of sae_a: shared with sae_b (same enc and dec partner, both cos >= threshold)."""
-    enc_partner, enc_cos = match(sae_a.W_enc.T, sae_b.W_enc.T)
-    dec_partner, dec_cos = match(sae_a.W_dec, sae_b.W_dec)
+def shared_latents(sae_a, sae_b, threshold: float = 0.7, matchings=None) -> np.ndarray:
+    """Boolean per latent of sae_a: shared with sae_b (same enc and dec partner, both cos >= threshold).
+
+    `matchings`: the (encoder, decoder) results of `match`, when already computed.
+    """
+    enc, dec = matchings or (match(sae_a.W_enc.T, sae_b.W_enc.T), match(sae_a.W_dec, sae_b.W_dec))
+    (enc_partner, enc_cos), (dec_partner, dec_cos) = enc, dec
     return (enc_partner == dec_partner) & (enc_cos >= threshold) & (dec_cos >= threshold)
 
 
 def shared_fraction(sae_a, sae_b, threshold: float = 0.7) -> float:
     """Fraction of sae_a's latents shared with sae_b (Paulo & Belrose 2025)."""
     return float(shared_latents(sae_a, sae_b, threshold).mean())
+
+
+def compare(sae_a, sae_b, threshold: float = 0.7) -> dict:
+    """Every pairwise statistic of two SAEs from one encoder and one decoder matching."""
+    enc = match(sae_a.W_enc.T, sae_b.W_enc.T)
+    dec = match(sae_a.W_dec, sae_b.W_dec)
+    return {
+        "mcc": float(dec[1].mean()),
+        "encoder_mcc": float(enc[1].mean()),
+        "max_cosine": max_cosine(sae_a.W_dec, sae_b.W_dec),
+        "shared_fraction": float(shared_latents(sae_a, sae_b, threshold, (enc, dec)).mean()),
+    }
 
 
 class _Dictionary:
@@ -95,17 +115,15 @@ def null_baseline(
 ) -> dict:
     """PW-MCC, max-cos and shared fraction of pairs of random dictionaries [n_latents, d_model]."""
     rng = np.random.default_rng(seed)
-    mccs, maxcos, shared = [], [], []
+    results = []
     for _ in range(draws):
         a = rng.standard_normal((n_latents, d_model))
         b = rng.standard_normal((n_latents, d_model))
-        mccs.append(mcc(a, b))
-        maxcos.append(max_cosine(a, b))
-        shared.append(shared_fraction(_Dictionary(a, a), _Dictionary(b, b), threshold))
+        results.append(compare(_Dictionary(a, a), _Dictionary(b, b), threshold))
     return {
-        "pw_mcc": float(np.mean(mccs)),
-        "max_cosine": float(np.mean(maxcos)),
-        "shared_fraction": float(np.mean(shared)),
+        "pw_mcc": float(np.mean([r["mcc"] for r in results])),
+        "max_cosine": float(np.mean([r["max_cosine"] for r in results])),
+        "shared_fraction": float(np.mean([r["shared_fraction"] for r in results])),
         "draws": draws,
         "seed": seed,
     }

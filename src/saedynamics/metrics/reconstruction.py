@@ -22,6 +22,11 @@ import torch
 from torch import Tensor
 
 
+def batch_fvu(x: Tensor, x_hat: Tensor) -> Tensor:
+    """FVU of one batch (its own mean in the denominator): the training curve's figure."""
+    return (x - x_hat).pow(2).sum() / (x - x.mean(dim=0)).pow(2).sum()
+
+
 @torch.no_grad()
 def evaluate(sae, batches: Iterable[Tensor]) -> dict:
     """Metrics of `sae` on raw activation batches [batch, d_in]; see the module docstring."""

@@ -155,27 +155,40 @@ def cmd_train(args) -> None:
     )
 
 
-def cmd_reconstruction(args) -> None:
+def _measure_each_seed(args, stage: str, measure) -> None:
+    """One measurement per seed on the eval activations; `measure(sae, batches) -> dict`."""
     from saedynamics.activations import ActivationFile, resolve_device
     from saedynamics.artifacts import write_json
     from saedynamics.config import MetricsConfig
-    from saedynamics.metrics.reconstruction import evaluate
     from saedynamics.saes import load
 
-    s = _settings(args, "reconstruction")
+    s = _settings(args, stage)
     metrics = _validate(MetricsConfig, s["metrics"], "metrics")
     device = resolve_device(metrics.device)
     acts = ActivationFile(args.activations)
     seeds, sae = [], None
     for d in _seed_dirs(args.saes):
         sae = load(d).to(device)
-        seeds.append(
-            {"seed": sae.provenance["seed"], **evaluate(sae, acts.tensors(metrics.batch_size))}
-        )
-        log.info(
-            "%s seed %s: FVU %.4f, L0 %.2f", d, seeds[-1]["seed"], seeds[-1]["fvu"], seeds[-1]["l0"]
-        )
+        batches = (x.to(device) for x in acts.tensors(metrics.batch_size))
+        seeds.append({"seed": sae.provenance["seed"], **measure(sae, batches)})
+        log.info("%s: %s", d, {k: v for k, v in seeds[-1].items() if isinstance(v, float)})
     write_json(args.out, {**_identity(args, s, sae), "seeds": seeds, "provenance": _provenance(s)})
+
+
+def cmd_reconstruction(args) -> None:
+    from saedynamics.metrics.reconstruction import evaluate
+
+    _measure_each_seed(args, "reconstruction", evaluate)
+
+
+def cmd_superposition(args) -> None:
+    from saedynamics.metrics.superposition import effective_features
+
+    _measure_each_seed(
+        args,
+        "superposition",
+        lambda sae, batches: effective_features((sae.encode(x) for x in batches), sae.d_in),
+    )
 
 
 def cmd_consistency(args) -> None:
@@ -220,25 +233,6 @@ def cmd_consistency(args) -> None:
             "provenance": _provenance(s),
         },
     )
-
-
-def cmd_superposition(args) -> None:
-    from saedynamics.activations import ActivationFile, resolve_device
-    from saedynamics.artifacts import write_json
-    from saedynamics.config import MetricsConfig
-    from saedynamics.metrics.superposition import effective_features
-    from saedynamics.saes import load
-
-    s = _settings(args, "superposition")
-    metrics = _validate(MetricsConfig, s["metrics"], "metrics")
-    device = resolve_device(metrics.device)
-    acts = ActivationFile(args.activations)
-    seeds, sae = [], None
-    for d in _seed_dirs(args.saes):
-        sae = load(d).to(device)
-        codes = (sae.encode(x.to(device)) for x in acts.tensors(metrics.batch_size))
-        seeds.append({"seed": sae.provenance["seed"], **effective_features(codes, sae.d_in)})
-    write_json(args.out, {**_identity(args, s, sae), "seeds": seeds, "provenance": _provenance(s)})
 
 
 def cmd_tables(args) -> None:

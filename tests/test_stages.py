@@ -201,7 +201,7 @@ def test_reader_streams_a_seeded_shuffle(tmp_path, monkeypatch):
 
     def first_epoch(seed):
         stream = f.shuffled(128, seed=seed)
-        return torch.cat([next(stream) for _ in range(1000 // 128)])[:, 0]
+        return torch.cat([next(stream)["act"] for _ in range(1000 // 128)])[:, 0]
 
     rows = first_epoch(3)
     assert len(set(rows.tolist())) == len(rows) == 896  # no row twice within an epoch
@@ -395,3 +395,59 @@ def test_token_sample_too_small(tiny_cfg, tmp_path):
             tmp_path / "tok",
         )
     assert not (tmp_path / "t.parquet").exists()
+
+
+def test_extra_columns_entropy_and_gradient(offline_hub, tmp_path):
+    raw = hub_config(tmp_path, offline_hub)
+    cfg = load_config(raw)
+    build_token_sample(
+        cfg.corpus, cfg.tokens, cfg.model, tmp_path / "tokens.parquet", tmp_path / "tokenizer"
+    )
+    download_checkpoint(cfg.model, 2, tmp_path / "ckpt", [])
+    acts_cfg = ActivationsConfig(layers=[0], extra_columns=["lm_entropy", "lm_grad"])
+    cache_activations(acts_cfg, tmp_path / "ckpt", tmp_path / "tokens.parquet", tmp_path / "acts")
+    table = pq.read_table(tmp_path / "acts/layer0/eval.parquet")
+    stored_grad = np.stack(table.column("lm_grad").to_numpy(zero_copy_only=False))
+    stored_entropy = table.column("lm_entropy").to_numpy()
+    # an independent route: gradients w.r.t. hidden_states[1] (block 0's output)
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(tmp_path / "ckpt").eval()
+    _, windows = read_token_sample(tmp_path / "tokens.parquet", "eval")
+    ids = torch.from_numpy(windows.astype(np.int64))
+    embeds = model.get_input_embeddings()(ids).detach().requires_grad_(True)
+    out = model(inputs_embeds=embeds, output_hidden_states=True)
+    logp = out.logits.float().log_softmax(-1)
+    nll = -logp[:, :-1].gather(-1, ids[:, 1:, None]).squeeze(-1)
+    (grad,) = torch.autograd.grad(nll.sum(), out.hidden_states[1])
+    assert np.allclose(stored_grad, grad[:, 1:].reshape(-1, 32).numpy(), atol=1e-5, rtol=1e-3)
+    entropy = -(logp.exp() * logp).sum(-1)[:, 1:].reshape(-1)
+    assert np.allclose(stored_entropy, entropy.detach().numpy(), atol=1e-4)
+    assert 0 < stored_entropy.max() <= np.log(model.config.vocab_size) + 1e-4
+    # the reader serves them alongside act
+    batch = next(
+        ActivationFile(tmp_path / "acts/layer0/train.parquet").shuffled(
+            64, seed=0, columns=("act", "lm_grad", "lm_entropy")
+        )
+    )
+    assert batch["lm_grad"].shape == (64, 32) and batch["lm_entropy"].shape == (64,)
+    with pytest.raises(DataError, match="has no column"):
+        next(
+            ActivationFile(tmp_path / "acts/layer0/train.parquet").shuffled(64, 0, ("act", "nope"))
+        )
+
+
+def test_activation_settings_add_the_columns_architectures_need(tiny_raw):
+    from saedynamics.saes.base import SAE
+
+    raw = {**tiny_raw, "architectures": {"topk": {"architecture": "topk", "k": 4}}}
+    assert load_config(raw).stage_settings("activations")["activations"]["extra_columns"] == []
+    original = REGISTRY["topk"].requires
+    try:
+        REGISTRY["topk"].requires = ("lm_grad",)
+        assert load_config(raw).stage_settings("activations")["activations"]["extra_columns"] == [
+            "lm_grad"
+        ]
+    finally:
+        REGISTRY["topk"].requires = original
+    assert SAE.requires == ()

@@ -1,17 +1,18 @@
 """Activations: hooks -> Parquet shards, and the streaming reader that feeds training.
 
 One forward pass per checkpoint writes `activations/step<N>/layer<L>/{train,eval}.parquet` for every
-configured layer. Schema: doc_id int32, pos int32, token_id int32, act fixed_size_list<float16>[d].
+configured layer. Schema: doc_id int32, pos int32, token_id int32, act fixed_size_list<float16>[d],
+plus optional extra columns (EXTRA_COLUMNS) when an architecture needs them.
 The hooked activation is the residual stream after block L, the output of `gpt_neox.layers[L]`
 (= TransformerLens blocks.L.hook_resid_post). `output_hidden_states` is not used: its last entry is
 after the final LayerNorm, not the raw residual (spec/measurements.md section 4.3).
 
 File metadata (key "saedynamics", JSON) holds model, revision, commit, layer, hook, dtype, and the
-norm statistics of the stored values (E|x|, E|x|^2, E|x - E x|^2) from which the trainer takes its input scale; the
-eval files also carry the LM's own eval loss at this checkpoint.
+norm statistics of the stored values (E|x|, E|x|^2, E|x - E x|^2) from which the trainer takes its
+input scale; the eval files also carry the LM's own eval loss at this checkpoint.
 
-The reader streams batches in a seeded shuffled order: row groups in a random order, a few at a time
-in a buffer whose rows are shuffled, so memory stays bounded by the buffer, never the file.
+The reader streams batches in a seeded shuffled order: row groups in a random order, a few at a
+time in a buffer whose rows are shuffled, so memory stays bounded by the buffer, never the file.
 """
 
 from __future__ import annotations
@@ -29,7 +30,7 @@ import torch
 from tqdm import tqdm
 
 from saedynamics.artifacts import atomic_file, read_json
-from saedynamics.config import ActivationsConfig
+from saedynamics.config import EXTRA_COLUMNS, ActivationsConfig
 from saedynamics.errors import DataError
 
 log = logging.getLogger(__name__)
@@ -38,28 +39,33 @@ METADATA_KEY = b"saedynamics"
 FORMAT_VERSION = 1  # bump when the file layout or its metadata changes
 
 
-def schema(d_model: int) -> pa.Schema:
-    return pa.schema(
-        [
-            ("doc_id", pa.int32()),
-            ("pos", pa.int32()),
-            ("token_id", pa.int32()),
-            ("act", pa.list_(pa.float16(), d_model)),
-        ]
-    )
+def schema(d_model: int, extra_columns=()) -> pa.Schema:
+    fields = [
+        ("doc_id", pa.int32()),
+        ("pos", pa.int32()),
+        ("token_id", pa.int32()),
+        ("act", pa.list_(pa.float16(), d_model)),
+    ]
+    for name in extra_columns:
+        vector = EXTRA_COLUMNS[name]["vector"]
+        fields.append((name, pa.list_(pa.float32(), d_model) if vector else pa.float32()))
+    return pa.schema(fields)
 
 
 class ActivationWriter:
     """Append rows; written in row groups of `row_group_rows`; renamed into place on `close()`."""
 
-    def __init__(self, path: Path, d_model: int, metadata: dict, row_group_rows: int):
+    def __init__(
+        self, path: Path, d_model: int, metadata: dict, row_group_rows: int, extra_columns=()
+    ):
         self.path, self.d_model = Path(path), d_model
         self.metadata = {"format_version": FORMAT_VERSION, **metadata}
         self.row_group_rows = row_group_rows
+        self.schema = schema(d_model, extra_columns)
         self._atomic = atomic_file(self.path)
         self._tmp = self._atomic.__enter__()
-        self._writer = pq.ParquetWriter(self._tmp, schema(d_model), compression="zstd")
-        self._buffer: list[tuple[np.ndarray, ...]] = []
+        self._writer = pq.ParquetWriter(self._tmp, self.schema, compression="zstd")
+        self._buffer: dict[str, list[np.ndarray]] = {name: [] for name in self.schema.names}
         self._buffered = 0
         self.n_rows = 0
         self._norm_sum = 0.0
@@ -68,7 +74,12 @@ class ActivationWriter:
         self._open = True
 
     def append(
-        self, doc_id: np.ndarray, pos: np.ndarray, token_id: np.ndarray, act: torch.Tensor
+        self,
+        doc_id: np.ndarray,
+        pos: np.ndarray,
+        token_id: np.ndarray,
+        act: torch.Tensor,
+        **extras: torch.Tensor,
     ) -> None:
         half = act.detach().to("cpu", torch.float16)
         if not torch.isfinite(half).all():
@@ -81,24 +92,32 @@ class ActivationWriter:
         self._norm_sum += norms_sq.sqrt().sum().item()
         self._sq_norm_sum += norms_sq.sum().item()
         self._sum += stored.sum(dim=0)
-        self._buffer.append((doc_id, pos, token_id, half.numpy()))
+        columns = {"doc_id": doc_id, "pos": pos, "token_id": token_id, "act": half.numpy()}
+        columns |= {k: v.detach().to("cpu", torch.float32).numpy() for k, v in extras.items()}
+        if set(columns) != set(self._buffer):
+            raise ValueError(
+                f"append() got columns {sorted(columns)}, the file has {self.schema.names}"
+            )
+        for name, values in columns.items():
+            self._buffer[name].append(values)
         self._buffered += len(doc_id)
         while self._buffered >= self.row_group_rows:
             self._flush(self.row_group_rows)
 
     def _flush(self, n: int) -> None:
-        cols = [np.concatenate(parts) for parts in zip(*self._buffer, strict=True)]
-        head = [c[:n] for c in cols]
-        rest = [c[n:] for c in cols]
-        self._buffer = [tuple(rest)] if len(rest[0]) else []
-        self._buffered = len(rest[0])
-        acts = pa.FixedSizeListArray.from_arrays(pa.array(head[3].reshape(-1)), self.d_model)
-        self._writer.write_table(
-            pa.table(
-                [pa.array(head[0]), pa.array(head[1]), pa.array(head[2]), acts],
-                schema=schema(self.d_model),
-            )
-        )
+        arrays = []
+        for field in self.schema:
+            values = np.concatenate(self._buffer[field.name])
+            self._buffer[field.name] = [values[n:]] if len(values) > n else []
+            head = values[:n]
+            if isinstance(field.type, pa.FixedSizeListType):
+                arrays.append(
+                    pa.FixedSizeListArray.from_arrays(pa.array(head.reshape(-1)), self.d_model)
+                )
+            else:
+                arrays.append(pa.array(head))
+        self._writer.write_table(pa.table(arrays, schema=self.schema))
+        self._buffered -= n
         self.n_rows += n
 
     def close(self) -> dict:
@@ -151,11 +170,8 @@ class ActivationFile:
                 f"this saedynamics reads format {FORMAT_VERSION}; rerun the activations rule "
                 "(snakemake --forcerun activations)"
             )
-        act = (
-            self._file.schema_arrow.field("act").type
-            if "act" in self._file.schema_arrow.names
-            else None
-        )
+        names = self._file.schema_arrow.names
+        act = self._file.schema_arrow.field("act").type if "act" in names else None
         if not isinstance(act, pa.FixedSizeListType) or act.value_type != pa.float16():
             raise DataError(
                 f"{self.path}: column 'act' must be fixed_size_list<float16>, found {act}"
@@ -163,6 +179,7 @@ class ActivationFile:
         self.d_model = act.list_size
         self.n_rows = self._file.metadata.num_rows
         self.num_row_groups = self._file.num_row_groups
+        self.columns = names
 
     def input_scale(self, scheme: str) -> float:
         """The factor the trainer multiplies inputs by (see TrainingConfig.input_scaling)."""
@@ -172,6 +189,14 @@ class ActivationFile:
         if scheme == "centred":  # E|x - E x|^2 = d: unit variance per dimension on average
             return (self.d_model / norm["centred_mean_squared_norm"]) ** 0.5
         return 1.0
+
+    def _check_columns(self, columns) -> None:
+        missing = [c for c in columns if c not in self.columns]
+        if missing:
+            raise DataError(
+                f"{self.path}: has no column(s) {missing}, which an architecture of this study needs; "
+                "rerun the activations rule (snakemake --forcerun activations)"
+            )
 
     def read_row_group(self, i: int, columns=("act",)) -> dict[str, np.ndarray]:
         try:
@@ -183,14 +208,17 @@ class ActivationFile:
         out = {}
         for name in columns:
             col = table.column(name).combine_chunks()
-            if name == "act":
-                out[name] = col.values.to_numpy(zero_copy_only=False).reshape(-1, self.d_model)
+            if isinstance(col.type, pa.FixedSizeListType):
+                out[name] = col.values.to_numpy(zero_copy_only=False).reshape(
+                    -1, col.type.list_size
+                )
             else:
                 out[name] = col.to_numpy()
         return out
 
     def batches(self, batch_size: int, columns=("act",)) -> Iterator[dict[str, np.ndarray]]:
         """All rows once, in file order, as dicts of arrays (the last batch may be smaller)."""
+        self._check_columns(columns)
         pending: list[dict[str, np.ndarray]] = []
         n_pending = 0
         for i in range(self.num_row_groups):
@@ -212,23 +240,30 @@ class ActivationFile:
             yield torch.from_numpy(b["act"]).float()
 
     def shuffled(
-        self, batch_size: int, seed: int, buffer_row_groups: int = 4
-    ) -> Iterator[torch.Tensor]:
-        """Endless float32 batches [batch_size, d_model] in a seeded shuffled order, epoch after epoch."""
+        self, batch_size: int, seed: int, columns=("act",), buffer_row_groups: int = 4
+    ) -> Iterator[dict[str, torch.Tensor]]:
+        """Endless batches {column: float32 tensor} in a seeded shuffled order, epoch after epoch."""
+        self._check_columns(columns)
         rng = np.random.default_rng(seed)
-        leftover = np.empty((0, self.d_model), dtype=np.float16)
+        leftover: dict[str, np.ndarray] | None = None
         while True:
             order = rng.permutation(self.num_row_groups)
             for start in range(0, len(order), buffer_row_groups):
-                parts = [leftover] + [
-                    self.read_row_group(i)["act"] for i in order[start : start + buffer_row_groups]
+                parts = [
+                    self.read_row_group(i, columns)
+                    for i in order[start : start + buffer_row_groups]
                 ]
-                rows = np.concatenate(parts)
-                rows = rows[rng.permutation(len(rows))]
-                n_full = len(rows) // batch_size * batch_size
+                if leftover is not None:
+                    parts.insert(0, leftover)
+                rows = {c: np.concatenate([p[c] for p in parts]) for c in columns}
+                perm = rng.permutation(len(rows[columns[0]]))
+                rows = {c: v[perm] for c, v in rows.items()}
+                n_full = len(perm) // batch_size * batch_size
                 for b in range(0, n_full, batch_size):
-                    yield torch.from_numpy(rows[b : b + batch_size]).float()
-                leftover = rows[n_full:]
+                    yield {
+                        c: torch.from_numpy(v[b : b + batch_size]).float() for c, v in rows.items()
+                    }
+                leftover = {c: v[n_full:] for c, v in rows.items()}
 
 
 # ---- caching ----------------------------------------------------------------------------------------
@@ -264,10 +299,22 @@ def resolve_device(device: str) -> torch.device:
     return torch.device(device)
 
 
+def next_token_entropy(logits: torch.Tensor) -> torch.Tensor:
+    """Entropy (nats) of the next-token distribution at every position [batch, seq]."""
+    logp = logits.float().log_softmax(-1)
+    return -(logp.exp() * logp).sum(-1)
+
+
 def cache_activations(
     cfg: ActivationsConfig, checkpoint_dir: Path, tokens_parquet: Path, out_dir: Path
 ) -> dict[str, float]:
-    """Write out_dir/layer<L>/{train,eval}.parquet for every configured layer; return LM eval stats."""
+    """Write out_dir/layer<L>/{train,eval}.parquet for every configured layer; return LM eval stats.
+
+    Extra columns (cfg.extra_columns), per stored token:
+      lm_entropy  entropy of the checkpoint's next-token distribution at the position (nats);
+      lm_grad     gradient of the summed next-token loss of the window w.r.t. the hooked
+                  activation (all later positions' losses, through every later layer).
+    """
     from transformers import AutoModelForCausalLM
 
     from saedynamics.corpus import read_token_sample
@@ -281,6 +328,7 @@ def cache_activations(
         .to(device)
         .eval()
     )
+    model.requires_grad_(False)
     blocks = _block_modules(model)
     missing = [layer for layer in cfg.layers if layer >= len(blocks)]
     if missing:
@@ -289,6 +337,8 @@ def cache_activations(
         )
     d_model = model.config.hidden_size
     first = 1 if cfg.drop_first_position else 0
+    extras = tuple(cfg.extra_columns)
+    want_grad = "lm_grad" in extras
 
     captured: dict[int, torch.Tensor] = {}
     stop_after: list[int | None] = [None]
@@ -302,6 +352,12 @@ def cache_activations(
         return fn
 
     handles = [blocks[layer].register_forward_hook(hook(layer)) for layer in cfg.layers]
+    if want_grad:  # a leaf at the embeddings, so that autograd reaches every hooked layer
+        handles.append(
+            model.get_input_embeddings().register_forward_hook(
+                lambda module, args, output: output.detach().requires_grad_(True)
+            )
+        )
     lm_stats: dict[str, float] = {}
     started, n_tokens = time.perf_counter(), 0
     try:
@@ -329,13 +385,15 @@ def cache_activations(
                         "dtype": "float16",
                         "context_length": ctx,
                         "first_position": first,
+                        "vocab_size": model.config.vocab_size,
                     },
                     cfg.row_group_rows,
+                    extras,
                 )
                 for layer in cfg.layers
             }
-            # the eval split needs the logits (LM loss); the train split stops at the deepest layer
-            stop_after[0] = None if split == "eval" else max(cfg.layers)
+            # logits are needed for the eval loss and the extra columns; else stop at the last layer
+            stop_after[0] = None if split == "eval" or extras else max(cfg.layers)
             loss_sum, loss_count = 0.0, 0
             try:
                 for start in tqdm(
@@ -346,25 +404,39 @@ def cache_activations(
                 ):
                     ids = torch.from_numpy(
                         windows[start : start + cfg.batch_sequences].astype(np.int64)
-                    )
-                    with torch.no_grad():
+                    ).to(device)
+                    with torch.set_grad_enabled(want_grad):
                         try:
-                            out = model(input_ids=ids.to(device))
+                            out = model(input_ids=ids)
                         except _StopForward:
                             out = None
+                    columns = {}
                     if out is not None:
                         logp = out.logits[:, :-1].float().log_softmax(-1)
-                        nll = -logp.gather(-1, ids[:, 1:, None].to(device)).squeeze(-1)
+                        nll = -logp.gather(-1, ids[:, 1:, None]).squeeze(-1)
                         loss_sum += nll.sum().item()
                         loss_count += nll.numel()
+                        if "lm_entropy" in extras:
+                            columns["lm_entropy"] = next_token_entropy(out.logits.detach())
+                        if want_grad:
+                            grads = torch.autograd.grad(
+                                nll.sum(), [captured[layer] for layer in cfg.layers]
+                            )
+                            grad_of = dict(zip(cfg.layers, grads, strict=True))
                     b = len(ids)
                     n_tokens += ids.numel()
                     pos = np.tile(np.arange(first, ctx, dtype=np.int32), b)
                     docs = np.repeat(doc_ids[start : start + b].astype(np.int32), ctx - first)
                     toks = windows[start : start + b, first:].reshape(-1).astype(np.int32)
                     for layer, writer in writers.items():
-                        acts = captured[layer][:, first:].reshape(-1, d_model)
-                        writer.append(docs, pos, toks, acts)
+                        acts = captured[layer].detach()[:, first:].reshape(-1, d_model)
+                        per_layer = dict(columns)
+                        if want_grad:
+                            per_layer["lm_grad"] = grad_of[layer][:, first:].reshape(-1, d_model)
+                        if "lm_entropy" in per_layer:
+                            per_layer["lm_entropy"] = per_layer["lm_entropy"][:, first:].reshape(-1)
+                        writer.append(docs, pos, toks, acts, **per_layer)
+                    captured.clear()
                 if split == "eval":
                     lm_stats = {"lm_eval_loss": loss_sum / loss_count, "lm_eval_tokens": loss_count}
                 for writer in writers.values():

@@ -179,8 +179,30 @@ ModelConfig = Annotated[HubModelConfig | MicroModelConfig, Field(discriminator="
 # ---- activations, SAE training, measurements ------------------------------------------------------
 
 
+# Per-token columns the activation stage can store besides `act`, for architectures that `require`
+# them (SAE.requires). scale_power: how a column transforms when the trainer scales the input by s
+# (the gradient of the loss w.r.t. s*x is grad / s).
+EXTRA_COLUMNS = {
+    "lm_entropy": {
+        "vector": False,
+        "scale_power": 0,
+        "description": "entropy of the LM's next-token distribution at the position (nats)",
+    },
+    "lm_grad": {
+        "vector": True,
+        "scale_power": -1,
+        "description": "gradient of the window's summed next-token loss w.r.t. the activation",
+    },
+}
+
+
 class ActivationsConfig(Strict):
     layers: list[int] = Field(description="residual stream after block L (hook gpt_neox.layers[L])")
+    extra_columns: list[Literal["lm_entropy", "lm_grad"]] = Field(
+        default=[],
+        description="also store these per-token columns (added automatically when an "
+        "architecture of the study needs them)",
+    )
     drop_first_position: bool = Field(
         default=True, description="position 0 has outlier norms; dropped for every checkpoint alike"
     )
@@ -200,6 +222,9 @@ class TrainingConfig(Strict):
     )
     train_tokens: int = Field(gt=0, description="tokens each SAE sees (epochs over the cache)")
     batch_size: int = Field(default=4096, gt=0)
+    init_tokens: int = Field(
+        default=16384, gt=0, description="first training tokens used for data-dependent init"
+    )
     lr_warmup_fraction: float = Field(default=0.01, ge=0, le=1)
     lr_decay_fraction: float = Field(
         default=0.2, ge=0, le=1, description="linear decay to 0 at the end"
@@ -347,6 +372,11 @@ class StudyConfig(Strict):
         if stage not in slices:
             raise KeyError(f"unknown stage {stage!r}; stages: {', '.join(slices)}")
         out = common | {key: dump[key] for key in slices[stage]}
+        if stage == "activations":
+            needed = set(self.activations.extra_columns)
+            for arch in self.architectures.values():
+                needed |= set(REGISTRY[arch.architecture].requires)
+            out["activations"]["extra_columns"] = sorted(needed)
         if stage == "train":
             out["architecture_name"] = architecture
             out["architecture"] = dump["architectures"][architecture]

@@ -14,6 +14,7 @@ all seeds are saved together into one directory renamed into place at the end.
 
 from __future__ import annotations
 
+import itertools
 import logging
 import time
 from pathlib import Path
@@ -25,7 +26,7 @@ from tqdm import tqdm
 
 from saedynamics.activations import ActivationFile, resolve_device
 from saedynamics.artifacts import atomic_directory
-from saedynamics.config import TrainingConfig
+from saedynamics.config import EXTRA_COLUMNS, TrainingConfig
 from saedynamics.errors import TrainingDiverged
 from saedynamics.metrics.reconstruction import batch_fvu
 from saedynamics.saes import REGISTRY, ArchitectureConfig, TrainStep
@@ -60,6 +61,7 @@ def train_saes(
     n_steps = max(1, training.train_tokens // training.batch_size)
 
     cls = REGISTRY[arch.architecture]
+    columns = ("act", *cls.requires)
     saes = {
         seed: cls(d_in, training.n_latents, arch, generator=torch.Generator().manual_seed(seed)).to(
             device
@@ -79,17 +81,27 @@ def train_saes(
         )
         for s, opt in optimizers.items()
     }
+    for seed, sae in saes.items():
+        sae.attach_optimizer(optimizers[seed])
     curves: dict[int, list[dict]] = {s: [] for s in saes}
-    batches = acts.shuffled(training.batch_size, seed=training.data_seed)
+    batches = (
+        _scaled(batch, scale, device)
+        for batch in acts.shuffled(training.batch_size, seed=training.data_seed, columns=columns)
+    )
+    # the first training batches double as the init sample (b_dec, probes): init_tokens or more
+    first = [next(batches) for _ in range(-(-training.init_tokens // training.batch_size))]
+    sample_x = torch.cat([x for x, _ in first])
+    sample_extras = {c: torch.cat([e[c] for _, e in first]) for c in columns[1:]}
+    for sae in saes.values():
+        sae.init_from_sample(sample_x, sample_extras)
+    batches = itertools.chain(first, batches)
     started = time.perf_counter()
 
     for i in tqdm(range(n_steps), desc=f"train {name}", mininterval=5, unit="step"):
-        x = next(batches).to(device) * scale
+        x, extras = next(batches)
         step = TrainStep(i, n_steps)
         for seed, sae in saes.items():
-            if i == 0:
-                sae.init_from_batch(x)
-            out = sae.loss(x, step)
+            out = sae.loss(x, step, extras)
             if not torch.isfinite(out.total):
                 raise TrainingDiverged(
                     f"{name} (step {identity['step']}, layer {identity['layer']}), seed {seed}: the loss "
@@ -104,7 +116,7 @@ def train_saes(
                 torch.nn.utils.clip_grad_norm_(sae.parameters(), training.grad_clip_norm)
             optimizers[seed].step()
             schedules[seed].step()
-            sae.after_step(out.codes.detach())
+            sae.after_step(out, x)
             if i % training.log_every == 0 or i == n_steps - 1:
                 curves[seed].append(_curve_row(i, training, out, x, sae, optimizers[seed]))
 
@@ -147,6 +159,17 @@ def train_saes(
             pq.write_table(
                 pa.Table.from_pylist(curves[seed]), tmp / f"seed{seed}" / "training.parquet"
             )
+
+
+def _scaled(batch: dict, scale: float, device) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """(x * scale, extras transformed alike) on the device."""
+    x = batch["act"].to(device) * scale
+    extras = {
+        c: v.to(device) * scale ** EXTRA_COLUMNS[c]["scale_power"]
+        for c, v in batch.items()
+        if c != "act"
+    }
+    return x, extras
 
 
 def _curve_row(i: int, training: TrainingConfig, out, x: torch.Tensor, sae, opt) -> dict:

@@ -8,7 +8,7 @@ An architecture is a subclass of `SAE` that declares its hyperparameters as a ne
         class Config(ArchitectureConfig):
             k: int = 32
         def encode(self, x): ...
-        def loss(self, x, step): ...
+        def loss(self, x, step, extras=None): ...
 
 Parameters follow SAELens names and shapes: W_enc [d_in, d_sae], b_enc [d_sae], W_dec [d_sae, d_in]
 (row i is latent i's decoder direction d_i), b_dec [d_in]. Codes f = sigma(pre), x_hat = f W_dec + b_dec.
@@ -21,6 +21,19 @@ Shared here, so that no architecture re-implements it (spec/sae-variants.md sect
 - input scaling: the trainer feeds x * input_scale; `exported()` folds the scale into the weights so
   that a saved SAE works on raw activations (SAELens `fold_activation_norm_scaling_factor`).
 
+The trainer drives an SAE through this interface only:
+
+    sae.init_from_sample(x, extras)          once, on the first training tokens (b_dec, probes, ...)
+    sae.attach_optimizer(opt)                for architectures that reset optimiser state
+    out = sae.loss(x, step, extras)          LossOutput(total, terms, codes, x_hat)
+    out.total.backward(); sae.before_step(); optimiser step; sae.after_step(out, x)
+
+`extras` holds the extra activation columns an architecture `requires` (e.g. the LM-loss gradient,
+see `activations.EXTRA_COLUMNS`), already transformed with the input scale. `exported_buffers` are
+buffers that belong to the saved SAE (e.g. a JumpReLU-style `threshold`). Saved tensors use the
+names SAELens gives the same architecture, so SAELens loads our files where it has the
+architecture (`saelens_architecture`); the others say so in cfg.json.
+
 Reconstruction loss unit: mean over tokens of the summed squared error, mean_b sum_j (x - x_hat)^2
 (dictionary_learning and SAELens convention; spec section 0.6).
 """
@@ -29,6 +42,7 @@ from __future__ import annotations
 
 import copy
 import json
+import weakref
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, ClassVar, Literal, NamedTuple
@@ -107,8 +121,10 @@ class SAE(nn.Module):
     unit_norm_decoder: ClassVar[bool] = True  # else: norms are free and folded at export
     decoder_init_norm: ClassVar[float] = 1.0
     apply_b_dec_to_input: ClassVar[bool] = True  # pre = (x - b_dec) W_enc + b_enc
-    default_b_dec_init: ClassVar[str] = "zero"  # or "geometric_median" / "mean" of the first batch
+    default_b_dec_init: ClassVar[str] = "zero"  # or "geometric_median" / "mean" of the init sample
     base_lr: ClassVar[float] = 2e-4
+    requires: ClassVar[tuple[str, ...]] = ()  # extra activation columns the loss needs
+    exported_buffers: ClassVar[tuple[str, ...]] = ()  # buffers saved with the weights
 
     def __init__(self, d_in: int, d_sae: int, cfg: ArchitectureConfig, generator=None):
         super().__init__()
@@ -122,6 +138,7 @@ class SAE(nn.Module):
         self.b_enc = nn.Parameter(torch.zeros(d_sae))
         self.b_dec = nn.Parameter(torch.zeros(d_in))
         self.register_buffer("tokens_since_fired", torch.zeros(d_sae, dtype=torch.long))
+        self._optimizer = None  # weak reference, set by attach_optimizer
 
     # ---- the interface -------------------------------------------------------------------------
 
@@ -139,7 +156,9 @@ class SAE(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         return self.decode(self.encode(x))
 
-    def loss(self, x: Tensor, step: TrainStep) -> LossOutput:
+    def loss(
+        self, x: Tensor, step: TrainStep, extras: dict[str, Tensor] | None = None
+    ) -> LossOutput:
         raise NotImplementedError
 
     @torch.no_grad()
@@ -149,13 +168,21 @@ class SAE(nn.Module):
             remove_parallel_gradient_(self.W_dec)
 
     @torch.no_grad()
-    def after_step(self, codes: Tensor) -> None:
-        """Called after the optimiser step with the step's codes: constraints and statistics."""
+    def after_step(self, out: LossOutput, x: Tensor) -> None:
+        """Called after the optimiser step with the step's loss output and (scaled) input:
+        constraints and statistics. Subclasses extend it (thresholds, EMAs, resampling)."""
         if self.unit_norm_decoder:
             normalise_rows_(self.W_dec)
-        fired = (codes != 0).any(dim=0)
-        self.tokens_since_fired += codes.shape[0]
+        fired = (out.codes != 0).any(dim=0)
+        self.tokens_since_fired += out.codes.shape[0]
         self.tokens_since_fired[fired] = 0
+
+    def attach_optimizer(self, optimizer: torch.optim.Optimizer) -> None:
+        self._optimizer = weakref.ref(optimizer)
+
+    @property
+    def optimizer(self) -> torch.optim.Optimizer | None:
+        return self._optimizer() if self._optimizer is not None else None
 
     def default_lr(self) -> float:
         """Adam lr when the config leaves it unset."""
@@ -169,8 +196,8 @@ class SAE(nn.Module):
         return self.tokens_since_fired >= self.cfg.dead_tokens
 
     @torch.no_grad()
-    def init_from_batch(self, x: Tensor) -> None:
-        """Data-dependent init from the first (scaled) training batch: b_dec (spec 0.2)."""
+    def init_from_sample(self, x: Tensor, extras: dict[str, Tensor] | None = None) -> None:
+        """Data-dependent init from the first (scaled) training tokens: b_dec (spec 0.2)."""
         how = self.cfg.b_dec_init or self.default_b_dec_init
         if how == "geometric_median":
             self.b_dec.copy_(geometric_median(x))
@@ -200,6 +227,7 @@ class SAE(nn.Module):
     def exported(self, input_scale: float) -> SAE:
         """A copy for inference on raw activations: decoder rows unit norm, input scale folded."""
         sae = copy.deepcopy(self).cpu().float()
+        sae._optimizer = None
         if not self.unit_norm_decoder:
             sae.fold_decoder_norm()
         sae.fold_input_scale(input_scale)
@@ -223,13 +251,19 @@ class SAE(nn.Module):
     ) -> None:
         """Write `directory` (SAELens layout: cfg.json + sae_weights.safetensors), atomically."""
         cfg = self.saelens_config()
-        cfg["metadata"] = metadata
+        # SAELens reads cfg.json as its v6 format only when it names a 6.x version
+        cfg["metadata"] = {"sae_lens_version": "6.0.0", **metadata}
         cfg["saedynamics"] = {
             "architecture": self.architecture,
             "hyperparameters": self.cfg.model_dump(mode="json"),
             "loadable_by": ["saedynamics"] + (["sae_lens"] if self.saelens_architecture else []),
             **provenance,
         }
+        if not self.saelens_architecture:
+            cfg["saedynamics"]["note"] = (
+                f"SAELens has no {self.architecture!r} architecture: load this SAE with "
+                "saedynamics.saes.load(directory)"
+            )
         tensors = {k: v.detach().cpu().contiguous() for k, v in self.weights().items()}
         with atomic_directory(directory) as tmp:
             (tmp / "cfg.json").write_text(json.dumps(cfg, indent=2) + "\n")
@@ -237,7 +271,9 @@ class SAE(nn.Module):
 
     def weights(self) -> dict[str, Tensor]:
         """The tensors an exported SAE consists of (no training statistics)."""
-        return {name: p for name, p in self.named_parameters()}
+        out = dict(self.named_parameters())
+        out.update({name: getattr(self, name) for name in self.exported_buffers})
+        return out
 
 
 def load(directory: str | Path) -> SAE:

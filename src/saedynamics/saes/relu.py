@@ -50,7 +50,7 @@ class ReLUSAE(SAE):
         ramp = 1.0 if warmup == 0 else min(1.0, step.progress / warmup)
         return self.cfg.l1_coefficient * ramp
 
-    def loss(self, x: Tensor, step: TrainStep) -> LossOutput:
+    def loss(self, x: Tensor, step: TrainStep, extras=None) -> LossOutput:
         codes = self.encode(x)
         x_hat = self.decode(codes)
         mse = mean_squared_error(x, x_hat)

@@ -59,7 +59,7 @@ class TopKSAE(SAE):
     def encode(self, x: Tensor) -> Tensor:
         return topk_codes(self.pre_acts(x), self.cfg.k)
 
-    def loss(self, x: Tensor, step: TrainStep) -> LossOutput:
+    def loss(self, x: Tensor, step: TrainStep, extras=None) -> LossOutput:
         pre = self.pre_acts(x)
         codes = topk_codes(pre, self.cfg.k)
         x_hat = self.decode(codes)

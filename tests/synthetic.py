@@ -47,15 +47,19 @@ def recovery(
     tmp_path: Path,
     name: str,
     hyper: dict,
-    n_latents: int = 32,
+    n_latents: int | None = None,
     train_tokens: int = 1_000_000,
     batch_size: int = 1024,
     seeds=(0, 1),
+    d: int = 16,
+    m: int = 32,
 ) -> list[float]:
-    """Train `name` with `hyper` on the organism; return each seed's MCC to A_true."""
+    """Train `name` with `hyper` on the organism (d dims, m true latents, k = 3); return each
+    seed's MCC to A_true. n_latents defaults to m."""
     cls = REGISTRY[name]
     data = tmp_path / "organism.parquet"
-    a_true = sparse_dataset(data, extras=cls.requires)
+    a_true = sparse_dataset(data, d=d, m=m, extras=cls.requires)
+    n_latents = n_latents or m
     arch = cls.Config(architecture=name, **hyper)
     training = TrainingConfig(
         n_latents=n_latents,
@@ -66,5 +70,12 @@ def recovery(
         init_tokens=4096,
     )
     out = tmp_path / name
-    train_saes(training, name, arch, data, out, {"study": "organism", "step": 0, "layer": 0}, {})
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # tiny matrices: one thread is faster, and immune to machine load
+    try:
+        train_saes(
+            training, name, arch, data, out, {"study": "organism", "step": 0, "layer": 0}, {}
+        )
+    finally:
+        torch.set_num_threads(threads)
     return [mcc(load(out / f"seed{s}").W_dec, a_true) for s in seeds]

@@ -9,6 +9,7 @@ import pytest
 from saedynamics.cli import main
 from saedynamics.config import PYTHIA_STEPS, load_config
 from saedynamics.errors import ConfigError
+from saedynamics.saes import REGISTRY
 
 from .conftest import REPO
 
@@ -151,3 +152,33 @@ def test_cli_reports_config_errors_without_traceback(tmp_path, capsys):
         == 1
     )
     assert "--settings is not valid JSON" in capsys.readouterr().err
+
+
+def _lower_bound_violations(config_cls):
+    """(field, bad value) for every numeric field with a lower bound."""
+    import annotated_types
+
+    for name, field in config_cls.model_fields.items():
+        for m in field.metadata:
+            if isinstance(m, annotated_types.Ge):
+                yield name, m.ge - 1
+            elif isinstance(m, annotated_types.Gt):
+                yield name, m.gt - 1
+
+
+@pytest.mark.parametrize("kind", sorted(REGISTRY))
+def test_every_architecture_rejects_bad_hyperparameters(tiny_raw, kind):
+    def attempt(**hyper):
+        raw = copy.deepcopy(tiny_raw)
+        raw["architectures"] = {"probe": {"architecture": kind, **hyper}}
+        with pytest.raises(ConfigError) as err:
+            load_config(raw, "tiny.yaml")
+        return str(err.value)
+
+    assert "architectures.probe.not_an_option: unknown key" in attempt(not_an_option=1)
+    bounded = list(_lower_bound_violations(REGISTRY[kind].Config))
+    assert bounded, f"{kind} declares no bounds on its hyperparameters"
+    for field, bad in bounded:
+        assert f"architectures.probe.{field}" in attempt(**{field: bad}), field
+    if "k" in REGISTRY[kind].Config.model_fields:  # n_latents is 64 in tiny.yaml
+        assert "architectures.probe" in attempt(k=64) and "64" in attempt(k=64)

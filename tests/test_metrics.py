@@ -40,6 +40,21 @@ def test_hungarian_equals_exhaustive_matching(seed):
     assert mcc(a, b) == pytest.approx(brute_force_mcc(a, b), abs=1e-12)
 
 
+def test_rectangular_matching_equals_exhaustive():
+    rng = np.random.default_rng(7)
+    wide, narrow = rng.normal(size=(6, 3)), rng.normal(size=(4, 3))
+    # brute force: the best injection of the 4 narrow rows into the 6 wide ones
+    a = wide / np.linalg.norm(wide, axis=1, keepdims=True)
+    b = narrow / np.linalg.norm(narrow, axis=1, keepdims=True)
+    best = max(
+        np.mean([(a[p[j]] * b[j]).sum() for j in range(4)])
+        for p in itertools.permutations(range(6), 4)
+    )
+    assert mcc(wide, narrow) == pytest.approx(best) and mcc(narrow, wide) == pytest.approx(best)
+    partner, cos = match(wide, narrow)
+    assert (partner == -1).sum() == 2 and np.isnan(cos).sum() == 2
+
+
 def test_matching_recovers_a_permutation_and_uses_signed_cosine():
     rng = np.random.default_rng(0)
     a = rng.normal(size=(50, 10))

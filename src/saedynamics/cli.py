@@ -155,51 +155,44 @@ def cmd_train(args) -> None:
     )
 
 
-def _measure_each_seed(args, stage: str, measure) -> None:
-    """One measurement per seed on the eval activations; `measure(sae, batches) -> dict`."""
+def cmd_measure(args) -> None:
+    """reconstruction.json, consistency.json and superposition.json of one SAE directory."""
     from saedynamics.activations import ActivationFile, resolve_device
     from saedynamics.artifacts import write_json
     from saedynamics.config import MetricsConfig
+    from saedynamics.metrics.consistency import compare, null_baseline, summarise
+    from saedynamics.metrics.reconstruction import evaluate
+    from saedynamics.metrics.superposition import effective_features
     from saedynamics.saes import load
 
-    s = _settings(args, stage)
+    s = _settings(args, "measure")
     metrics = _validate(MetricsConfig, s["metrics"], "metrics")
     device = resolve_device(metrics.device)
     acts = ActivationFile(args.activations)
-    seeds, sae = [], None
-    for d in _seed_dirs(args.saes):
-        sae = load(d).to(device)
-        batches = (x.to(device) for x in acts.tensors(metrics.batch_size))
-        seeds.append({"seed": sae.provenance["seed"], **measure(sae, batches)})
-        log.info("%s: %s", d, {k: v for k, v in seeds[-1].items() if isinstance(v, float)})
-    write_json(args.out, {**_identity(args, s, sae), "seeds": seeds, "provenance": _provenance(s)})
+    saes = [load(d).to(device) for d in _seed_dirs(args.saes)]
+    out = Path(args.out)
+    common = _identity(args, s, saes[0])
+    provenance = _provenance(s)
 
+    def eval_batches():
+        return (x.to(device) for x in acts.tensors(metrics.batch_size))
 
-def cmd_reconstruction(args) -> None:
-    from saedynamics.metrics.reconstruction import evaluate
+    reconstruction, superposition = [], []
+    for sae in saes:
+        seed = sae.provenance["seed"]
+        reconstruction.append({"seed": seed, **evaluate(sae, eval_batches())})
+        codes = (sae.encode(x) for x in eval_batches())
+        superposition.append({"seed": seed, **effective_features(codes, sae.d_in)})
+        log.info(
+            "seed %s: FVU %.4f, L0 %.2f, dead %.3f, effective features %.1f",
+            seed,
+            reconstruction[-1]["fvu"],
+            reconstruction[-1]["l0"],
+            reconstruction[-1]["dead_fraction"],
+            superposition[-1]["effective_features"],
+        )
 
-    _measure_each_seed(args, "reconstruction", evaluate)
-
-
-def cmd_superposition(args) -> None:
-    from saedynamics.metrics.superposition import effective_features
-
-    _measure_each_seed(
-        args,
-        "superposition",
-        lambda sae, batches: effective_features((sae.encode(x) for x in batches), sae.d_in),
-    )
-
-
-def cmd_consistency(args) -> None:
-    from saedynamics.artifacts import write_json
-    from saedynamics.config import MetricsConfig
-    from saedynamics.metrics.consistency import compare, null_baseline, summarise
-    from saedynamics.saes import load
-
-    s = _settings(args, "consistency")
-    metrics = _validate(MetricsConfig, s["metrics"], "metrics")
-    saes = [load(d) for d in _seed_dirs(args.saes)]
+    saes = [sae.cpu() for sae in saes]
     pairs = [
         {
             "seed_a": a.provenance["seed"],
@@ -222,15 +215,21 @@ def cmd_consistency(args) -> None:
         null["shared_fraction"],
     )
     write_json(
-        args.out,
+        out / "reconstruction.json", {**common, "seeds": reconstruction, "provenance": provenance}
+    )
+    write_json(
+        out / "superposition.json", {**common, "seeds": superposition, "provenance": provenance}
+    )
+    write_json(
+        out / "consistency.json",
         {
-            **_identity(args, s, saes[0]),
+            **common,
             "pw_mcc": pw,
             "shared_fraction": shared,
             "pairs": pairs,
             "null": null,
             "shared_threshold": metrics.shared_threshold,
-            "provenance": _provenance(s),
+            "provenance": provenance,
         },
     )
 
@@ -312,16 +311,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--activations", required=True, help="train.parquet")
     p.add_argument("--out", required=True, help="saes/step<N>/layer<L>/<architecture>/")
 
-    for name, func, needs_acts in (
-        ("reconstruction", cmd_reconstruction, True),
-        ("consistency", cmd_consistency, False),
-        ("superposition", cmd_superposition, True),
-    ):
-        p = command(name, func, f"{name} metrics of one (step, layer, architecture)", ident=True)
-        p.add_argument("--saes", required=True, help="saes/step<N>/layer<L>/<architecture>/")
-        if needs_acts:
-            p.add_argument("--activations", required=True, help="eval.parquet")
-        p.add_argument("--out", required=True)
+    p = command(
+        "measure",
+        cmd_measure,
+        "reconstruction, consistency and superposition of one (step, layer, architecture)",
+        ident=True,
+    )
+    p.add_argument("--saes", required=True, help="saes/step<N>/layer<L>/<architecture>/")
+    p.add_argument("--activations", required=True, help="eval.parquet")
+    p.add_argument("--out", required=True, help="metrics/step<N>/layer<L>/<architecture>/")
 
     p = command("tables", cmd_tables, "collect per-run results into tidy Parquet tables")
     p.add_argument("--out", required=True)

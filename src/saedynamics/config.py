@@ -363,9 +363,7 @@ class StudyConfig(Strict):
             "micro_lm": ["model", "tokens"],
             "activations": ["model", "activations"],
             "train": ["training"],
-            "reconstruction": ["metrics"],
-            "consistency": ["metrics", "training"],
-            "superposition": ["metrics"],
+            "measure": ["metrics"],
             "tables": [],
             "figures": ["figures"],
         }

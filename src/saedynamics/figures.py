@@ -23,9 +23,27 @@ from saedynamics.artifacts import atomic_file  # noqa: E402
 from saedynamics.config import FiguresConfig  # noqa: E402
 from saedynamics.tables import load  # noqa: E402
 
-# Okabe-Ito: distinguishable with colour-vision deficiencies and in greyscale print
-PALETTE = ["#0072B2", "#D55E00", "#009E73", "#CC79A7", "#E69F00", "#56B4E9", "#F0E442", "#000000"]
-MARKERS = ["o", "s", "^", "D", "v", "P", "X", "*"]
+# Okabe-Ito first (distinguishable with colour-vision deficiencies), then Tol's muted scheme: 16
+# colours, and a marker per architecture too, so that lines stay apart in greyscale print
+PALETTE = [
+    "#0072B2",
+    "#D55E00",
+    "#009E73",
+    "#CC79A7",
+    "#E69F00",
+    "#56B4E9",
+    "#000000",
+    "#F0E442",
+    "#332288",
+    "#882255",
+    "#117733",
+    "#999933",
+    "#AA4499",
+    "#44AA99",
+    "#661100",
+    "#888888",
+]
+MARKERS = ["o", "s", "^", "D", "v", "P", "X", "*", "<", ">", "h", "p", "d", "8", "H", "o"]
 STEP_LABEL = "LM training step (symlog; 0 = initialisation)"
 
 
@@ -49,12 +67,17 @@ def _style() -> None:
 def architecture_styles(df: pd.DataFrame) -> dict[str, dict]:
     """name -> colour, marker, label; stable (sorted by name) so every figure agrees."""
     names = sorted(df["architecture"].unique())
-    titles = df.drop_duplicates("architecture").set_index("architecture")["architecture_title"]
+    first = df.drop_duplicates("architecture").set_index("architecture")
+
+    def label(name: str) -> str:  # the name in words; the config key too when it says more
+        title = first.loc[name, "architecture_title"]
+        return title if name == first.loc[name, "architecture_type"] else f"{title} ({name})"
+
     return {
         name: {
             "color": PALETTE[i % len(PALETTE)],
             "marker": MARKERS[i % len(MARKERS)],
-            "label": f"{titles[name]} ({name})" if titles[name].lower() != name else titles[name],
+            "label": label(name),
         }
         for i, name in enumerate(names)
     }
@@ -79,7 +102,7 @@ def _panels(df: pd.DataFrame, title: str, height: float = 3.0):
     fig, axes = plt.subplots(
         1,
         len(layers),
-        figsize=(3.6 * len(layers) + 0.6, height),
+        figsize=(4.0 * len(layers) + 2.8, height),  # + room for the legend on the right
         sharey=True,
         squeeze=False,
         layout="constrained",
@@ -127,8 +150,16 @@ def _lines_vs_step(df: pd.DataFrame, value: str, ylabel: str, title: str, null: 
         ax.set_title(f"layer {layer}")
     first = next(iter(axes.values()))
     first.set_ylabel(ylabel)
-    first.legend(loc="best", frameon=False)
+    _legend(fig, first)
     return fig
+
+
+def _legend(fig, ax, handles=None) -> None:
+    """One legend for the figure, outside the panels on the right (many architectures)."""
+    handles, labels = (
+        (handles, [h.get_label() for h in handles]) if handles else ax.get_legend_handles_labels()
+    )
+    fig.legend(handles, labels, loc="outside right center", frameon=False)
 
 
 def pw_mcc(tables: Path):
@@ -215,7 +246,7 @@ def fvu_vs_l0(tables: Path):
         )
         for st in styles.values()
     ]
-    first.legend(handles=markers, loc="best", frameon=False)
+    _legend(fig, first, markers)
     bar = fig.colorbar(
         matplotlib.cm.ScalarMappable(norm=norm, cmap=cmap),
         ax=list(axes.values()),

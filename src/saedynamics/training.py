@@ -69,7 +69,7 @@ def train_saes(
         for seed in training.seeds
     }
     optimizers = {
-        s: torch.optim.Adam(sae.parameters(), lr=sae.lr, betas=training.adam_betas)
+        s: torch.optim.Adam(sae.parameters(), lr=sae.lr, betas=sae.adam_betas(training.adam_betas))
         for s, sae in saes.items()
     }
     schedules = {

@@ -40,17 +40,20 @@ def match(a: Tensor | np.ndarray, b: Tensor | np.ndarray) -> tuple[np.ndarray, n
     """Optimal one-to-one matching of the rows of a to the rows of b by signed cosine.
 
     Returns (partner, cosine): row i of a is matched to row partner[i] of b with cosine cosine[i].
+    With more rows in a than in b, the unmatched rows have partner -1 and cosine NaN.
     """
     cos = unit_rows(a) @ unit_rows(b).T
     rows, cols = linear_sum_assignment(cos, maximize=True)
-    partner = np.empty(len(rows), dtype=np.int64)
+    partner = np.full(cos.shape[0], -1, dtype=np.int64)
+    matched = np.full(cos.shape[0], np.nan)
     partner[rows] = cols
-    return partner, cos[rows, cols][np.argsort(rows)]
+    matched[rows] = cos[rows, cols]
+    return partner, matched
 
 
 def mcc(a: Tensor | np.ndarray, b: Tensor | np.ndarray) -> float:
-    """Mean matched signed cosine of two dictionaries [F, d]."""
-    return float(match(a, b)[1].mean())
+    """Mean matched signed cosine of two dictionaries [F_a, d], [F_b, d] (over min(F_a, F_b) pairs)."""
+    return float(np.nanmean(match(a, b)[1]))
 
 
 def max_cosine(a: Tensor | np.ndarray, b: Tensor | np.ndarray) -> float:
@@ -82,7 +85,9 @@ def shared_latents(sae_a, sae_b, threshold: float = 0.7, matchings=None) -> np.n
     """
     enc, dec = matchings or (match(sae_a.W_enc.T, sae_b.W_enc.T), match(sae_a.W_dec, sae_b.W_dec))
     (enc_partner, enc_cos), (dec_partner, dec_cos) = enc, dec
-    return (enc_partner == dec_partner) & (enc_cos >= threshold) & (dec_cos >= threshold)
+    agree = (enc_partner == dec_partner) & (enc_partner >= 0)
+    with np.errstate(invalid="ignore"):  # NaN cosines (unmatched rows) are not shared
+        return agree & (enc_cos >= threshold) & (dec_cos >= threshold)
 
 
 def shared_fraction(sae_a, sae_b, threshold: float = 0.7) -> float:
@@ -95,8 +100,8 @@ def compare(sae_a, sae_b, threshold: float = 0.7) -> dict:
     enc = match(sae_a.W_enc.T, sae_b.W_enc.T)
     dec = match(sae_a.W_dec, sae_b.W_dec)
     return {
-        "mcc": float(dec[1].mean()),
-        "encoder_mcc": float(enc[1].mean()),
+        "mcc": float(np.nanmean(dec[1])),
+        "encoder_mcc": float(np.nanmean(enc[1])),
         "max_cosine": max_cosine(sae_a.W_dec, sae_b.W_dec),
         "shared_fraction": float(shared_latents(sae_a, sae_b, threshold, (enc, dec)).mean()),
     }

@@ -48,7 +48,7 @@ from pathlib import Path
 from typing import Any, ClassVar, Literal, NamedTuple
 
 import torch
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
@@ -73,6 +73,17 @@ class ArchitectureConfig(BaseModel):
     b_dec_init: Literal["zero", "geometric_median", "mean"] | None = Field(
         default=None, description="decoder bias init from the first batch; None: the paper's choice"
     )
+    adam_betas: tuple[float, float] | None = Field(
+        default=None,
+        description="Adam (beta1, beta2); None: the architecture's default, else training.adam_betas",
+    )
+
+    @field_validator("adam_betas")
+    @classmethod
+    def _betas(cls, v):
+        if v is not None and not all(0 <= b < 1 for b in v):
+            raise ValueError(f"Adam betas must be in [0, 1), got {v}")
+        return v
 
     def check_dimensions(self, d_model: int, n_latents: int) -> None:
         """Raise ValueError if the hyperparameters do not fit these dimensions."""
@@ -104,6 +115,10 @@ class TrainStep(NamedTuple):
     def progress(self) -> float:
         return self.index / max(self.total, 1)
 
+    def ramp(self, warmup_fraction: float) -> float:
+        """A linear warm-up factor: 0 -> 1 over the first `warmup_fraction` of training."""
+        return 1.0 if warmup_fraction == 0 else min(1.0, self.progress / warmup_fraction)
+
 
 @dataclass
 class LossOutput:
@@ -123,6 +138,7 @@ class SAE(nn.Module):
     apply_b_dec_to_input: ClassVar[bool] = True  # pre = (x - b_dec) W_enc + b_enc
     default_b_dec_init: ClassVar[str] = "zero"  # or "geometric_median" / "mean" of the init sample
     base_lr: ClassVar[float] = 2e-4
+    default_adam_betas: ClassVar[tuple[float, float] | None] = None  # None: training.adam_betas
     requires: ClassVar[tuple[str, ...]] = ()  # extra activation columns the loss needs
     exported_buffers: ClassVar[tuple[str, ...]] = ()  # buffers saved with the weights
 
@@ -191,6 +207,9 @@ class SAE(nn.Module):
     @property
     def lr(self) -> float:
         return self.cfg.lr if self.cfg.lr is not None else self.default_lr()
+
+    def adam_betas(self, fallback: tuple[float, float]) -> tuple[float, float]:
+        return self.cfg.adam_betas or self.default_adam_betas or fallback
 
     def dead_mask(self) -> Tensor:
         return self.tokens_since_fired >= self.cfg.dead_tokens

@@ -27,15 +27,24 @@ from saedynamics.saes.base import (
 )
 
 
+class L1Config(ArchitectureConfig):
+    """lambda and its warm-up: the hyperparameters of every L1-penalised architecture."""
+
+    l1_coefficient: float = Field(default=5.0, ge=0, description="lambda of the L1 penalty")
+    l1_warmup_fraction: float = Field(
+        default=0.05, ge=0, le=1, description="fraction of training over which lambda ramps up"
+    )
+
+    def l1_at(self, step: TrainStep) -> float:
+        """lambda at this step of its linear warm-up."""
+        return self.l1_coefficient * step.ramp(self.l1_warmup_fraction)
+
+
 @register("relu")
 class ReLUSAE(SAE):
-    class Config(ArchitectureConfig):
-        l1_coefficient: float = Field(default=5.0, ge=0, description="lambda of the L1 penalty")
-        l1_warmup_fraction: float = Field(
-            default=0.05, ge=0, le=1, description="fraction of training over which lambda ramps up"
-        )
+    Config = L1Config
 
-    title = "ReLU + L1"
+    title = "ReLU + L1 (April 2024)"
     saelens_architecture = "standard"
     unit_norm_decoder = False
     decoder_init_norm = 0.1
@@ -45,15 +54,10 @@ class ReLUSAE(SAE):
     def encode(self, x: Tensor) -> Tensor:
         return self.pre_acts(x).relu()
 
-    def l1_coefficient(self, step: TrainStep) -> float:
-        warmup = self.cfg.l1_warmup_fraction
-        ramp = 1.0 if warmup == 0 else min(1.0, step.progress / warmup)
-        return self.cfg.l1_coefficient * ramp
-
     def loss(self, x: Tensor, step: TrainStep, extras=None) -> LossOutput:
         codes = self.encode(x)
         x_hat = self.decode(codes)
         mse = mean_squared_error(x, x_hat)
         l1 = (codes * self.W_dec.norm(dim=1)).sum(dim=-1).mean()
-        total = mse + self.l1_coefficient(step) * l1
+        total = mse + self.cfg.l1_at(step) * l1
         return LossOutput(total, {"mse": mse, "l1": l1}, codes, x_hat)

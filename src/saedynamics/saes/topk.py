@@ -34,18 +34,23 @@ def topk_codes(pre: Tensor, k: int) -> Tensor:
     return torch.zeros_like(pre).scatter(-1, indices, values.relu())
 
 
+class TopKConfig(ArchitectureConfig):
+    """k and AuxK: the hyperparameters of every top-k architecture."""
+
+    k: int = Field(default=32, gt=0, description="active latents per token")
+    aux_k: int | None = Field(
+        default=None, gt=0, description="dead latents used by AuxK; None: d_in // 2"
+    )
+    aux_alpha: float = Field(default=1 / 32, ge=0, description="weight of the AuxK loss")
+
+    def check_dimensions(self, d_model: int, n_latents: int) -> None:
+        if self.k >= n_latents:
+            raise ValueError(f"k = {self.k} must be smaller than n_latents = {n_latents}")
+
+
 @register("topk")
 class TopKSAE(SAE):
-    class Config(ArchitectureConfig):
-        k: int = Field(default=32, gt=0, description="active latents per token")
-        aux_k: int | None = Field(
-            default=None, gt=0, description="dead latents used by AuxK; None: d_in // 2"
-        )
-        aux_alpha: float = Field(default=1 / 32, ge=0, description="weight of the AuxK loss")
-
-        def check_dimensions(self, d_model: int, n_latents: int) -> None:
-            if self.k >= n_latents:
-                raise ValueError(f"k = {self.k} must be smaller than n_latents = {n_latents}")
+    Config = TopKConfig
 
     title = "TopK"
     saelens_architecture = "topk"

@@ -263,6 +263,31 @@ class MetricsConfig(Strict):
     device: Literal["auto", "cpu", "cuda"] = "auto"
 
 
+class ValidationConfig(Strict):
+    """The metrics against known ground truth, on toy models (toy.py), at every run."""
+
+    # Toy models of superposition (Elhage et al. 2022; Bereska et al. 2025 section 5.1)
+    toy_models: int = Field(default=20, ge=3, description="models in the feature-sparsity sweep")
+    toy_features: int = Field(default=20, gt=0, description="M input features of each toy model")
+    toy_hidden: int = Field(default=5, gt=0, description="N hidden neurons (N < M: superposition)")
+    toy_importance_decay: float = Field(default=0.7, gt=0, le=1, description="importance 0.7^i")
+    toy_min_density: float = Field(default=0.001, gt=0, le=1, description="sweep: 1 - S from here")
+    toy_steps: int = Field(default=3000, gt=0, description="Adam steps per toy model")
+    toy_samples: int = Field(default=10_000, gt=0, description="hidden activations per toy model")
+    toy_sae_expansion: int = Field(default=8, gt=0, description="tied SAE latents / N (paper: 8)")
+    toy_sae_l1: float = Field(default=0.1, ge=0, description="tied SAE L1 coefficient (paper: 0.1)")
+    toy_sae_steps: int = Field(default=3000, gt=0)
+    # The model organism of seed consistency (Song, Muhamed et al. 2025 section 1.4)
+    organism_latents: int = Field(default=32, gt=0, description="true dictionary size m")
+    organism_dims: int = Field(default=16, gt=0, description="n")
+    organism_k: int = Field(default=3, gt=0, description="active latents per sample")
+    organism_samples: int = Field(default=50_000, gt=0)
+    organism_seeds: list[int] = Field(default=[0, 1, 2], min_length=2)
+    organism_tokens: int = Field(default=1_000_000, gt=0, description="training tokens per SAE")
+    organism_batch: int = Field(default=1024, gt=0)
+    seed: int = 0
+
+
 class FiguresConfig(Strict):
     formats: list[Literal["png", "pdf", "svg"]] = ["png", "pdf"]
     dpi: int = Field(default=200, gt=0)
@@ -288,6 +313,7 @@ class StudyConfig(Strict):
     training: TrainingConfig
     architectures: dict[str, SerializeAsAny[ArchitectureConfig]]
     metrics: MetricsConfig = MetricsConfig()
+    validation: ValidationConfig = ValidationConfig()
     figures: FiguresConfig = FiguresConfig()
     containers: ContainersConfig = ContainersConfig()
 
@@ -366,6 +392,7 @@ class StudyConfig(Strict):
             "measure": ["metrics"],
             "tables": [],
             "figures": ["figures"],
+            "validation": ["validation"],
         }
         if stage not in slices:
             raise KeyError(f"unknown stage {stage!r}; stages: {', '.join(slices)}")

@@ -17,6 +17,7 @@ from __future__ import annotations
 import itertools
 import logging
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import pyarrow as pa
@@ -29,7 +30,7 @@ from saedynamics.artifacts import atomic_directory
 from saedynamics.config import EXTRA_COLUMNS, TrainingConfig
 from saedynamics.errors import TrainingDiverged
 from saedynamics.metrics.reconstruction import batch_fvu
-from saedynamics.saes import REGISTRY, ArchitectureConfig, TrainStep
+from saedynamics.saes import REGISTRY, SAE, ArchitectureConfig, TrainStep
 
 log = logging.getLogger(__name__)
 
@@ -52,8 +53,13 @@ def train_saes(
     out_dir: Path,
     identity: dict,
     provenance: dict,
+    observe: Callable[[int, dict[int, SAE]], None] | None = None,
 ) -> None:
-    """Train one SAE per seed on `train_file`; write out_dir/seed<s>/ for all seeds at once."""
+    """Train one SAE per seed on `train_file`; write out_dir/seed<s>/ for all seeds at once.
+
+    `observe(step, saes)`, if given, is called at every loss-curve step with the live SAEs
+    (in the scaled input space), e.g. to follow their recovery of a known dictionary.
+    """
     acts = ActivationFile(train_file)
     device = resolve_device(training.device)
     d_in = acts.d_model
@@ -119,6 +125,9 @@ def train_saes(
             sae.after_step(out, x)
             if i % training.log_every == 0 or i == n_steps - 1:
                 curves[seed].append(_curve_row(i, training, out, x, sae, optimizers[seed]))
+        if observe is not None and (i % training.log_every == 0 or i == n_steps - 1):
+            with torch.no_grad():
+                observe(i, saes)
 
     seconds = time.perf_counter() - started
     tokens = n_steps * training.batch_size

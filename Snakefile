@@ -32,9 +32,11 @@ include: "workflow/rules/train.smk"
 include: "workflow/rules/metrics.smk"
 include: "workflow/rules/tables.smk"
 include: "workflow/rules/figures.smk"
+include: "workflow/rules/validation.smk"
 
 
 rule all:
     default_target: True
     input:
         FIGURE_FILES,
+        rules.validation.output,

@@ -1,5 +1,6 @@
 """Synthetic sparse data from a known dictionary, and recovery of it by the real trainer.
 
+The generator lives in `saedynamics.toy` (the validation of the metrics uses the same organism).
 The model organism of Song, Muhamed et al. 2025 (spec/measurements.md section 1.4): a dictionary
 A_true of m unit rows in d dimensions; every sample has exactly k active latents with values
 |N(0, 1)|; x = s A_true. An SAE recovers the dictionary when its decoder rows match A_true's
@@ -13,33 +14,27 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from saedynamics.activations import ActivationWriter
 from saedynamics.config import TrainingConfig
 from saedynamics.metrics.consistency import mcc
 from saedynamics.saes import REGISTRY, load
+from saedynamics.toy import organism_sample, write_activations
 from saedynamics.training import train_saes
 
 
 def sparse_dataset(path: Path, n=50_000, d=16, m=32, k=3, seed=0, extras=()) -> np.ndarray:
-    """Write an activation file of n samples; return A_true [m, d]."""
+    """Write an activation file of n organism samples (`toy.organism_sample`); return A_true [m, d].
+
+    `extras`: stand-in extra columns for architectures that require them, drawn after the samples
+    from the same RNG stream.
+    """
     rng = np.random.default_rng(seed)
-    a_true = rng.standard_normal((m, d))
-    a_true /= np.linalg.norm(a_true, axis=1, keepdims=True)
-    codes = np.zeros((n, m))
-    active = np.argsort(rng.random((n, m)), axis=1)[:, :k]
-    np.put_along_axis(codes, active, np.abs(rng.standard_normal((n, k))), axis=1)
-    x = torch.tensor(codes @ a_true, dtype=torch.float32)
+    a_true, codes = organism_sample(n, d, m, k, seed=rng)
     columns = {}
     if "lm_entropy" in extras:  # a stand-in "complexity": how much signal the sample carries
         columns["lm_entropy"] = torch.tensor(codes.sum(axis=1), dtype=torch.float32)
     if "lm_grad" in extras:  # a stand-in gradient: random directions
         columns["lm_grad"] = torch.tensor(rng.standard_normal((n, d)) * 0.01, dtype=torch.float32)
-    writer = ActivationWriter(
-        path, d, {"step": 0, "layer": 0, "model": "synthetic"}, 4096, tuple(columns)
-    )
-    idx = np.arange(n, dtype=np.int32)
-    writer.append(idx, idx, idx, x, **columns)
-    writer.close()
+    write_activations(path, codes @ a_true, **columns)
     return a_true
 
 

@@ -251,3 +251,89 @@ def test_metrics_accept_registered_saes():
     x = torch.randn(100, 8)
     assert evaluate(sae, [x])["l0"] <= 3
     assert effective_features(sae.encode(x), 8)["alive_latents"] <= 32
+
+
+class _Identity:
+    def encode(self, h):
+        return h
+
+    def decode(self, f):
+        return f
+
+
+class _Zero:
+    def encode(self, h):
+        return torch.zeros_like(h)
+
+    def decode(self, f):
+        return torch.zeros_like(f)
+
+
+class _Noisy(_Identity):
+    def decode(self, f):
+        return f + 0.5 * torch.randn(f.shape, generator=torch.Generator().manual_seed(0))
+
+
+@pytest.mark.parametrize("first_position", [0, 1])
+def test_spliced_scores_identity_one_zero_zero(first_position):
+    from saedynamics.metrics.reconstruction import spliced_scores
+
+    from .conftest import tiny_neox
+
+    model = tiny_neox(300, seed=1)
+    ids = torch.randint(0, 300, (6, 20), generator=torch.Generator().manual_seed(2))
+    saes = {"identity": _Identity(), "zero": _Zero(), "noisy": _Noisy()}
+    out = spliced_scores(
+        model, model.gpt_neox.layers[0], ids, saes, first_position, batch_sequences=4
+    )
+    with torch.no_grad():
+        assert out["ce_orig"] == pytest.approx(
+            model(input_ids=ids, labels=ids).loss.item(), rel=1e-5
+        )
+    identity, zero, noisy = (out["saes"][k] for k in ("identity", "zero", "noisy"))
+    assert identity["ce_loss_score"] == pytest.approx(1.0) and identity[
+        "kl_score"
+    ] == pytest.approx(1.0)
+    assert identity["kl_sae"] == pytest.approx(0.0, abs=1e-6) and identity[
+        "delta_ce"
+    ] == pytest.approx(0.0, abs=1e-6)
+    assert zero["ce_loss_score"] == pytest.approx(0.0, abs=1e-9) and zero[
+        "kl_score"
+    ] == pytest.approx(0.0, abs=1e-9)
+    assert out["kl_zero"] > 0 and noisy["kl_sae"] > 0  # a damaged reconstruction scores in between
+    assert out["n_tokens"] == 6 * 19
+
+
+def test_compare_latent_masks_follow_the_partner():
+    from saedynamics.metrics.consistency import compare
+
+    rng = np.random.default_rng(4)
+    enc, dec = rng.normal(size=(30, 64)), rng.normal(size=(30, 64))
+    perm = rng.permutation(30)
+    dec_b = dec[perm].copy()
+    dec_b[0] = rng.normal(size=64)  # b's latent 0 (a's latent perm[0]) is replaced
+    out = compare(Dictionary(enc, dec), Dictionary(enc[perm], dec_b), latents=True)
+    assert out["shared_a"].sum() == out["shared_b"].sum() == 29
+    assert not out["shared_a"][perm[0]] and not out["shared_b"][0]
+
+
+def test_decoder_drift():
+    from saedynamics.metrics.consistency import decoder_drift
+
+    rng = np.random.default_rng(5)
+    a, b, c = (rng.normal(size=(20, 8)) for _ in range(3))
+    perm = rng.permutation(20)
+    decoders = {
+        0: {0: torch.tensor(a), 1: torch.tensor(b)},
+        10: {0: torch.tensor(a[perm]), 1: torch.tensor(c)},  # seed 0 unchanged up to order
+        100: {0: torch.tensor(a), 1: torch.tensor(c[perm])},
+    }
+    rows = {(r["step"], r["seed"]): r for r in decoder_drift(decoders)}
+    assert rows[(0, 0)]["mcc_next"] == pytest.approx(1.0) and rows[(0, 0)][
+        "mcc_final"
+    ] == pytest.approx(1.0)
+    assert rows[(0, 0)]["stable_final"] == 1.0 and rows[(100, 0)]["next_step"] is None
+    assert rows[(0, 1)]["mcc_final"] == pytest.approx(mcc(b, c)) and rows[(10, 1)][
+        "mcc_next"
+    ] == pytest.approx(1.0)
+    assert rows[(0, 0)]["mcc_final_other_seeds"] == pytest.approx(mcc(a, c[perm]))

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import base64
 import os
 import shutil
 import subprocess
@@ -11,6 +12,8 @@ from pathlib import Path
 import pandas as pd
 import pytest
 import yaml
+
+from saedynamics.figures import FIGURES
 
 from .conftest import REPO, copy_workflow, hub_config
 
@@ -57,7 +60,8 @@ def test_tiny_study_end_to_end(tmp_path):
     run(["--cores", "2", "--configfile", "workflow/configs/tiny.yaml"], cwd=wd)
     root = wd / "results/tiny"
     figures = sorted(p.name for p in (root / "figures").iterdir())
-    assert len(figures) == 12 and all((root / "figures" / f).stat().st_size > 5000 for f in figures)
+    assert len(figures) == 2 * len(FIGURES)
+    assert all((root / "figures" / f).stat().st_size > 5000 for f in figures)
     recon = pd.read_parquet(root / "tables/reconstruction.parquet")
     assert len(recon) == 2 * 2 * 2 * 2  # steps x layers x architectures x seeds
     assert recon["fvu"].between(0, 1.5).all() and (recon["l0"] > 0).all()
@@ -72,6 +76,15 @@ def test_tiny_study_end_to_end(tmp_path):
     # a second run has nothing to do
     again = run(["-n", "--cores", "2", "--configfile", "workflow/configs/tiny.yaml"], cwd=wd)
     assert "Nothing to be done" in again.stdout + again.stderr
+    # the report is self-contained: every figure embedded, with its caption
+    run(["--configfile", "workflow/configs/tiny.yaml", "--report", "report.html"], cwd=wd)
+    html = (wd / "report.html").read_text()
+    flagged = sorted((root / "figures").iterdir()) + sorted((root / "validation").glob("*.p*"))
+    assert flagged
+    for path in flagged:
+        assert base64.b64encode(path.read_bytes()).decode() in html, path.name
+        caption = (REPO / "workflow/report" / f"{path.stem}.rst").read_text()
+        assert caption.split("**")[1] in html, path.name
 
 
 @pytest.mark.slow

@@ -157,6 +157,8 @@ def cmd_train(args) -> None:
 
 def cmd_measure(args) -> None:
     """reconstruction.json, consistency.json and superposition.json of one SAE directory."""
+    import numpy as np
+
     from saedynamics.activations import ActivationFile, resolve_device
     from saedynamics.artifacts import write_json
     from saedynamics.config import MetricsConfig
@@ -193,15 +195,15 @@ def cmd_measure(args) -> None:
         )
 
     saes = [sae.cpu() for sae in saes]
-    pairs = [
-        {
-            "seed_a": a.provenance["seed"],
-            "seed_b": b.provenance["seed"],
-            **compare(a, b, metrics.shared_threshold),
-        }
-        for i, a in enumerate(saes)
-        for b in saes[i + 1 :]
-    ]
+    # per latent: with how many other seeds it is shared (latent stability against density)
+    shared_with = {sae.provenance["seed"]: np.zeros(sae.d_sae, dtype=np.int64) for sae in saes}
+    pairs = []
+    for i, a in enumerate(saes):
+        for b in saes[i + 1 :]:
+            pair = compare(a, b, metrics.shared_threshold, latents=True)
+            shared_with[a.provenance["seed"]] += pair.pop("shared_a")
+            shared_with[b.provenance["seed"]] += pair.pop("shared_b")
+            pairs.append({"seed_a": a.provenance["seed"], "seed_b": b.provenance["seed"], **pair})
     null = null_baseline(
         saes[0].d_sae, saes[0].d_in, metrics.shared_threshold, metrics.null_draws, metrics.null_seed
     )
@@ -229,9 +231,108 @@ def cmd_measure(args) -> None:
             "pairs": pairs,
             "null": null,
             "shared_threshold": metrics.shared_threshold,
+            "latents": [
+                {"seed": seed, "shared_with": counts.tolist()}
+                for seed, counts in shared_with.items()
+            ],
             "provenance": provenance,
         },
     )
+
+
+def cmd_splice(args) -> None:
+    """CE-loss recovered and KL score of every SAE of one (step, layer), spliced into its LM."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from saedynamics.activations import _block_modules, resolve_device
+    from saedynamics.artifacts import write_json
+    from saedynamics.config import ActivationsConfig, MetricsConfig
+    from saedynamics.corpus import read_token_sample
+    from saedynamics.metrics.reconstruction import spliced_scores
+    from saedynamics.saes import load
+
+    s = _settings(args, "splice")
+    metrics = _validate(MetricsConfig, s["metrics"], "metrics")
+    activations = _validate(ActivationsConfig, s["activations"], "activations")
+    device = resolve_device(metrics.device)
+    model = AutoModelForCausalLM.from_pretrained(args.checkpoint, trust_remote_code=False)
+    model = model.to(device).eval()
+    _, windows = read_token_sample(Path(args.tokens), "eval")
+    saes, identity = {}, {}
+    for arch_dir in map(Path, args.saes):
+        for seed_dir in _seed_dirs(arch_dir):
+            sae = load(seed_dir).to(device)
+            key = (arch_dir.name, sae.provenance["seed"])
+            saes[key] = sae
+            identity[key] = {
+                "architecture": arch_dir.name,
+                "architecture_type": sae.architecture,
+                "architecture_title": sae.title or sae.architecture,
+                "seed": sae.provenance["seed"],
+            }
+    first = 1 if activations.drop_first_position and metrics.splice_positions == "trained" else 0
+    block = _block_modules(model)[args.layer]
+    out = spliced_scores(
+        model,
+        block,
+        torch.from_numpy(windows.astype("int64")),
+        saes,
+        first,
+        metrics.splice_batch_sequences,
+    )
+    for key, scores in out["saes"].items():
+        log.info(
+            "%s seed %s: CE recovered %.3f, KL score %.3f",
+            *key,
+            scores["ce_loss_score"],
+            scores["kl_score"],
+        )
+    write_json(
+        args.out,
+        {
+            "study": s["study"],
+            "step": args.step,
+            "layer": args.layer,
+            "first_position": first,
+            **{k: out[k] for k in ("ce_orig", "ce_zero", "kl_zero", "n_tokens")},
+            "saes": [identity[key] | scores for key, scores in out["saes"].items()],
+            "provenance": _provenance(s),
+        },
+    )
+
+
+def cmd_drift(args) -> None:
+    """Decoder drift across checkpoints of every (layer, architecture, seed)."""
+    from saedynamics.artifacts import write_json
+    from saedynamics.config import MetricsConfig
+    from saedynamics.metrics.consistency import decoder_drift
+    from saedynamics.saes import load
+
+    s = _settings(args, "drift")
+    metrics = _validate(MetricsConfig, s["metrics"], "metrics")
+    decoders: dict[tuple[int, str], dict[int, dict]] = {}  # (layer, name) -> step -> seed -> W_dec
+    kinds: dict[tuple[int, str], tuple[str, str]] = {}
+    for seed_dir in sorted({Path(p).parent for p in args.saes}):
+        sae = load(seed_dir)
+        ours = sae.provenance
+        key = (ours["layer"], ours["architecture_name"])
+        decoders.setdefault(key, {}).setdefault(ours["step"], {})[ours["seed"]] = sae.W_dec.detach()
+        kinds[key] = (sae.architecture, sae.title or sae.architecture)
+    rows = []
+    for (layer, name), by_step in sorted(decoders.items()):
+        kind, title = kinds[(layer, name)]
+        for row in decoder_drift(by_step, metrics.shared_threshold):
+            rows.append(
+                {
+                    "layer": layer,
+                    "architecture": name,
+                    "architecture_type": kind,
+                    "architecture_title": title,
+                }
+                | row
+            )
+    write_json(args.out, {"study": s["study"], "rows": rows, "provenance": _provenance(s)})
 
 
 def cmd_tables(args) -> None:
@@ -240,6 +341,28 @@ def cmd_tables(args) -> None:
     _settings(args, "tables")
     counts = collect([Path(p) for p in args.inputs], Path(args.out))
     log.info("tables: %s", ", ".join(f"{k} {v} rows" for k, v in counts.items()))
+
+
+def cmd_validation(args) -> None:
+    """The metrics against known ground truth on toy models: JSON summaries and their figures."""
+    import tempfile
+
+    from saedynamics.artifacts import write_json
+    from saedynamics.config import FiguresConfig, ValidationConfig
+    from saedynamics.figures import render_validation
+    from saedynamics.toy import organism_validation, superposition_validation
+
+    s = _settings(args, "validation")
+    cfg = _validate(ValidationConfig, s["validation"], "validation")
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    superposition = superposition_validation(cfg)
+    with tempfile.TemporaryDirectory(dir=out.parent, prefix=".organism.") as work:
+        organism = organism_validation(cfg, Path(work))
+    provenance = _provenance(s)
+    write_json(out / "superposition.json", superposition | {"provenance": provenance})
+    write_json(out / "organism.json", organism | {"provenance": provenance})
+    render_validation(out, _validate(FiguresConfig, s["figures"], "figures"))
 
 
 def cmd_figures(args) -> None:
@@ -321,9 +444,28 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--activations", required=True, help="eval.parquet")
     p.add_argument("--out", required=True, help="metrics/step<N>/layer<L>/<architecture>/")
 
+    p = command(
+        "splice", cmd_splice, "CE-loss recovered and KL score of the SAEs of one (step, layer)"
+    )
+    p.add_argument("--step", type=int, required=True)
+    p.add_argument("--layer", type=int, required=True)
+    p.add_argument("--checkpoint", required=True)
+    p.add_argument("--tokens", required=True)
+    p.add_argument(
+        "--saes", nargs="+", required=True, help="saes/step<N>/layer<L>/<architecture>/ dirs"
+    )
+    p.add_argument("--out", required=True)
+
+    p = command("drift", cmd_drift, "decoder drift across checkpoints")
+    p.add_argument("--saes", nargs="+", required=True, help="every seed's cfg.json")
+    p.add_argument("--out", required=True)
+
     p = command("tables", cmd_tables, "collect per-run results into tidy Parquet tables")
     p.add_argument("--out", required=True)
     p.add_argument("--inputs", nargs="+", required=True)
+
+    p = command("validation", cmd_validation, "the metrics against ground truth on toy models")
+    p.add_argument("--out", required=True, help="validation/ (JSON summaries and figures)")
 
     p = command("figures", cmd_figures, "render the figures from the tables")
     p.add_argument("--tables", required=True)

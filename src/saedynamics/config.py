@@ -260,6 +260,12 @@ class MetricsConfig(Strict):
         default=2, gt=0, description="random-dictionary draws for the null baseline"
     )
     null_seed: int = 0
+    splice_positions: Literal["trained", "all"] = Field(
+        default="trained",
+        description="splice reconstructions at the positions the SAEs were trained on (position 0 "
+        "excluded when activations.drop_first_position) or at every position",
+    )
+    splice_batch_sequences: int = Field(default=16, gt=0, description="sequences per LM forward")
     device: Literal["auto", "cpu", "cuda"] = "auto"
 
 
@@ -390,9 +396,11 @@ class StudyConfig(Strict):
             "activations": ["model", "activations"],
             "train": ["training"],
             "measure": ["metrics"],
+            "splice": ["activations", "metrics"],
+            "drift": ["metrics"],
             "tables": [],
             "figures": ["figures"],
-            "validation": ["validation"],
+            "validation": ["validation", "figures"],
         }
         if stage not in slices:
             raise KeyError(f"unknown stage {stage!r}; stages: {', '.join(slices)}")

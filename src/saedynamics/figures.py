@@ -19,7 +19,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 
-from saedynamics.artifacts import atomic_file  # noqa: E402
+from saedynamics.artifacts import atomic_file, read_json  # noqa: E402
 from saedynamics.config import FiguresConfig  # noqa: E402
 from saedynamics.tables import load  # noqa: E402
 
@@ -97,18 +97,39 @@ def _step_axis(ax, steps) -> None:
     ax.set_xlabel(STEP_LABEL)
 
 
-def _panels(df: pd.DataFrame, title: str, height: float = 3.0):
+def _panels(df: pd.DataFrame, title: str, height: float = 3.0, rows: int = 1):
+    """A figure with one column of panels per layer (and `rows` rows); axes[row][layer]."""
     layers = sorted(df["layer"].unique())
     fig, axes = plt.subplots(
-        1,
+        rows,
         len(layers),
-        figsize=(4.0 * len(layers) + 2.8, height),  # + room for the legend on the right
-        sharey=True,
+        figsize=(4.0 * len(layers) + 2.8, height * rows),  # + room for the legend on the right
+        sharey="row",
+        sharex=True,
         squeeze=False,
         layout="constrained",
     )
     fig.suptitle(title)
-    return fig, dict(zip(layers, axes[0], strict=True))
+    grid = [dict(zip(layers, row, strict=True)) for row in axes]
+    return fig, (grid[0] if rows == 1 else grid)
+
+
+def _draw_lines(ax, df: pd.DataFrame, value: str, styles: dict, x: str = "step", **line) -> None:
+    """One line per architecture: mean +- std over seeds (or seed pairs) of `value` against `x`."""
+    for name, style in styles.items():
+        g = df[df["architecture"] == name].groupby(x)[value].agg(["mean", "std"]).fillna(0)
+        if g.empty:
+            continue
+        kw = {"color": style["color"], "marker": style["marker"], "ms": 4, "label": style["label"]}
+        ax.plot(g.index, g["mean"], **(kw | line))
+        ax.fill_between(
+            g.index,
+            g["mean"] - g["std"],
+            g["mean"] + g["std"],
+            color=style["color"],
+            alpha=0.2,
+            lw=0,
+        )
 
 
 def _lines_vs_step(df: pd.DataFrame, value: str, ylabel: str, title: str, null: str | None = None):
@@ -117,31 +138,7 @@ def _lines_vs_step(df: pd.DataFrame, value: str, ylabel: str, title: str, null: 
     fig, axes = _panels(df, title)
     for layer, ax in axes.items():
         sub = df[df["layer"] == layer]
-        for name, style in styles.items():
-            g = (
-                sub[sub["architecture"] == name]
-                .groupby("step")[value]
-                .agg(["mean", "std"])
-                .fillna(0)
-            )
-            if g.empty:
-                continue
-            ax.plot(
-                g.index,
-                g["mean"],
-                color=style["color"],
-                marker=style["marker"],
-                ms=4,
-                label=style["label"],
-            )
-            ax.fill_between(
-                g.index,
-                g["mean"] - g["std"],
-                g["mean"] + g["std"],
-                color=style["color"],
-                alpha=0.2,
-                lw=0,
-            )
+        _draw_lines(ax, sub, value, styles)
         if null is not None:
             ax.axhline(
                 sub[null].mean(), color="0.45", ls="--", lw=1, label="random dictionaries (null)"
@@ -257,6 +254,83 @@ def fvu_vs_l0(tables: Path):
     return fig
 
 
+def ce_recovered(tables: Path):
+    df = load(tables, "spliced")
+    return _lines_vs_step(
+        df,
+        "ce_loss_score",
+        "CE-loss recovered (1: as the LM, 0: as zero-ablation)",
+        "SAEs spliced into the LM: next-token loss recovered across training",
+    )
+
+
+def decoder_drift(tables: Path):
+    df = load(tables, "drift")
+    styles = architecture_styles(df)
+    fig, (top, bottom) = _panels(
+        df, "Decoder drift: how each SAE's dictionary moves across LM training", rows=2
+    )
+    for layer in top:
+        sub = df[df["layer"] == layer]
+        _draw_lines(top[layer], sub.dropna(subset=["mcc_next"]), "mcc_next", styles)
+        _draw_lines(bottom[layer], sub, "mcc_final", styles)
+        _draw_lines(
+            bottom[layer],
+            sub,
+            "mcc_final_other_seeds",
+            styles,
+            ls=":",
+            marker="",
+            lw=1,
+            label="_control",
+        )
+        top[layer].set_title(f"layer {layer}")
+        _step_axis(top[layer], df["step"])
+        _step_axis(bottom[layer], df["step"])
+        top[layer].set_xlabel("")
+    first = next(iter(top))
+    top[first].set_ylabel("MCC to the next checkpoint\n(same seed)")
+    bottom[first].set_ylabel("MCC to the final checkpoint\n(same seed; dotted: other seeds)")
+    _legend(fig, top[first])
+    return fig
+
+
+def latent_stability(tables: Path):
+    df = load(tables, "latent_stability")
+    final = df["step"].max()
+    df = df[df["step"] == final].assign(
+        density=lambda d: 10 ** ((d["log10_density_lo"].clip(lower=-7) + d["log10_density_hi"]) / 2)
+    )
+    styles = architecture_styles(df)
+    fig, axes = _panels(df, f"Which latents every seed finds, by firing frequency (step {final:,})")
+    for layer, ax in axes.items():
+        sub = df[df["layer"] == layer]
+        for name, style in styles.items():
+            g = sub[sub["architecture"] == name]
+            g = (
+                g.assign(w=g["shared_with_all"] * g["n_latents"])
+                .groupby("density")[["w", "n_latents"]]
+                .sum()
+            )
+            if g.empty:
+                continue
+            ax.plot(
+                g.index,
+                g["w"] / g["n_latents"],
+                color=style["color"],
+                marker=style["marker"],
+                ms=4,
+                label=style["label"],
+            )
+        ax.set_xscale("log")
+        ax.set_xlabel("firing frequency on eval tokens (log)")
+        ax.set_title(f"layer {layer}")
+    first = next(iter(axes.values()))
+    first.set_ylabel("latents shared with every other seed\n(fraction, cos >= 0.7)")
+    _legend(fig, first)
+    return fig
+
+
 def lm_loss(tables: Path):
     df = load(tables, "checkpoints").dropna(subset=["lm_eval_loss"])
     fig, ax = plt.subplots(figsize=(4.2, 3.0), layout="constrained")
@@ -279,23 +353,126 @@ FIGURES: dict[str, Callable] = {
     "effective_features": effective_features,
     "fvu_vs_l0": fvu_vs_l0,
     "dead_fraction": dead_fraction,
+    "ce_recovered": ce_recovered,
+    "decoder_drift": decoder_drift,
+    "latent_stability": latent_stability,
     "lm_loss": lm_loss,
 }
 
 
+# ---- validation on toy models (drawn from validation/*.json, that stage's tables) --------------------
+
+
+def toy_superposition(validation: Path):
+    doc = read_json(Path(validation) / "superposition.json")
+    df = pd.DataFrame(doc["models"])
+    fig, (ax, ax2) = plt.subplots(1, 2, figsize=(9.0, 3.6), layout="constrained")
+    fig.suptitle("Effective features on toy models of superposition: SAE against ground truth")
+    points = ax.scatter(
+        df["f_true"],
+        df["f_sae"],
+        c=np.log10(df["density"]),
+        cmap="viridis",
+        s=30,
+        edgecolor="0.2",
+        lw=0.4,
+    )
+    top = max(df["f_true"].max(), df["f_sae"].max()) * 1.05
+    ax.plot([0, top], [0, top], color="0.5", ls="--", lw=1, label="y = x")
+    r = doc["pearson_r"]
+    ref = doc["reference"]["pearson_r_sae"]
+    ax.set_title(f"Pearson r = {r:.3f} (paper: {ref})" if r is not None else "r undefined")
+    ax.set_xlabel("ground truth F = exp H(p), p_i ~ |W_i|^2 (features)")
+    ax.set_ylabel("through the SAE: F of its codes (features)")
+    ax.legend(frameon=False, loc="upper left")
+    fig.colorbar(points, ax=ax, label="log10 feature density (1 - S)")
+    ax2.plot(df["density"], df["f_true"], color="0.15", marker="o", ms=4, label="ground truth")
+    ax2.plot(
+        df["density"], df["f_sae"], color=PALETTE[0], marker="s", ms=4, label="through the SAE"
+    )
+    ax2.axhline(doc["settings"]["toy_hidden"], color="0.5", ls=":", lw=1, label="N neurons")
+    ax2.set_xscale("log")
+    ax2.set_xlabel("feature density 1 - S (log)")
+    ax2.set_ylabel("effective features F")
+    ax2.set_title(
+        f"{len(df)} toy models, {doc['settings']['toy_features']} features in "
+        f"{doc['settings']['toy_hidden']} neurons"
+    )
+    ax2.legend(frameon=False)
+    return fig
+
+
+def organism_consistency(validation: Path):
+    doc = read_json(Path(validation) / "organism.json")
+    names = list(doc["conditions"])
+    fig, axes = plt.subplots(
+        1,
+        len(names),
+        figsize=(3.3 * len(names), 3.2),
+        sharey=True,
+        squeeze=False,
+        layout="constrained",
+    )
+    fig.suptitle("PW-MCC against ground-truth recovery on the model organism (Song et al. 2025)")
+    for ax, name in zip(axes[0], names, strict=True):
+        cond = doc["conditions"][name]
+        c = cond["curve"]
+        for gt in c["gt_mcc_seed"].values():
+            ax.plot(c["tokens"], gt, color=PALETTE[1], lw=0.6, alpha=0.5)
+        ax.plot(
+            c["tokens"],
+            c["gt_mcc"],
+            color=PALETTE[1],
+            lw=1.8,
+            label="ground-truth MCC (per seed, mean)",
+        )
+        ax.plot(c["tokens"], c["pw_mcc"], color=PALETTE[0], lw=1.8, label="PW-MCC (across seeds)")
+        ax.axhline(
+            doc["null_pw_mcc"], color="0.45", ls="--", lw=1, label="random dictionaries (null)"
+        )
+        ax.set_xscale("log")
+        ax.set_xlabel("SAE training tokens (log)")
+        r = cond["pearson_r"]
+        ax.set_title(
+            f"{name.replace('_', ' ')}\nL0 {cond['final']['l0']:.1f}, r = "
+            + ("n/a" if r is None else f"{r:.2f}"),
+            fontsize=9,
+        )
+    axes[0][0].set_ylabel("matched decoder cosine (MCC)")
+    _legend(fig, axes[0][0])
+    return fig
+
+
+VALIDATION_FIGURES: dict[str, Callable] = {
+    "toy_superposition": toy_superposition,
+    "organism_consistency": organism_consistency,
+}
+
+
+def _save(fig, out_dir: Path, name: str, cfg: FiguresConfig) -> list[Path]:
+    written = []
+    for fmt in cfg.formats:
+        path = Path(out_dir) / f"{name}.{fmt}"
+        # no creation date in the file: the same tables give byte-identical figures
+        metadata = (
+            {"CreationDate": None} if fmt == "pdf" else {"Date": None} if fmt == "svg" else {}
+        )
+        with atomic_file(path) as tmp:
+            fig.savefig(tmp, format=fmt, dpi=cfg.dpi, metadata=metadata)
+        written.append(path)
+    plt.close(fig)
+    return written
+
+
+def render_validation(validation: Path, cfg: FiguresConfig) -> list[Path]:
+    _style()
+    return [
+        p
+        for name, draw in VALIDATION_FIGURES.items()
+        for p in _save(draw(validation), validation, name, cfg)
+    ]
+
+
 def render_all(tables: Path, out_dir: Path, cfg: FiguresConfig) -> list[Path]:
     _style()
-    written = []
-    for name, draw in FIGURES.items():
-        fig = draw(tables)
-        for fmt in cfg.formats:
-            path = Path(out_dir) / f"{name}.{fmt}"
-            # no creation date in the file: the same tables give byte-identical figures
-            metadata = (
-                {"CreationDate": None} if fmt == "pdf" else {"Date": None} if fmt == "svg" else {}
-            )
-            with atomic_file(path) as tmp:
-                fig.savefig(tmp, format=fmt, dpi=cfg.dpi, metadata=metadata)
-            written.append(path)
-        plt.close(fig)
-    return written
+    return [p for name, draw in FIGURES.items() for p in _save(draw(tables), out_dir, name, cfg)]

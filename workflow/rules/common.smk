@@ -11,7 +11,7 @@ sys.path.insert(0, str(Path(workflow.basedir) / "src"))  # the package, also whe
 
 from saedynamics.config import load_config
 from saedynamics.errors import ConfigError
-from saedynamics.figures import FIGURES
+from saedynamics.figures import FIGURES, VALIDATION_FIGURES
 from saedynamics.tables import TABLES
 
 # --configfile on the command line replaces the embedded demo default instead of merging into it

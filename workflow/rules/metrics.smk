@@ -27,3 +27,59 @@ rule measure:
         "PYTHONPATH=src python -m saedynamics measure --settings {params.settings:q} --threads {threads}"
         " --step {wildcards.step} --layer {wildcards.layer} --architecture {wildcards.architecture}"
         " --saes {params.saes} --activations {input.eval} --out {params.out} > {log} 2>&1"
+
+
+# Every SAE of one (step, layer) spliced into that checkpoint's LM: loads the model once.
+rule splice:
+    input:
+        checkpoint=f"{R}/checkpoints/step{{step}}",
+        tokens=f"{R}/tokens.parquet",
+        saes=lambda wc: [
+            f
+            for a in ARCHITECTURES
+            for f in sae_files(wc.step, wc.layer, a)
+            if f.endswith(".json")
+        ],
+    output:
+        f"{R}/metrics/step{{step}}/layer{{layer}}/spliced.json",
+    log:
+        f"{R}/logs/splice/step{{step}}/layer{{layer}}.log",
+    benchmark:
+        f"{R}/benchmarks/splice/step{{step}}/layer{{layer}}.tsv"
+    threads: 2
+    resources:
+        gpu=1,
+        mem_mb=8000,
+    params:
+        settings=settings("splice"),
+        saes=lambda wc, input: sorted({str(Path(f).parents[1]) for f in input.saes}),
+    shell:
+        "PYTHONPATH=src python -m saedynamics splice --settings {params.settings:q} --threads {threads}"
+        " --step {wildcards.step} --layer {wildcards.layer} --checkpoint {input.checkpoint}"
+        " --tokens {input.tokens} --saes {params.saes} --out {output} > {log} 2>&1"
+
+
+# How each SAE's decoder moves across checkpoints (same architecture, layer and seed).
+rule drift:
+    input:
+        saes=[
+            f
+            for s in STEPS
+            for l in LAYERS
+            for a in ARCHITECTURES
+            for f in sae_files(s, l, a)
+            if f.endswith("cfg.json")
+        ],
+    output:
+        f"{R}/metrics/drift.json",
+    log:
+        f"{R}/logs/drift.log",
+    benchmark:
+        f"{R}/benchmarks/drift.tsv"
+    resources:
+        mem_mb=8000,
+    params:
+        settings=settings("drift"),
+    shell:
+        "PYTHONPATH=src python -m saedynamics drift --settings {params.settings:q}"
+        " --saes {input.saes} --out {output} > {log} 2>&1"

@@ -14,6 +14,10 @@ rule tables:
             architecture=ARCHITECTURES,
             seed=SEEDS,
         ),
+        spliced=expand(
+            f"{R}/metrics/step{{step}}/layer{{layer}}/spliced.json", step=STEPS, layer=LAYERS
+        ),
+        drift=f"{R}/metrics/drift.json",
         checkpoints=expand(f"{R}/checkpoints/step{{step}}", step=STEPS),
         lm_eval=expand(f"{R}/activations/step{{step}}/layer{LAYERS[0]}/eval.parquet", step=STEPS),
     output:

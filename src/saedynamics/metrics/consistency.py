@@ -95,16 +95,64 @@ def shared_fraction(sae_a, sae_b, threshold: float = 0.7) -> float:
     return float(shared_latents(sae_a, sae_b, threshold).mean())
 
 
-def compare(sae_a, sae_b, threshold: float = 0.7) -> dict:
-    """Every pairwise statistic of two SAEs from one encoder and one decoder matching."""
+def compare(sae_a, sae_b, threshold: float = 0.7, latents: bool = False) -> dict:
+    """Every pairwise statistic of two SAEs from one encoder and one decoder matching.
+
+    With `latents`, also the per-latent shared masks of both SAEs ("shared_a", "shared_b": a
+    shared latent of a and its partner in b are both shared).
+    """
     enc = match(sae_a.W_enc.T, sae_b.W_enc.T)
     dec = match(sae_a.W_dec, sae_b.W_dec)
-    return {
+    shared = shared_latents(sae_a, sae_b, threshold, (enc, dec))
+    out = {
         "mcc": float(np.nanmean(dec[1])),
         "encoder_mcc": float(np.nanmean(enc[1])),
         "max_cosine": max_cosine(sae_a.W_dec, sae_b.W_dec),
-        "shared_fraction": float(shared_latents(sae_a, sae_b, threshold, (enc, dec)).mean()),
+        "shared_fraction": float(shared.mean()),
     }
+    if latents:
+        shared_b = np.zeros(sae_b.W_dec.shape[0], dtype=bool)
+        shared_b[dec[0][shared]] = True
+        out |= {"shared_a": shared, "shared_b": shared_b}
+    return out
+
+
+def decoder_drift(decoders: dict[int, dict[int, Tensor]], threshold: float = 0.7) -> list[dict]:
+    """How the decoders of one (layer, architecture) move across LM checkpoints.
+
+    `decoders[step][seed]` -> [F, d]. For each seed and step: the matched cosine (MCC) of its
+    decoder to the same seed's at the next and at the final checkpoint, and the fraction of its
+    latents matched there at cosine >= threshold. The SAEs of one seed start from the same init at
+    every checkpoint, which alone makes them alike; the same statistic against the *other* seeds
+    at the final checkpoint (`mcc_final_other_seeds`) is the control for that.
+    """
+    steps = sorted(decoders)
+    final = steps[-1]
+    rows = []
+    for i, step in enumerate(steps):
+        for seed, dec in sorted(decoders[step].items()):
+            to_final = match(dec, decoders[final][seed])[1]
+            others = [mcc(dec, d) for s, d in decoders[final].items() if s != seed]
+            row = {
+                "step": step,
+                "seed": seed,
+                "final_step": final,
+                "mcc_final": float(np.nanmean(to_final)),
+                "stable_final": float(np.nanmean(to_final >= threshold)),
+                "mcc_final_other_seeds": float(np.mean(others)) if others else float("nan"),
+                "next_step": None,
+                "mcc_next": float("nan"),
+                "stable_next": float("nan"),
+            }
+            if i + 1 < len(steps):
+                to_next = match(dec, decoders[steps[i + 1]][seed])[1]
+                row |= {
+                    "next_step": steps[i + 1],
+                    "mcc_next": float(np.nanmean(to_next)),
+                    "stable_next": float(np.nanmean(to_next >= threshold)),
+                }
+            rows.append(row)
+    return rows
 
 
 class _Dictionary:

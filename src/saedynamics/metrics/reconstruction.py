@@ -85,3 +85,91 @@ def evaluate(sae, batches: Iterable[Tensor]) -> dict:
         "dense_fraction_10pct": (density > 0.1).double().mean().item(),
         "latent_density": density.tolist(),
     }
+
+
+# ---- spliced into the language model -------------------------------------------------------------
+
+
+@torch.no_grad()
+def spliced_scores(
+    model, block, windows: Tensor, saes: dict, first_position: int = 0, batch_sequences: int = 16
+) -> dict:
+    """CE-loss recovered and KL score of each SAE spliced into `model` at `block`'s output.
+
+    For every window the residual stream after `block` is replaced, at positions >= first_position
+    (the positions the SAEs were trained on), by the SAE's reconstruction, or by zeros for the
+    ablation baseline; the next-token losses over the whole window are compared:
+
+        ce_loss_score = (L_zero - L_sae) / (L_zero - L_orig)     (1: as the model, 0: as ablation)
+        kl_score      = (KL_zero - KL_sae) / KL_zero,  KL_x = mean_t sum_v p_orig log(p_orig / p_x)
+        delta_ce      = L_sae - L_orig                           (the JumpReLU/BatchTopK papers)
+
+    `saes`: key -> SAE (encode/decode on raw activations). Returns {"ce_orig", "ce_zero", "kl_zero",
+    "n_tokens", "saes": {key: {"ce_sae", "kl_sae", "ce_loss_score", "kl_score", "delta_ce"}}}.
+    """
+    device = next(model.parameters()).device
+    replacement: list = [None]
+
+    def hook(module, args, output):
+        if replacement[0] is None:
+            return None
+        hidden = output[0] if isinstance(output, tuple) else output
+        spliced = hidden.clone()
+        spliced[:, first_position:] = replacement[0](hidden[:, first_position:])
+        return (spliced, *output[1:]) if isinstance(output, tuple) else spliced
+
+    def losses(ids: Tensor, reference_logp: Tensor | None):
+        logp = model(input_ids=ids).logits[:, :-1].float().log_softmax(-1)
+        ce = -logp.gather(-1, ids[:, 1:, None]).squeeze(-1).sum().item()
+        kl = (
+            0.0
+            if reference_logp is None
+            else ((reference_logp.exp() * (reference_logp - logp)).sum(-1).sum().item())
+        )
+        return logp, ce, kl
+
+    def reconstruct(sae):
+        return lambda h: sae.decode(sae.encode(h.float())).to(h.dtype)
+
+    totals = {"orig": 0.0, "zero": 0.0, "kl_zero": 0.0}
+    per_sae = {key: {"ce": 0.0, "kl": 0.0} for key in saes}
+    n_tokens = 0
+    handle = block.register_forward_hook(hook)
+    try:
+        for start in range(0, len(windows), batch_sequences):
+            ids = windows[start : start + batch_sequences].to(device)
+            replacement[0] = None
+            logp_orig, ce, _ = losses(ids, None)
+            totals["orig"] += ce
+            replacement[0] = torch.zeros_like
+            _, ce, kl = losses(ids, logp_orig)
+            totals["zero"] += ce
+            totals["kl_zero"] += kl
+            for key, sae in saes.items():
+                replacement[0] = reconstruct(sae)
+                _, ce, kl = losses(ids, logp_orig)
+                per_sae[key]["ce"] += ce
+                per_sae[key]["kl"] += kl
+            n_tokens += ids[:, 1:].numel()
+    finally:
+        handle.remove()
+    ce_orig, ce_zero, kl_zero = (totals[k] / n_tokens for k in ("orig", "zero", "kl_zero"))
+    out = {
+        "ce_orig": ce_orig,
+        "ce_zero": ce_zero,
+        "kl_zero": kl_zero,
+        "n_tokens": n_tokens,
+        "saes": {},
+    }
+    for key, acc in per_sae.items():
+        ce_sae, kl_sae = acc["ce"] / n_tokens, acc["kl"] / n_tokens
+        out["saes"][key] = {
+            "ce_sae": ce_sae,
+            "kl_sae": kl_sae,
+            "delta_ce": ce_sae - ce_orig,
+            "ce_loss_score": (ce_zero - ce_sae) / (ce_zero - ce_orig)
+            if ce_zero != ce_orig
+            else float("nan"),
+            "kl_score": (kl_zero - kl_sae) / kl_zero if kl_zero > 0 else float("nan"),
+        }
+    return out

@@ -1,0 +1,32 @@
+# The metrics against known ground truth on toy models, at every run (toy.py): effective features
+# on toy models of superposition, PW-MCC against ground-truth recovery on the model organism.
+
+
+rule validation:
+    input:
+        code="src/saedynamics/toy.py",
+    output:
+        summaries=expand(f"{R}/validation/{{name}}.json", name=["superposition", "organism"]),
+        figures=[
+            report(
+                f"{R}/validation/{name}.{fmt}",
+                caption=f"../report/{name}.rst",
+                category="Validation",
+                labels={"figure": name, "format": fmt},
+            )
+            for name in VALIDATION_FIGURES
+            for fmt in CFG.figures.formats
+        ],
+    log:
+        f"{R}/logs/validation.log",
+    benchmark:
+        f"{R}/benchmarks/validation.tsv"
+    threads: 1
+    resources:
+        mem_mb=4000,
+    params:
+        settings=settings("validation"),
+        out=parent(),
+    shell:
+        "PYTHONPATH=src python -m saedynamics validation --settings {params.settings:q}"
+        " --threads {threads} --out {params.out} > {log} 2>&1"

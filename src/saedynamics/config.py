@@ -242,6 +242,16 @@ class TrainingConfig(Strict):
         default=None, gt=0, description="torch CPU threads; None: the rule's"
     )
     device: Literal["auto", "cpu", "cuda"] = "auto"
+    precision: Literal["auto", "fp32", "bf16"] = Field(
+        default="auto",
+        description="auto: bf16 autocast for the matmuls on a GPU (fp32 master weights and Adam "
+        "state, TF32 allowed), fp32 on CPU",
+    )
+    sparse_path: Literal["auto", "sparse", "dense"] = Field(
+        default="auto",
+        description="products over the non-zero codes of top-k SAEs (saes/sparse.py); auto: where "
+        "they are sparse enough to be faster (CPU)",
+    )
 
     @field_validator("seeds")
     @classmethod

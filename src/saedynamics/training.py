@@ -30,7 +30,7 @@ from saedynamics.artifacts import atomic_directory
 from saedynamics.config import EXTRA_COLUMNS, TrainingConfig
 from saedynamics.errors import TrainingDiverged
 from saedynamics.metrics.reconstruction import batch_fvu
-from saedynamics.saes import REGISTRY, SAE, ArchitectureConfig, TrainStep
+from saedynamics.saes import REGISTRY, SAE, ArchitectureConfig, TrainStep, sparse
 
 log = logging.getLogger(__name__)
 
@@ -40,9 +40,18 @@ def lr_multiplier(step: int, total: int, warmup_fraction: float, decay_fraction:
     decay_start = total - round(decay_fraction * total)
     if step < warmup:
         return (step + 1) / warmup
-    if step >= decay_start:
-        return (total - step) / (total - decay_start)
+    if step >= decay_start and decay_start < total:  # no decay phase with decay_fraction 0
+        return max(0.0, (total - step) / (total - decay_start))
     return 1.0
+
+
+def autocast_dtype(training: TrainingConfig, device: torch.device) -> torch.dtype | None:
+    """bf16 autocast for the matmuls (None: plain fp32). Parameters and Adam state stay fp32
+    either way: a bf16 optimiser state silently degrades SAEs."""
+    precision = training.precision
+    if precision == "auto":
+        precision = "bf16" if device.type == "cuda" else "fp32"
+    return torch.bfloat16 if precision == "bf16" else None
 
 
 def train_saes(
@@ -65,6 +74,11 @@ def train_saes(
     d_in = acts.d_model
     scale = acts.input_scale(training.input_scaling)
     n_steps = max(1, training.train_tokens // training.batch_size)
+
+    amp_dtype = autocast_dtype(training, device)
+    if device.type == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = True  # fp32 matmuls on tensor cores
+        torch.backends.cudnn.allow_tf32 = True
 
     cls = REGISTRY[arch.architecture]
     columns = ("act", *cls.requires)
@@ -103,31 +117,33 @@ def train_saes(
     batches = itertools.chain(first, batches)
     started = time.perf_counter()
 
-    for i in tqdm(range(n_steps), desc=f"train {name}", mininterval=5, unit="step"):
-        x, extras = next(batches)
-        step = TrainStep(i, n_steps)
-        for seed, sae in saes.items():
-            out = sae.loss(x, step, extras)
-            if not torch.isfinite(out.total):
-                raise TrainingDiverged(
-                    f"{name} (step {identity['step']}, layer {identity['layer']}), seed {seed}: the loss "
-                    f"is {out.total.item()} at training step {i} of {n_steps} (after {i * training.batch_size} "
-                    f"tokens). Lower architectures.{name}.lr, or check the activations in {train_file}. "
-                    "No SAE was written."
-                )
-            optimizers[seed].zero_grad(set_to_none=True)
-            out.total.backward()
-            sae.before_step()
-            if training.grad_clip_norm is not None:
-                torch.nn.utils.clip_grad_norm_(sae.parameters(), training.grad_clip_norm)
-            optimizers[seed].step()
-            schedules[seed].step()
-            sae.after_step(out, x)
-            if i % training.log_every == 0 or i == n_steps - 1:
-                curves[seed].append(_curve_row(i, training, out, x, sae, optimizers[seed]))
-        if observe is not None and (i % training.log_every == 0 or i == n_steps - 1):
-            with torch.no_grad():
-                observe(i, saes)
+    with sparse.mode(training.sparse_path):
+        for i in tqdm(range(n_steps), desc=f"train {name}", mininterval=5, unit="step"):
+            x, extras = next(batches)
+            step = TrainStep(i, n_steps)
+            for seed, sae in saes.items():
+                with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
+                    out = sae.loss(x, step, extras)
+                if not torch.isfinite(out.total):
+                    raise TrainingDiverged(
+                        f"{name} (step {identity['step']}, layer {identity['layer']}), seed {seed}: the loss "
+                        f"is {out.total.item()} at training step {i} of {n_steps} (after {i * training.batch_size} "
+                        f"tokens). Lower architectures.{name}.lr, or check the activations in {train_file}. "
+                        "No SAE was written."
+                    )
+                optimizers[seed].zero_grad(set_to_none=True)
+                out.total.backward()
+                sae.before_step()
+                if training.grad_clip_norm is not None:
+                    torch.nn.utils.clip_grad_norm_(sae.parameters(), training.grad_clip_norm)
+                optimizers[seed].step()
+                schedules[seed].step()
+                sae.after_step(out, x)
+                if i % training.log_every == 0 or i == n_steps - 1:
+                    curves[seed].append(_curve_row(i, training, out, x, sae, optimizers[seed]))
+            if observe is not None and (i % training.log_every == 0 or i == n_steps - 1):
+                with torch.no_grad():
+                    observe(i, saes)
 
     seconds = time.perf_counter() - started
     tokens = n_steps * training.batch_size
@@ -159,6 +175,7 @@ def train_saes(
                 "data_seed": training.data_seed,
                 "tokens_seen": tokens,
                 "input_scale": scale,
+                "precision": "fp32" if amp_dtype is None else "bf16 autocast, fp32 weights",
                 "activations": {
                     k: acts.metadata.get(k) for k in ("model", "revision", "commit", "hook")
                 },

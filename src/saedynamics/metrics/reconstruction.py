@@ -129,7 +129,12 @@ def spliced_scores(
         return logp, ce, kl
 
     def reconstruct(sae):
-        return lambda h: sae.decode(sae.encode(h.float())).to(h.dtype)
+        # SAEs see [tokens, d] as in training (per-token k, batch-level thresholds)
+        def run(h: Tensor) -> Tensor:
+            flat = h.reshape(-1, h.shape[-1]).float()
+            return sae.decode(sae.encode(flat)).reshape(h.shape).to(h.dtype)
+
+        return run
 
     totals = {"orig": 0.0, "zero": 0.0, "kl_zero": 0.0}
     per_sae = {key: {"ce": 0.0, "kl": 0.0} for key in saes}

@@ -131,6 +131,7 @@ class AdaptiveKSAE(SAE):
                 )
 
     title = "AdaptiveK"
+    sparse_codes = True
     unit_norm_decoder = True
     decoder_init_norm = 1.0
     default_b_dec_init = "geometric_median"

@@ -54,6 +54,7 @@ from torch import Tensor, nn
 
 from saedynamics.artifacts import atomic_directory
 from saedynamics.errors import DataError
+from saedynamics.saes import sparse
 
 
 class ArchitectureConfig(BaseModel):
@@ -141,6 +142,9 @@ class SAE(nn.Module):
     default_adam_betas: ClassVar[tuple[float, float] | None] = None  # None: training.adam_betas
     requires: ClassVar[tuple[str, ...]] = ()  # extra activation columns the loss needs
     exported_buffers: ClassVar[tuple[str, ...]] = ()  # buffers saved with the weights
+    # codes are top-k sparse and need no gradient where they are zero: decode through the sparse
+    # path (saes/sparse.py). Not JumpReLU: its threshold's pseudo-gradient lives just below it.
+    sparse_codes: ClassVar[bool] = False
 
     def __init__(self, d_in: int, d_sae: int, cfg: ArchitectureConfig, generator=None):
         super().__init__()
@@ -160,13 +164,15 @@ class SAE(nn.Module):
 
     def pre_acts(self, x: Tensor) -> Tensor:
         x_in = x - self.b_dec if self.apply_b_dec_to_input else x
-        return x_in @ self.W_enc + self.b_enc
+        return sparse.linear(x_in, self.W_enc, self.b_enc)
 
     def encode(self, x: Tensor) -> Tensor:
         """Codes at inference [batch, d_sae]."""
         raise NotImplementedError
 
     def decode(self, codes: Tensor) -> Tensor:
+        if self.sparse_codes:
+            return sparse.codes_matmul(codes, self.W_dec) + self.b_dec
         return codes @ self.W_dec + self.b_dec
 
     def forward(self, x: Tensor) -> Tensor:
@@ -375,7 +381,7 @@ def auxk_loss(
     dead_pre = pre.masked_fill(~dead, float("-inf"))
     values, indices = dead_pre.topk(k, dim=-1)
     aux_codes = torch.zeros_like(pre).scatter(-1, indices, values.relu())
-    e_hat = aux_codes @ W_dec
+    e_hat = sparse.codes_matmul(aux_codes, W_dec)
     denominator = (e - e.mean(dim=0)).pow(2).sum()
     return (e - e_hat).pow(2).sum() / denominator.clamp_min(1e-12)
 

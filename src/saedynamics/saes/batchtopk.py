@@ -83,6 +83,7 @@ class BatchTopKSAE(SAE):
         )
 
     title = "BatchTopK"
+    sparse_codes = True
     saelens_architecture = "jumprelu"
     unit_norm_decoder = True
     decoder_init_norm = 1.0

@@ -40,6 +40,7 @@ import math
 from pydantic import Field, model_validator
 from torch import Tensor
 
+from saedynamics.saes import sparse
 from saedynamics.saes.base import ArchitectureConfig, mean_squared_error, register
 from saedynamics.saes.batchtopk import BatchTopKSAE
 
@@ -105,7 +106,7 @@ class MatryoshkaSAE(BatchTopKSAE):
         """x_hat_g for the first `n_prefixes` prefixes g (all: the last is the full x_hat)."""
         x_hat, start, out = self.b_dec, 0, []
         for end in self.group_ends[:n_prefixes]:
-            x_hat = x_hat + codes[:, start:end] @ self.W_dec[start:end]
+            x_hat = x_hat + sparse.codes_matmul(codes[:, start:end], self.W_dec[start:end])
             out.append(x_hat)
             start = end
         return out

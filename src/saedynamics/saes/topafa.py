@@ -57,6 +57,7 @@ import torch
 from pydantic import Field
 from torch import Tensor
 
+from saedynamics.saes import sparse
 from saedynamics.saes.base import (
     SAE,
     ArchitectureConfig,
@@ -110,6 +111,7 @@ class TopAFASAE(SAE):
                 )
 
     title = "top-AFA"
+    sparse_codes = True
     unit_norm_decoder = True
     decoder_init_norm = 1.0
     default_b_dec_init = "geometric_median"
@@ -124,7 +126,7 @@ class TopAFASAE(SAE):
         return min(self.cfg.k_max or self.d_in, self.d_sae - 1)
 
     def pre_acts(self, x: Tensor) -> Tensor:
-        return (x - self.b_dec) @ self.W_enc
+        return sparse.linear(x - self.b_dec, self.W_enc)
 
     def _select(self, x: Tensor) -> tuple[Tensor, Tensor]:
         """(a, codes): the ReLU activations and the norm-matched top-k code."""

@@ -53,6 +53,7 @@ class TopKSAE(SAE):
     Config = TopKConfig
 
     title = "TopK"
+    sparse_codes = True
     saelens_architecture = "topk"
     unit_norm_decoder = True
     decoder_init_norm = 1.0

@@ -106,6 +106,7 @@ class VariationalSAE(SAE):
         )
 
     title = "Variational TopK"
+    sparse_codes = True
     saelens_architecture = "topk"
     unit_norm_decoder = False
     decoder_init_norm = 0.1

@@ -215,8 +215,8 @@ def test_reader_streams_a_seeded_shuffle(tmp_path, monkeypatch):
         "read_row_group",
         lambda self, i, c=("act",): calls.append(i) or original(self, i, c),
     )
-    next(f.shuffled(128, seed=0, buffer_row_groups=4))
-    assert len(calls) == 4
+    next(f.shuffled(128, seed=0, buffer_row_groups=4, prefetch=0))
+    assert len(calls) == 4  # with prefetching, a bounded number more: tests/test_activation_io.py
 
 
 def test_unreadable_activation_files_are_named(tmp_path):
@@ -374,6 +374,8 @@ def test_lr_schedule():
     assert (
         values[80] == 1.0 and values[90] == pytest.approx(0.5) and values[99] == pytest.approx(0.05)
     )
+    # no warm-up, no decay: constant, also at the scheduler's final step (= total)
+    assert [lr_multiplier(i, 10, 0.0, 0.0) for i in range(11)] == [1.0] * 11
 
 
 def test_activations_config_rejects_layers_the_checkpoint_lacks(hub_activations):

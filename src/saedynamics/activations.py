@@ -13,14 +13,25 @@ input scale; the eval files also carry the LM's own eval loss at this checkpoint
 
 The reader streams batches in a seeded shuffled order: row groups in a random order, a few at a
 time in a buffer whose rows are shuffled, so memory stays bounded by the buffer, never the file.
+
+Both directions keep up by overlapping work (benchmarks/activations.py measures it): the writer
+encodes Parquet on a background thread while the next forward pass runs, the reader decodes the
+next buffers on background threads while the trainer computes. Threads never decide the order of
+the rows: the shuffled order depends on the seed alone.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
+import os
+import queue
+import threading
 import time
+from collections import deque
 from collections.abc import Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -39,24 +50,60 @@ METADATA_KEY = b"saedynamics"
 FORMAT_VERSION = 1  # bump when the file layout or its metadata changes
 
 
+def _vector_type(value_type: pa.DataType, d_model: int) -> pa.DataType:
+    # Non-null elements: Parquet then stores no per-value null flags, which reads ~1.5x faster.
+    return pa.list_(pa.field("element", value_type, nullable=False), d_model)
+
+
 def schema(d_model: int, extra_columns=()) -> pa.Schema:
     fields = [
-        ("doc_id", pa.int32()),
-        ("pos", pa.int32()),
-        ("token_id", pa.int32()),
-        ("act", pa.list_(pa.float16(), d_model)),
+        pa.field("doc_id", pa.int32()),
+        pa.field("pos", pa.int32()),
+        pa.field("token_id", pa.int32()),
+        pa.field("act", _vector_type(pa.float16(), d_model), nullable=False),
     ]
     for name in extra_columns:
-        vector = EXTRA_COLUMNS[name]["vector"]
-        fields.append((name, pa.list_(pa.float32(), d_model) if vector else pa.float32()))
+        if EXTRA_COLUMNS[name]["vector"]:
+            fields.append(pa.field(name, _vector_type(pa.float32(), d_model), nullable=False))
+        else:
+            fields.append(pa.field(name, pa.float32()))
     return pa.schema(fields)
 
 
+def _parquet_options(schema: pa.Schema) -> dict:
+    """Encoding per column: vectors plain and uncompressed, scalars zstd with dictionaries.
+
+    Measured on float16 activations: zstd saves ~6% of the bytes but decodes ~1.5x slower,
+    dictionary encoding (pyarrow's default) 3x slower still, and min/max statistics of every
+    vector element halve the write speed while no reader filters on them.
+    """
+    vectors = [f.name for f in schema if isinstance(f.type, pa.FixedSizeListType)]
+    scalars = [f.name for f in schema if f.name not in vectors]
+    return {
+        "compression": {name: "none" if name in vectors else "zstd" for name in schema.names},
+        "use_dictionary": scalars,
+        "write_statistics": scalars,
+    }
+
+
 class ActivationWriter:
-    """Append rows; written in row groups of `row_group_rows`; renamed into place on `close()`."""
+    """Append rows; written in row groups of `row_group_rows`; renamed into place on `close()`.
+
+    `append` does the cheap part on the caller's thread (float16 conversion and the norm
+    statistics, on the activations' device) and hands the Parquet encoding and writing to a
+    background thread, so that the next forward pass runs meanwhile (pyarrow releases the GIL).
+    At most `max_pending` writes wait: a slow disk throttles the forward pass instead of memory
+    filling up. An error of the background thread is raised by a later `append` or by `close`.
+    """
 
     def __init__(
-        self, path: Path, d_model: int, metadata: dict, row_group_rows: int, extra_columns=()
+        self,
+        path: Path,
+        d_model: int,
+        metadata: dict,
+        row_group_rows: int,
+        extra_columns=(),
+        max_pending: int = 2,
     ):
         self.path, self.d_model = Path(path), d_model
         self.metadata = {"format_version": FORMAT_VERSION, **metadata}
@@ -64,8 +111,11 @@ class ActivationWriter:
         self.schema = schema(d_model, extra_columns)
         self._atomic = atomic_file(self.path)
         self._tmp = self._atomic.__enter__()
-        self._writer = pq.ParquetWriter(self._tmp, self.schema, compression="zstd")
-        self._buffer: dict[str, list[np.ndarray]] = {name: [] for name in self.schema.names}
+        self._writer = pq.ParquetWriter(self._tmp, self.schema, **_parquet_options(self.schema))
+        self._pool = ThreadPoolExecutor(1, thread_name_prefix=f"write {self.path.name}")
+        self._pending: deque[Future] = deque()
+        self._max_pending = max_pending
+        self._rows: list[pa.RecordBatch] = []  # appended, not yet handed to the writer thread
         self._buffered = 0
         self.n_rows = 0
         self._norm_sum = 0.0
@@ -81,48 +131,78 @@ class ActivationWriter:
         act: torch.Tensor,
         **extras: torch.Tensor,
     ) -> None:
-        half = act.detach().to("cpu", torch.float16)
-        if not torch.isfinite(half).all():
+        """Add rows; `act` and the extras may be [..., d_model] / [...] on any device, in any dtype."""
+        if {"act", *extras} != set(self.schema.names) - {"doc_id", "pos", "token_id"}:
+            raise ValueError(
+                f"append() got columns {sorted(extras)} besides act, the file has {self.schema.names}"
+            )
+        # convert on the activations' device: the copy to the host is then half as large
+        half = act.detach().to(torch.float16).reshape(-1, self.d_model)
+        self._add_statistics(half)
+        columns = {"doc_id": doc_id, "pos": pos, "token_id": token_id, "act": half.cpu().numpy()}
+        for name, value in extras.items():
+            shape = (-1, self.d_model) if EXTRA_COLUMNS[name]["vector"] else (-1,)
+            columns[name] = value.detach().to(torch.float32).reshape(shape).cpu().numpy()
+        self._rows.append(self._record_batch(columns))
+        self._buffered += len(doc_id)
+        if self._buffered >= self.row_group_rows:
+            self._flush(self._buffered // self.row_group_rows * self.row_group_rows)
+
+    def _add_statistics(self, half: torch.Tensor) -> None:
+        """Accumulate the norm statistics of exactly the stored (float16) values.
+
+        Computed where the activations are and fetched in one transfer (one sync on a GPU);
+        float32 per append, float64 across appends (a float64 sum over rows is 10x slower).
+        """
+        stored = half.float()
+        norms = torch.linalg.vector_norm(stored, dim=1).double()  # inf/nan where a value is
+        sums = torch.cat([norms.sum()[None], norms.square().sum()[None], stored.sum(0).double()])
+        sums = sums.cpu()
+        if not torch.isfinite(sums[:2]).all():
             raise DataError(
                 f"{self.path}: activations overflow float16 (|x| > 65504) or are not finite; "
                 "the checkpoint or model_dtype is likely broken"
             )
-        stored = half.double()  # statistics of exactly what the reader will see
-        norms_sq = stored.pow(2).sum(dim=1)
-        self._norm_sum += norms_sq.sqrt().sum().item()
-        self._sq_norm_sum += norms_sq.sum().item()
-        self._sum += stored.sum(dim=0)
-        columns = {"doc_id": doc_id, "pos": pos, "token_id": token_id, "act": half.numpy()}
-        columns |= {k: v.detach().to("cpu", torch.float32).numpy() for k, v in extras.items()}
-        if set(columns) != set(self._buffer):
-            raise ValueError(
-                f"append() got columns {sorted(columns)}, the file has {self.schema.names}"
-            )
-        for name, values in columns.items():
-            self._buffer[name].append(values)
-        self._buffered += len(doc_id)
-        while self._buffered >= self.row_group_rows:
-            self._flush(self.row_group_rows)
+        self._norm_sum += sums[0].item()
+        self._sq_norm_sum += sums[1].item()
+        self._sum += sums[2:]
 
-    def _flush(self, n: int) -> None:
+    def _record_batch(self, columns: dict[str, np.ndarray]) -> pa.RecordBatch:
         arrays = []
         for field in self.schema:
-            values = np.concatenate(self._buffer[field.name])
-            self._buffer[field.name] = [values[n:]] if len(values) > n else []
-            head = values[:n]
-            if isinstance(field.type, pa.FixedSizeListType):
+            values = columns[field.name]
+            if isinstance(field.type, pa.FixedSizeListType):  # zero-copy views of the numpy data
                 arrays.append(
-                    pa.FixedSizeListArray.from_arrays(pa.array(head.reshape(-1)), self.d_model)
+                    pa.FixedSizeListArray.from_arrays(pa.array(values.reshape(-1)), type=field.type)
                 )
             else:
-                arrays.append(pa.array(head))
-        self._writer.write_table(pa.table(arrays, schema=self.schema))
+                arrays.append(pa.array(values, type=field.type))
+        return pa.RecordBatch.from_arrays(arrays, schema=self.schema)
+
+    def _flush(self, n: int) -> None:
+        """Hand the first n buffered rows to the writer thread (no copy: a table of slices)."""
+        table = pa.Table.from_batches(self._rows, schema=self.schema)
+        rest = table.slice(n)
+        self._rows = rest.to_batches() if rest.num_rows else []
         self._buffered -= n
         self.n_rows += n
+        # .result() re-raises an error of the writer thread; waiting bounds the rows in memory
+        while self._pending and (
+            len(self._pending) >= self._max_pending or self._pending[0].done()
+        ):
+            self._pending.popleft().result()
+        self._pending.append(
+            self._pool.submit(
+                self._writer.write_table, table.slice(0, n), row_group_size=self.row_group_rows
+            )
+        )
 
     def close(self) -> dict:
         if self._buffered:
             self._flush(self._buffered)
+        while self._pending:
+            self._pending.popleft().result()
+        self._pool.shutdown()
         if self.n_rows == 0:
             raise DataError(f"{self.path}: no activations to write")
         mean = self._sum / self.n_rows
@@ -142,7 +222,9 @@ class ActivationWriter:
         """Discard everything written so far (no-op once closed)."""
         if self._open:
             self._open = False
-            self._writer.close()
+            self._pool.shutdown(cancel_futures=True)  # waits for a write in progress
+            with contextlib.suppress(Exception):  # the file is discarded: its errors do not matter
+                self._writer.close()
             self._atomic.__exit__(RuntimeError, RuntimeError("aborted"), None)
 
 
@@ -152,7 +234,8 @@ class ActivationFile:
     def __init__(self, path: str | Path):
         self.path = Path(path)
         try:
-            self._file = pq.ParquetFile(self.path)
+            self._source = pa.memory_map(str(self.path))  # shared by all threads' readers
+            self._file = pq.ParquetFile(self._source)
             meta = self._file.metadata.metadata or {}  # file footer key-value metadata
             self.metadata = json.loads(meta[METADATA_KEY])
         except FileNotFoundError:
@@ -179,7 +262,22 @@ class ActivationFile:
         self.d_model = act.list_size
         self.n_rows = self._file.metadata.num_rows
         self.num_row_groups = self._file.num_row_groups
+        self._row_group_rows = [
+            self._file.metadata.row_group(i).num_rows for i in range(self.num_row_groups)
+        ]
         self.columns = names
+        self._local = threading.local()  # a ParquetFile per decoding thread (see _parquet)
+        self._local.file = self._file
+
+    def _parquet(self) -> pq.ParquetFile:
+        """This thread's reader: sharing one ParquetFile across threads is not documented as safe.
+
+        They all read one memory map (Arrow's reads at an offset are thread-safe), so the pages of
+        the file are mapped once, not once per thread.
+        """
+        if not hasattr(self._local, "file"):
+            self._local.file = pq.ParquetFile(self._source, metadata=self._file.metadata)
+        return self._local.file
 
     def input_scale(self, scheme: str) -> float:
         """The factor the trainer multiplies inputs by (see TrainingConfig.input_scaling)."""
@@ -199,22 +297,18 @@ class ActivationFile:
             )
 
     def read_row_group(self, i: int, columns=("act",)) -> dict[str, np.ndarray]:
+        """One row group as arrays ([rows, d] for vector columns), read-only views where possible.
+
+        No Arrow threads: they parallelise over columns, and with one column only add hand-offs
+        (measured 1.5x slower); `shuffled` decodes several row groups at once instead.
+        """
         try:
-            table = self._file.read_row_group(i, columns=list(columns))
-        except (OSError, pa.ArrowInvalid) as e:
+            table = self._parquet().read_row_group(i, columns=list(columns), use_threads=False)
+        except (OSError, pa.ArrowException) as e:  # ArrowException: also absurd sizes in a header
             raise DataError(
                 f"{self.path}: row group {i} is unreadable ({e}); the file is corrupt"
             ) from None
-        out = {}
-        for name in columns:
-            col = table.column(name).combine_chunks()
-            if isinstance(col.type, pa.FixedSizeListType):
-                out[name] = col.values.to_numpy(zero_copy_only=False).reshape(
-                    -1, col.type.list_size
-                )
-            else:
-                out[name] = col.to_numpy()
-        return out
+        return {name: _to_numpy(table.column(name)) for name in columns}
 
     def batches(self, batch_size: int, columns=("act",)) -> Iterator[dict[str, np.ndarray]]:
         """All rows once, in file order, as dicts of arrays (the last batch may be smaller)."""
@@ -240,30 +334,144 @@ class ActivationFile:
             yield torch.from_numpy(b["act"]).float()
 
     def shuffled(
-        self, batch_size: int, seed: int, columns=("act",), buffer_row_groups: int = 4
+        self,
+        batch_size: int,
+        seed: int,
+        columns=("act",),
+        buffer_row_groups: int = 4,
+        prefetch: int = 1,
+        decode_threads: int | None = None,
     ) -> Iterator[dict[str, torch.Tensor]]:
-        """Endless batches {column: float32 tensor} in a seeded shuffled order, epoch after epoch."""
+        """Endless batches {column: float32 tensor} in a seeded shuffled order, epoch after epoch.
+
+        Row groups come in a seeded random order, `buffer_row_groups` at a time; the rows of each
+        buffer (with the previous buffer's leftover) are shuffled and cut into batches. A background
+        thread reads and decodes the next buffers while the caller computes: `prefetch` of them wait
+        in a queue, one more is being read (its row groups in parallel on `decode_threads` threads,
+        by default one per row group of a buffer, up to the CPU count); `prefetch=0` reads on the
+        caller's thread. All random draws happen in one fixed sequence, so the batches depend on
+        the seed only, never on thread timing.
+        """
         self._check_columns(columns)
+        decode_threads = decode_threads or min(buffer_row_groups, os.cpu_count() or 1)
+        buffers = self._shuffled_buffers(
+            batch_size, seed, columns, buffer_row_groups, decode_threads
+        )
+        if prefetch:
+            buffers = _in_background(buffers, prefetch, name=f"read {self.path.name}")
+        with contextlib.closing(buffers):  # closing this generator stops the threads at once
+            for rows, order in buffers:
+                for start in range(0, len(order), batch_size):
+                    index = order[start : start + batch_size]
+                    # one gather and one conversion per batch, the only copies on this thread
+                    yield {c: v.index_select(0, index).float() for c, v in rows.items()}
+
+    def _shuffled_buffers(
+        self, batch_size: int, seed: int, columns, buffer_row_groups: int, decode_threads: int
+    ) -> Iterator[tuple[dict[str, torch.Tensor], torch.Tensor]]:
+        """(rows, order) per buffer: the batches are rows[order[b : b + batch_size]]."""
         rng = np.random.default_rng(seed)
-        leftover: dict[str, np.ndarray] | None = None
-        while True:
-            order = rng.permutation(self.num_row_groups)
-            for start in range(0, len(order), buffer_row_groups):
-                parts = [
-                    self.read_row_group(i, columns)
-                    for i in order[start : start + buffer_row_groups]
-                ]
-                if leftover is not None:
-                    parts.insert(0, leftover)
-                rows = {c: np.concatenate([p[c] for p in parts]) for c in columns}
-                perm = rng.permutation(len(rows[columns[0]]))
-                rows = {c: v[perm] for c, v in rows.items()}
-                n_full = len(perm) // batch_size * batch_size
-                for b in range(0, n_full, batch_size):
-                    yield {
-                        c: torch.from_numpy(v[b : b + batch_size]).float() for c, v in rows.items()
-                    }
-                leftover = {c: v[n_full:] for c, v in rows.items()}
+        leftover = self._no_rows(columns)
+        with ThreadPoolExecutor(
+            decode_threads, thread_name_prefix=f"decode {self.path.name}"
+        ) as pool:
+            while True:
+                groups = rng.permutation(self.num_row_groups)
+                for start in range(0, len(groups), buffer_row_groups):
+                    chunk = groups[start : start + buffer_row_groups]
+                    rows = self._read_buffer(chunk, columns, leftover, pool)
+                    perm = rng.permutation(len(rows[columns[0]]))
+                    n_full = len(perm) // batch_size * batch_size
+                    leftover = {c: v[perm[n_full:]] for c, v in rows.items()}
+                    yield (
+                        {c: torch.from_numpy(v) for c, v in rows.items()},
+                        torch.from_numpy(perm[:n_full]),
+                    )
+
+    def _read_buffer(self, groups, columns, leftover, pool) -> dict[str, np.ndarray]:
+        """`leftover`, then the row groups, in one array per column.
+
+        The row groups are decoded in parallel, each thread copying its rows into place while they
+        are still in its cache (a concatenate afterwards would be one more pass over the buffer).
+        """
+        sizes = [self._row_group_rows[i] for i in groups]
+        offsets = np.cumsum([len(leftover[columns[0]]), *sizes])
+        rows = {c: np.empty((offsets[-1], *v.shape[1:]), v.dtype) for c, v in leftover.items()}
+        for c, v in leftover.items():
+            rows[c][: offsets[0]] = v
+
+        def decode(k: int) -> None:
+            part = self.read_row_group(groups[k], columns)
+            for c in columns:
+                rows[c][offsets[k] : offsets[k + 1]] = part[c]
+
+        for _ in pool.map(decode, range(len(groups))):  # in order: the first error is raised
+            pass
+        return rows
+
+    def _no_rows(self, columns) -> dict[str, np.ndarray]:
+        """Empty arrays of the dtypes and shapes that read_row_group returns."""
+        out = {}
+        for c in columns:
+            kind = self._file.schema_arrow.field(c).type
+            if isinstance(kind, pa.FixedSizeListType):
+                out[c] = np.empty((0, kind.list_size), kind.value_type.to_pandas_dtype())
+            else:
+                out[c] = np.empty(0, kind.to_pandas_dtype())
+        return out
+
+
+def _to_numpy(column: pa.ChunkedArray) -> np.ndarray:
+    """A column as numpy without copying where pyarrow allows it ([rows, d] for vectors)."""
+    array = column.chunk(0) if column.num_chunks == 1 else column.combine_chunks()
+    if isinstance(array.type, pa.FixedSizeListType):
+        values = array.flatten().to_numpy(zero_copy_only=False)  # flatten() honours slice offsets
+        return values.reshape(-1, array.type.list_size)
+    return array.to_numpy(zero_copy_only=False)
+
+
+def _in_background(items: Iterator, depth: int, name: str) -> Iterator:
+    """Iterate `items` on a daemon thread, at most `depth` items ahead of the consumer.
+
+    An exception in the thread is raised here, in the consumer. Closing this generator (or
+    dropping it) stops the thread: it checks `stop` while it waits for room in the queue.
+    """
+    ready: queue.Queue = queue.Queue(maxsize=depth)
+    stop = threading.Event()
+
+    def put(item) -> bool:
+        while not stop.is_set():
+            try:
+                ready.put(item, timeout=0.05)
+                return True
+            except queue.Full:
+                pass
+        return False
+
+    def run() -> None:
+        try:
+            for item in items:
+                if not put(item):
+                    return
+            put(_END)
+        except BaseException as e:  # noqa: BLE001 - handed over, raised by the consumer
+            put(e)
+        finally:
+            items.close()
+
+    thread = threading.Thread(target=run, name=name, daemon=True)
+    thread.start()
+    try:
+        while (item := ready.get()) is not _END:
+            if isinstance(item, BaseException):
+                raise item
+            yield item
+    finally:
+        stop.set()
+        thread.join()
+
+
+_END = object()  # the end of a finite stream in _in_background
 
 
 # ---- caching ----------------------------------------------------------------------------------------
@@ -429,13 +637,11 @@ def cache_activations(
                     docs = np.repeat(doc_ids[start : start + b].astype(np.int32), ctx - first)
                     toks = windows[start : start + b, first:].reshape(-1).astype(np.int32)
                     for layer, writer in writers.items():
-                        acts = captured[layer].detach()[:, first:].reshape(-1, d_model)
-                        per_layer = dict(columns)
+                        # unflattened slices: the writer's float16 conversion makes the one copy
+                        per_layer = {name: v[:, first:] for name, v in columns.items()}
                         if want_grad:
-                            per_layer["lm_grad"] = grad_of[layer][:, first:].reshape(-1, d_model)
-                        if "lm_entropy" in per_layer:
-                            per_layer["lm_entropy"] = per_layer["lm_entropy"][:, first:].reshape(-1)
-                        writer.append(docs, pos, toks, acts, **per_layer)
+                            per_layer["lm_grad"] = grad_of[layer][:, first:]
+                        writer.append(docs, pos, toks, captured[layer][:, first:], **per_layer)
                     captured.clear()
                 if split == "eval":
                     lm_stats = {"lm_eval_loss": loss_sum / loss_count, "lm_eval_tokens": loss_count}

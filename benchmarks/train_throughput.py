@@ -18,14 +18,15 @@ from __future__ import annotations
 
 import argparse
 import logging
+import sys
 import tempfile
 import time
 from pathlib import Path
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))  # runs without installing
 from saedynamics.config import TrainingConfig
 from saedynamics.metrics.reconstruction import batch_fvu
 from saedynamics.saes import REGISTRY, load, sparse
@@ -127,6 +128,7 @@ def main() -> None:
     p.add_argument("--true-k", type=int, default=32)
     p.add_argument("--device", default="cpu")
     p.add_argument("--skip-saelens", action="store_true")
+    p.add_argument("--with-dense", action="store_true", help="also time our dense path")
     args = p.parse_args()
     logging.basicConfig(level=logging.WARNING)
 
@@ -139,7 +141,7 @@ def main() -> None:
     )
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
-        for mode in ("auto", "dense"):
+        for mode in ("auto", "dense") if args.with_dense else ("auto",):
             seconds, sae = run_ours(args, train, Path(tmp), mode)
             rows.append((f"saedynamics ({mode} path, {args.seeds} seeds together)", seconds, sae))
     if not args.skip_saelens:
@@ -149,7 +151,7 @@ def main() -> None:
         seconds, sae = run_saelens(args, train, sparse_activations=args.device != "cpu")
         rows.append((f"SAELens {sae_lens.__version__}", seconds, sae))
 
-    reference = rows[2] if len(rows) > 2 else rows[1]
+    reference = rows[-1]  # SAELens, or the last of ours with --skip-saelens
     ref_fvu = fvu(reference[2], held_out)
     print(f"\n{'trainer':58s} {'tokens/s':>9s} {'x ref':>6s} {'FVU':>7s} {'dFVU %':>7s}")
     for label, seconds, sae in rows:

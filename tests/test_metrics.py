@@ -11,14 +11,18 @@ import torch
 from scipy.optimize import minimize_scalar
 
 from saedynamics.metrics.consistency import (
+    DENSE_BELOW,
     compare,
     match,
+    match_dense,
+    match_sparse,
     max_cosine,
     mcc,
     null_baseline,
     pw_mcc,
     shared_fraction,
     shared_latents,
+    unit_rows,
 )
 from saedynamics.metrics.reconstruction import batch_fvu, evaluate
 from saedynamics.metrics.superposition import effective_features
@@ -67,6 +71,71 @@ def test_matching_recovers_a_permutation_and_uses_signed_cosine():
     assert mcc(np.array([[1.0, 2.0]]), np.array([[-1.0, -2.0]])) == pytest.approx(-1.0)
     assert mcc(a, -a) < 0.9
     assert max_cosine(a, b) == pytest.approx(1.0)
+
+
+def assert_same_optimum(a, b, candidates=64, same_partner=False):
+    """match_sparse against SciPy's dense solver; returns match_sparse's stats."""
+    partner, cos, stats = match_sparse(a, b, candidates)
+    dense_partner, dense_cos = match_dense(a, b)
+    assert np.nanmean(cos) == pytest.approx(np.nanmean(dense_cos), abs=1e-6)
+    assert np.array_equal(partner < 0, dense_partner < 0)
+    assert len(set(partner[partner >= 0])) == (partner >= 0).sum()  # one-to-one
+    rows = np.flatnonzero(partner >= 0)  # the cosines are the matched pairs', in float64
+    assert np.allclose(cos[rows], (unit_rows(a)[rows] * unit_rows(b)[partner[rows]]).sum(1))
+    if same_partner:
+        assert np.array_equal(partner, dense_partner)
+    return stats
+
+
+def noisy_permutation(rng, n, d, noise):
+    a = rng.normal(size=(n, d))
+    return a, a[rng.permutation(n)] + noise * rng.normal(size=(n, d))
+
+
+def test_sparse_matching_equals_dense_on_a_noisy_permutation():
+    # a dictionary and a noisy permutation of it (matched cosines ~0.9), a fifth of it replaced
+    # by fresh rows without a partner: a unique optimum
+    rng = np.random.default_rng(10)
+    a, b = noisy_permutation(rng, 1200, 32, noise=0.5)
+    b[:240] = rng.normal(size=(240, 32))
+    assert_same_optimum(a, b, same_partner=True)
+    # above the cut-off `match` is the sparse solver
+    assert len(a) >= DENSE_BELOW and np.array_equal(match(a, b)[0], match_dense(a, b)[0])
+
+
+@pytest.mark.parametrize("candidates", [2, 8, 64])
+def test_sparse_matching_equals_dense_on_random_dictionaries(candidates):
+    # no structure, many near-ties: a few candidates per row miss optimal pairs
+    rng = np.random.default_rng(candidates)
+    a, b = rng.normal(size=(800, 8)), rng.normal(size=(800, 8))
+    stats = assert_same_optimum(a, b, candidates)
+    if candidates < 64:
+        assert stats.added > 0 and stats.rounds > 1  # the certificate had to act
+
+
+def test_sparse_matching_certificate_repairs_a_crowded_candidate_graph():
+    # 40 rows of a all point (almost) at one row of b and keep only that candidate: the candidate
+    # graph has no full matching (fallback pairs complete it) and its optimum is not the full one
+    rng = np.random.default_rng(11)
+    a, b = noisy_permutation(rng, 600, 64, noise=0.3)
+    a[:40] = 10 * np.eye(64)[0] + rng.normal(size=(40, 64)) * 0.1
+    b[0] = np.eye(64)[0]
+    stats = assert_same_optimum(a, b)
+    assert stats.rounds > 1 and stats.added > 0
+
+
+def test_sparse_matching_rectangular_and_zero_rows():
+    rng = np.random.default_rng(12)
+    wide, narrow = rng.normal(size=(900, 16)), rng.normal(size=(600, 16))
+    for a, b in [(wide, narrow), (narrow, wide)]:
+        partner, _, _ = match_sparse(a, b)
+        assert (partner < 0).sum() == len(a) - 600
+        assert_same_optimum(a, b)
+    # all-zero rows (cosine 0 with everything) on both sides: many exact ties
+    a, b = noisy_permutation(rng, 700, 16, noise=0.5)
+    a[:50], b[-80:] = 0, 0
+    assert_same_optimum(a, b)
+    assert_same_optimum(b, a)
 
 
 def test_pw_mcc_averages_all_pairs():
@@ -302,6 +371,26 @@ def test_spliced_scores_identity_one_zero_zero(first_position):
     ] == pytest.approx(0.0, abs=1e-9)
     assert out["kl_zero"] > 0 and noisy["kl_sae"] > 0  # a damaged reconstruction scores in between
     assert out["n_tokens"] == 6 * 19
+
+
+def test_every_architecture_splices_into_the_model():
+    """The splice hook hands SAEs [tokens, d] as in training, whatever the architecture."""
+    from saedynamics.metrics.reconstruction import spliced_scores
+    from saedynamics.saes import REGISTRY
+
+    from .conftest import tiny_neox
+
+    model = tiny_neox(300, seed=1)
+    ids = torch.randint(0, 300, (3, 12), generator=torch.Generator().manual_seed(2))
+    saes = {}
+    for name, cls in REGISTRY.items():
+        hyper = {"k": 4} if "k" in cls.Config.model_fields else {}
+        saes[name] = cls(
+            32, 64, cls.Config(architecture=name, **hyper), torch.Generator().manual_seed(0)
+        ).eval()
+    out = spliced_scores(model, model.gpt_neox.layers[0], ids, saes, 1, batch_sequences=2)
+    assert set(out["saes"]) == set(REGISTRY)
+    assert all(np.isfinite(v["ce_loss_score"]) for v in out["saes"].values())
 
 
 def test_compare_latent_masks_follow_the_partner():

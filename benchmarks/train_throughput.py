@@ -6,7 +6,8 @@
 Data: trained-like activations from a known dictionary (`--true-latents` unit directions, each
 token a sum of `--true-k` of them with Zipf-distributed frequencies and |N(0,1)| magnitudes, plus
 Gaussian noise), the same arrays for both libraries. Hyperparameters: Adam at the same lr and
-betas, constant lr, gradient clipping at 1, AuxK at 1/32, no input normalisation, batch 4096.
+betas, constant lr, gradient clipping at 1, AuxK at 1/32, b_dec starting at 0, no input
+normalisation, batch 4096.
 
 saedynamics runs its real trainer (`training.train_saes`: Parquet reader, every seed on the same
 batch, export); SAELens runs its `SAETrainer` on the same batches already in memory (the advantage
@@ -68,7 +69,9 @@ def run_ours(args, train: torch.Tensor, workdir: Path, mode: str):
         device=args.device,
         sparse_path=mode,
     )
-    arch = REGISTRY["topk"].Config(architecture="topk", k=args.k, lr=args.lr, aux_alpha=1 / 32)
+    arch = REGISTRY["topk"].Config(
+        architecture="topk", k=args.k, lr=args.lr, aux_alpha=1 / 32, b_dec_init=args.b_dec_init
+    )
     out = workdir / f"ours-{mode}"
     started = time.perf_counter()
     train_saes(training, "topk", arch, data, out, {"study": "bench", "step": 0, "layer": 0}, {})
@@ -129,6 +132,12 @@ def main() -> None:
     p.add_argument("--device", default="cpu")
     p.add_argument("--skip-saelens", action="store_true")
     p.add_argument("--with-dense", action="store_true", help="also time our dense path")
+    p.add_argument(
+        "--b-dec-init",
+        default="zero",
+        choices=["zero", "geometric_median"],
+        help="ours; zero as SAELens (our TopK default: the geometric median)",
+    )
     args = p.parse_args()
     logging.basicConfig(level=logging.WARNING)
 

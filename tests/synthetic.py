@@ -14,6 +14,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from saedynamics.activations import ActivationFile, ActivationWriter
 from saedynamics.config import TrainingConfig
 from saedynamics.metrics.consistency import mcc
 from saedynamics.saes import REGISTRY, load
@@ -74,3 +75,33 @@ def recovery(
     finally:
         torch.set_num_threads(threads)
     return [mcc(load(out / f"seed{s}").W_dec, a_true) for s in seeds]
+
+
+def make_sae(name: str, d_in=8, d_sae=32, seed=0, **hyper):
+    """A registered architecture with `hyper`, its init drawn from `seed`."""
+    cls = REGISTRY[name]
+    return cls(
+        d_in,
+        d_sae,
+        cls.Config(architecture=name, **hyper),
+        generator=torch.Generator().manual_seed(seed),
+    )
+
+
+def k_if_any(name: str, k: int) -> dict:
+    """{"k": k} for architectures with a k hyperparameter, {} for the others."""
+    return {"k": k} if "k" in REGISTRY[name].Config.model_fields else {}
+
+
+def indexed_activation_file(path, n=1000, d=4, row_group=64) -> ActivationFile:
+    """Activation file whose first coordinate is the row index (exact in float16 below 2048)."""
+    writer = ActivationWriter(path, d, {"step": 0, "layer": 0}, row_group)
+    act = torch.zeros(n, d)
+    act[:, 0] = torch.arange(n)
+    act[:, 1:] = torch.randn(n, d - 1, generator=torch.Generator().manual_seed(0))
+    idx = np.arange(n, dtype=np.int32)
+    for start in range(0, n, 37):  # appends that do not align with row groups
+        sl = slice(start, start + 37)
+        writer.append(idx[sl], idx[sl], idx[sl], act[sl])
+    writer.close()
+    return ActivationFile(path)

@@ -18,18 +18,7 @@ import torch
 from saedynamics.activations import ActivationFile, ActivationWriter
 from saedynamics.errors import DataError
 
-
-def indexed_file(path, n=1000, d=4, row_group=64) -> ActivationFile:
-    """Activation file whose first coordinate is the row index (exact in float16 below 2048)."""
-    writer = ActivationWriter(path, d, {"step": 0, "layer": 0}, row_group)
-    act = torch.randn(n, d, generator=torch.Generator().manual_seed(0))
-    act[:, 0] = torch.arange(n)
-    idx = np.arange(n, dtype=np.int32)
-    for start in range(0, n, 37):  # appends that do not align with row groups
-        sl = slice(start, start + 37)
-        writer.append(idx[sl], idx[sl], idx[sl], act[sl])
-    writer.close()
-    return ActivationFile(path)
+from .synthetic import indexed_activation_file as indexed_file
 
 
 def reference_order(f: ActivationFile, batch_size, seed, buffer_row_groups, n_batches):

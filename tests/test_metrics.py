@@ -379,15 +379,13 @@ def test_every_architecture_splices_into_the_model():
     from saedynamics.saes import REGISTRY
 
     from .conftest import tiny_neox
+    from .synthetic import k_if_any, make_sae
 
     model = tiny_neox(300, seed=1)
     ids = torch.randint(0, 300, (3, 12), generator=torch.Generator().manual_seed(2))
     saes = {}
-    for name, cls in REGISTRY.items():
-        hyper = {"k": 4} if "k" in cls.Config.model_fields else {}
-        saes[name] = cls(
-            32, 64, cls.Config(architecture=name, **hyper), torch.Generator().manual_seed(0)
-        ).eval()
+    for name in REGISTRY:
+        saes[name] = make_sae(name, 32, 64, **k_if_any(name, 4)).eval()
     out = spliced_scores(model, model.gpt_neox.layers[0], ids, saes, 1, batch_sequences=2)
     assert set(out["saes"]) == set(REGISTRY)
     assert all(np.isfinite(v["ce_loss_score"]) for v in out["saes"].values())

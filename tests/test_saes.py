@@ -20,17 +20,8 @@ from saedynamics.saes.base import (
 )
 from saedynamics.saes.topk import topk_codes
 
+from .synthetic import make_sae as make
 from .synthetic import recovery
-
-
-def make(name: str, d_in=8, d_sae=32, seed=0, **hyper):
-    cls = REGISTRY[name]
-    return cls(
-        d_in,
-        d_sae,
-        cls.Config(architecture=name, **hyper),
-        generator=torch.Generator().manual_seed(seed),
-    )
 
 
 def test_registry_has_the_architectures():

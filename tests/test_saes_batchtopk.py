@@ -20,20 +20,14 @@ from safetensors.torch import load_file
 from saedynamics.saes import REGISTRY, TrainStep, load
 from saedynamics.saes.batchtopk import batch_topk_codes, zipf_targets
 from saedynamics.saes.feature_choice import capacities, feature_choice_codes
-from tests.synthetic import recovery, sparse_dataset
+from tests.synthetic import make_sae, recovery, sparse_dataset
 
 FAMILY = ["batchtopk", "mutual_choice", "feature_choice", "matryoshka"]
 SAELENS_ATOL = 1e-5  # float32; SAELens orders its floating-point operations differently
 
 
 def make(name: str, d_in=8, d_sae=32, seed=0, **hyper):
-    cls = REGISTRY[name]
-    return cls(
-        d_in,
-        d_sae,
-        cls.Config(architecture=name, **{"k": 3, **hyper}),
-        generator=torch.Generator().manual_seed(seed),
-    )
+    return make_sae(name, d_in, d_sae, seed, **{"k": 3, **hyper})
 
 
 def randomise(sae, seed=0):

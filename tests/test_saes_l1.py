@@ -12,6 +12,7 @@ from safetensors.torch import load_file
 
 from saedynamics.saes import REGISTRY, TrainStep, load
 from saedynamics.saes.jumprelu import JumpReLU, Step
+from tests.synthetic import make_sae as make
 from tests.synthetic import recovery
 
 NAMES = ["relu_2023", "jumprelu", "gated"]
@@ -29,16 +30,6 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
-
-
-def make(name: str, d_in=8, d_sae=32, seed=0, **hyper):
-    cls = REGISTRY[name]
-    return cls(
-        d_in,
-        d_sae,
-        cls.Config(architecture=name, **hyper),
-        generator=torch.Generator().manual_seed(seed),
-    )
 
 
 @torch.no_grad()

@@ -17,17 +17,9 @@ from saedynamics.saes.atm import STATISTICS
 from saedynamics.saes.base import LossOutput, normalise_rows_
 from saedynamics.saes.topk import topk_codes
 
+from .synthetic import make_sae as make
+
 SAELENS_ATOL = 1e-5  # float32; SAELens orders its floating-point operations differently
-
-
-def make(name: str, d_in=8, d_sae=32, seed=0, **hyper):
-    cls = REGISTRY[name]
-    return cls(
-        d_in,
-        d_sae,
-        cls.Config(architecture=name, **hyper),
-        generator=torch.Generator().manual_seed(seed),
-    )
 
 
 def perturb(sae, seed=0):

@@ -16,6 +16,7 @@ from torch.distributions import Normal, kl_divergence
 
 from saedynamics.saes import REGISTRY, TrainStep, load
 from saedynamics.saes.adaptivek import RIDGE_LAMBDAS, ridge_cv, ridge_fit
+from tests.synthetic import make_sae as make
 from tests.synthetic import recovery
 
 
@@ -23,16 +24,6 @@ from tests.synthetic import recovery
 def _global_seed():
     """Random test tensors independent of test order."""
     torch.manual_seed(0)
-
-
-def make(name: str, d_in=8, d_sae=32, seed=0, **hyper):
-    cls = REGISTRY[name]
-    return cls(
-        d_in,
-        d_sae,
-        cls.Config(architecture=name, **hyper),
-        generator=torch.Generator().manual_seed(seed),
-    )
 
 
 def randomise(sae, decoder_norms=True):

@@ -14,6 +14,8 @@ import torch
 from saedynamics.saes import REGISTRY, TrainStep, sparse
 from saedynamics.saes.sparse import codes_matmul, linear
 
+from .synthetic import k_if_any, make_sae
+
 # every architecture whose codes are top-k sparse
 TOPK_FAMILY = ["topk", "batchtopk", "mutual_choice", "vsae", "matryoshka", "adaptivek", "topafa"]
 
@@ -34,20 +36,17 @@ def assert_close(a, b, what):
 
 @pytest.mark.parametrize("name", sorted(REGISTRY))
 def test_sparse_and_dense_paths_agree(name):
-    cls = REGISTRY[name]
-    hyper = {"k": 4} if "k" in cls.Config.model_fields else {}
+    hyper = k_if_any(name, 4)
     if name == "matryoshka":
         hyper["group_fractions"] = [0.25, 0.25, 0.5]
-    sae = cls(
-        16, 64, cls.Config(architecture=name, **hyper), generator=torch.Generator().manual_seed(0)
-    )
+    sae = make_sae(name, 16, 64, **hyper)
     gen = torch.Generator().manual_seed(1)
     x = torch.randn(128, 16, generator=gen)
     extras = {
         "lm_entropy": torch.rand(128, generator=gen),
         "lm_grad": torch.randn(128, 16, generator=gen) * 0.01,
     }
-    extras = {c: extras[c] for c in cls.requires}
+    extras = {c: extras[c] for c in sae.requires}
     sae.init_from_sample(x, extras)
     sae.tokens_since_fired[::3] = 10**9  # some dead latents, so AuxK takes part
     dense_out, dense = gradients(sae, x, extras, "dense")

@@ -34,6 +34,7 @@ from saedynamics.saes import REGISTRY, load
 from saedynamics.training import lr_multiplier, train_saes
 
 from .conftest import HUB_REPO_ID, hub_config, tiny_neox
+from .synthetic import indexed_activation_file as synthetic_file
 
 # ---- corpus and tokens -------------------------------------------------------------------------------
 
@@ -177,20 +178,6 @@ def test_activation_cache_round_trip(hub_activations):
                 normed = model.gpt_neox.final_layer_norm(torch.from_numpy(stored))
             assert torch.allclose(normed, final, atol=2e-2)
     assert stats["lm_eval_loss"] == pytest.approx(out.loss.item(), rel=1e-5)
-
-
-def synthetic_file(path, n=1000, d=4, row_group=64):
-    """Activation file whose first coordinate is the row index (exact in float16 below 2048)."""
-    writer = ActivationWriter(path, d, {"step": 0, "layer": 0}, row_group)
-    act = torch.zeros(n, d)
-    act[:, 0] = torch.arange(n)
-    act[:, 1:] = torch.randn(n, d - 1, generator=torch.Generator().manual_seed(0))
-    idx = np.arange(n, dtype=np.int32)
-    for start in range(0, n, 37):  # appends that do not align with row groups
-        sl = slice(start, start + 37)
-        writer.append(idx[sl], idx[sl], idx[sl], act[sl])
-    writer.close()
-    return ActivationFile(path)
 
 
 def test_reader_streams_a_seeded_shuffle(tmp_path, monkeypatch):

@@ -10,7 +10,7 @@ from saedynamics.config import TrainingConfig
 from saedynamics.saes import REGISTRY, load
 from saedynamics.training import train_saes
 
-from .synthetic import sparse_dataset
+from .synthetic import k_if_any, make_sae, sparse_dataset
 
 
 def train(tmp_path, name="topk", observe=None, **training):
@@ -30,7 +30,7 @@ def train(tmp_path, name="topk", observe=None, **training):
         }
     )
     out = tmp_path / f"{name}-{len(list(tmp_path.iterdir()))}"
-    arch = cls.Config(architecture=name, **({"k": 4} if "k" in cls.Config.model_fields else {}))
+    arch = cls.Config(architecture=name, **k_if_any(name, 4))
     train_saes(config, name, arch, data, out, {"study": "t", "step": 0, "layer": 0}, {}, observe)
     return out
 
@@ -53,7 +53,7 @@ def test_bf16_autocast_keeps_fp32_weights_and_optimizer_state(tmp_path):
 
 def test_bf16_autocast_computes_in_bf16(tmp_path):
     """Under the trainer's autocast the encoder product really is bf16 (else the flag is inert)."""
-    sae = REGISTRY["topk"](16, 64, REGISTRY["topk"].Config(architecture="topk", k=4))
+    sae = make_sae("topk", 16, 64, k=4)
     with torch.autocast("cpu", dtype=torch.bfloat16):
         assert sae.pre_acts(torch.randn(8, 16)).dtype == torch.bfloat16
 

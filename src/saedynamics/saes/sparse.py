@@ -59,13 +59,11 @@ def _use_sparse(t: Tensor, other_dim: int) -> bool:
     return torch.count_nonzero(t).item() <= DENSITY_LIMIT * t.numel()
 
 
-def _nonzeros(t: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    """(rows, cols, values, offsets) of the non-zeros of t [B, n], row-major; offsets[b] is
-    where row b starts, the layout `embedding_bag` takes."""
-    rows, cols = t.nonzero(as_tuple=True)
-    offsets = torch.zeros(t.shape[0], dtype=torch.long, device=t.device)
-    offsets[1:] = torch.bincount(rows, minlength=t.shape[0]).cumsum(0)[:-1]
-    return rows, cols, t[rows, cols], offsets
+def _bag_offsets(bag_of_entry: Tensor, n_bags: int) -> Tensor:
+    """Where each bag starts among entries sorted by bag (the `offsets` of `embedding_bag`)."""
+    offsets = torch.zeros(n_bags, dtype=torch.long, device=bag_of_entry.device)
+    offsets[1:] = torch.bincount(bag_of_entry, minlength=n_bags).cumsum(0)[:-1]
+    return offsets
 
 
 def _bag_sum(indices: Tensor, table: Tensor, offsets: Tensor, weights: Tensor) -> Tensor:
@@ -81,8 +79,8 @@ def codes_matmul(codes: Tensor, weight: Tensor) -> Tensor:
     """
     if codes.dim() != 2 or not _use_sparse(codes, weight.shape[1]):
         return codes @ weight
-    rows, cols, _, offsets = _nonzeros(codes.detach())
-    return _bag_sum(cols, weight, offsets, codes[rows, cols])
+    rows, cols = codes.detach().nonzero(as_tuple=True)  # row-major: entries sorted by row
+    return _bag_sum(cols, weight, _bag_offsets(rows, len(codes)), codes[rows, cols])
 
 
 class _SparseGradLinear(torch.autograd.Function):
@@ -99,14 +97,16 @@ class _SparseGradLinear(torch.autograd.Function):
         x, weight = ctx.saved_tensors
         grad_x = grad_w = grad_b = None
         if _use_sparse(grad, x.shape[1]):
-            rows, cols, values, offsets = _nonzeros(grad)
+            rows, cols = grad.nonzero(as_tuple=True)  # row-major: entries sorted by row
+            values = grad[rows, cols]
             if ctx.needs_input_grad[0]:  # dx[b] = sum_j g[b, j] W[:, j]
-                grad_x = _bag_sum(cols, weight.T.contiguous(), offsets, values)
+                grad_x = _bag_sum(
+                    cols, weight.T.contiguous(), _bag_offsets(rows, len(grad)), values
+                )
             if ctx.needs_input_grad[1]:  # dW[:, j] = sum_b g[b, j] x[b]: the same, by column
                 order = torch.argsort(cols, stable=True)
-                col_offsets = torch.zeros(weight.shape[1], dtype=torch.long, device=grad.device)
-                col_offsets[1:] = torch.bincount(cols, minlength=weight.shape[1]).cumsum(0)[:-1]
-                grad_w = _bag_sum(rows[order], x, col_offsets, values[order]).T
+                offsets = _bag_offsets(cols, weight.shape[1])
+                grad_w = _bag_sum(rows[order], x, offsets, values[order]).T
         else:
             grad_x = grad @ weight.T if ctx.needs_input_grad[0] else None
             grad_w = x.T @ grad if ctx.needs_input_grad[1] else None

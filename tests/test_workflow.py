@@ -21,7 +21,8 @@ SNAKEMAKE = [sys.executable, "-m", "snakemake"]
 
 
 def run(args, cwd, env=None, check=True) -> subprocess.CompletedProcess:
-    env = {**os.environ, **(env or {})}
+    """Run Snakemake in `cwd`; `env` adds to the environment (a value of None removes the variable)."""
+    env = {k: v for k, v in {**os.environ, **(env or {})}.items() if v is not None}
     out = subprocess.run(SNAKEMAKE + args, cwd=cwd, env=env, capture_output=True, text=True)
     if check and out.returncode != 0:
         raise AssertionError(

@@ -9,7 +9,8 @@ after the final LayerNorm, not the raw residual (spec/measurements.md section 4.
 
 File metadata (key "saedynamics", JSON) holds model, revision, commit, layer, hook, dtype, and the
 norm statistics of the stored values (E|x|, E|x|^2, E|x - E x|^2) from which the trainer takes its
-input scale; the eval files also carry the LM's own eval loss at this checkpoint.
+input scale; the eval files also carry the LM's own eval loss at this checkpoint. The stage's
+provenance is beside it, under its own key (artifacts.provenance_metadata).
 
 The reader streams batches in a seeded shuffled order: row groups in a random order, a few at a
 time in a buffer whose rows are shuffled, so memory stays bounded by the buffer, never the file.
@@ -40,7 +41,7 @@ import pyarrow.parquet as pq
 import torch
 from tqdm import tqdm
 
-from saedynamics.artifacts import atomic_file, read_json
+from saedynamics.artifacts import MANIFEST, atomic_file, provenance_metadata, read_json
 from saedynamics.config import EXTRA_COLUMNS, ActivationsConfig
 from saedynamics.errors import DataError
 
@@ -94,6 +95,7 @@ class ActivationWriter:
     background thread, so that the next forward pass runs meanwhile (pyarrow releases the GIL).
     At most `max_pending` writes wait: a slow disk throttles the forward pass instead of memory
     filling up. An error of the background thread is raised by a later `append` or by `close`.
+    `provenance`, if given, is written into the footer with the metadata.
     """
 
     def __init__(
@@ -104,9 +106,11 @@ class ActivationWriter:
         row_group_rows: int,
         extra_columns=(),
         max_pending: int = 2,
+        provenance: dict | None = None,
     ):
         self.path, self.d_model = Path(path), d_model
         self.metadata = {"format_version": FORMAT_VERSION, **metadata}
+        self.provenance = provenance
         self.row_group_rows = row_group_rows
         self.schema = schema(d_model, extra_columns)
         self._atomic = atomic_file(self.path)
@@ -212,7 +216,10 @@ class ActivationWriter:
             "mean_squared_norm": self._sq_norm_sum / self.n_rows,  # E|x|^2
             "centred_mean_squared_norm": self._sq_norm_sum / self.n_rows - mean.pow(2).sum().item(),
         }
-        self._writer.add_key_value_metadata({METADATA_KEY: json.dumps(self.metadata)})
+        footer = {METADATA_KEY: json.dumps(self.metadata)}
+        if self.provenance is not None:
+            footer |= provenance_metadata(self.provenance)
+        self._writer.add_key_value_metadata(footer)
         self._writer.close()
         self._open = False
         self._atomic.__exit__(None, None, None)
@@ -514,7 +521,11 @@ def next_token_entropy(logits: torch.Tensor) -> torch.Tensor:
 
 
 def cache_activations(
-    cfg: ActivationsConfig, checkpoint_dir: Path, tokens_parquet: Path, out_dir: Path
+    cfg: ActivationsConfig,
+    checkpoint_dir: Path,
+    tokens_parquet: Path,
+    out_dir: Path,
+    provenance: dict | None = None,
 ) -> dict[str, float]:
     """Write out_dir/layer<L>/{train,eval}.parquet for every configured layer; return LM eval stats.
 
@@ -527,7 +538,7 @@ def cache_activations(
 
     from saedynamics.corpus import read_token_sample
 
-    manifest = read_json(checkpoint_dir / "manifest.json")
+    manifest = read_json(checkpoint_dir / MANIFEST)
     device = resolve_device(cfg.device)
     model = (
         AutoModelForCausalLM.from_pretrained(
@@ -597,6 +608,7 @@ def cache_activations(
                     },
                     cfg.row_group_rows,
                     extras,
+                    provenance=provenance,
                 )
                 for layer in cfg.layers
             }

@@ -3,11 +3,26 @@
 Every stage writes through these helpers, so that a crash, a kill or a full disk never leaves a file
 that a later run could mistake for a result: content goes to a temporary sibling first and is
 renamed into place only when complete (rename is atomic within one filesystem).
+
+Every artifact records what produced it (`provenance`: config hash, package version, git commit,
+container image) in its own metadata, one encoding per format, written and read only here:
+
+| format | where |
+|---|---|
+| JSON | top-level key "provenance" |
+| Parquet | footer key-value metadata "saedynamics.provenance" (JSON) |
+| safetensors | header metadata "saedynamics.provenance" (JSON) |
+| PNG | tEXt chunk "saedynamics.provenance" (JSON) |
+| PDF, SVG | info dict "Subject" / Dublin Core "description": {"saedynamics.provenance": ...} |
+| directory (tokenizer, checkpoint) | its manifest.json, key "provenance" |
+
+`read_provenance(path)` reads any of them back.
 """
 
 from __future__ import annotations
 
 import contextlib
+import functools
 import hashlib
 import json
 import os
@@ -19,6 +34,16 @@ from pathlib import Path
 from typing import Any
 
 from saedynamics import __version__
+from saedynamics.errors import DataError
+
+PROVENANCE_FIELDS = ("config_hash", "package_version", "git_commit", "container")
+PROVENANCE_KEY = "saedynamics.provenance"  # in formats whose metadata is a str -> str mapping
+MANIFEST = "manifest.json"  # a directory artifact's description, provenance included
+# set by the Snakefile on the submitting host: jobs in a container or on a cluster node may have no
+# git, or a git that refuses the mounted checkout ("dubious ownership")
+GIT_COMMIT_ENV = "SAEDYNAMICS_GIT_COMMIT"
+# savefig metadata keys that matplotlib writes without warning and that hold free text
+_FIGURE_TEXT_KEY = {"pdf": "Subject", "svg": "Description"}
 
 
 def _umask() -> int:
@@ -60,10 +85,64 @@ def atomic_directory(path: str | os.PathLike) -> Iterator[Path]:
             shutil.rmtree(tmp)
 
 
-def write_json(path: str | os.PathLike, obj: Any) -> None:
-    """Write `obj` as indented JSON, atomically."""
+def write_json(path: str | os.PathLike, obj: Any, provenance: dict[str, Any] | None = None) -> None:
+    """Write `obj` as indented JSON, atomically; with `provenance` as its top-level "provenance"."""
+    if provenance is not None:
+        if "provenance" in obj:
+            raise ValueError(f"{path}: the document already has a 'provenance' key")
+        obj = {**obj, "provenance": provenance}
     with atomic_file(path) as tmp:
         tmp.write_text(json.dumps(obj, indent=2, sort_keys=False, allow_nan=True) + "\n")
+
+
+def provenance_metadata(provenance: dict[str, Any]) -> dict[str, str]:
+    """Provenance as one str -> str entry: for Parquet footers, safetensors headers, PNG tEXt."""
+    return {PROVENANCE_KEY: json.dumps(provenance, sort_keys=True)}
+
+
+def write_parquet(
+    path: str | os.PathLike, table, provenance: dict[str, Any] | None, **options: Any
+) -> None:
+    """Write a pyarrow Table atomically, its schema metadata kept and provenance added to it."""
+    import pyarrow.parquet as pq
+
+    if provenance is not None:
+        metadata = {**(table.schema.metadata or {}), **provenance_metadata(provenance)}
+        table = table.replace_schema_metadata(metadata)
+    with atomic_file(path) as tmp:
+        pq.write_table(table, tmp, **options)
+
+
+def write_safetensors(
+    path: str | os.PathLike,
+    tensors: dict[str, Any],
+    provenance: dict[str, Any] | None,
+    metadata: dict[str, str] | None = None,
+) -> None:
+    """Write torch tensors as safetensors atomically, with `metadata` and provenance in the header."""
+    from safetensors.torch import save_file
+
+    header = {
+        **(metadata or {}),
+        **(provenance_metadata(provenance) if provenance is not None else {}),
+    }
+    with atomic_file(path) as tmp:
+        save_file(tensors, tmp, metadata=header or None)
+
+
+def figure_metadata(fmt: str, provenance: dict[str, Any] | None) -> dict[str, str]:
+    """The `metadata` argument of matplotlib's savefig that records provenance in format `fmt`.
+
+    PNG takes any tEXt key; PDF and SVG only their standard keys (PDF warns on others, SVG
+    refuses them), so there a free-text one holds {"saedynamics.provenance": ...} as JSON.
+    """
+    if provenance is None:
+        return {}
+    if fmt == "png":
+        return provenance_metadata(provenance)
+    if fmt in _FIGURE_TEXT_KEY:
+        return {_FIGURE_TEXT_KEY[fmt]: json.dumps({PROVENANCE_KEY: provenance}, sort_keys=True)}
+    raise ValueError(f"no provenance encoding for figures in format {fmt!r}")
 
 
 def read_json(path: str | os.PathLike) -> Any:
@@ -84,19 +163,36 @@ def settings_hash(settings: Any) -> str:
     return hashlib.sha256(canonical.encode()).hexdigest()[:16]
 
 
-def git_commit() -> str | None:
-    """The commit of the checkout this package runs from, or None outside a git checkout."""
+def _git(directory: Path, *args: str) -> str | None:
+    """stdout of `git args` run in `directory`; None when git is missing or fails."""
     try:
         out = subprocess.run(
-            ["git", "rev-parse", "HEAD"],
-            cwd=Path(__file__).parent,
-            capture_output=True,
-            text=True,
-            timeout=5,
+            ["git", *args], cwd=directory, capture_output=True, text=True, timeout=5
         )
     except (OSError, subprocess.TimeoutExpired):
         return None
     return out.stdout.strip() if out.returncode == 0 else None
+
+
+def checkout_commit(directory: str | os.PathLike) -> str | None:
+    """The commit checked out at `directory`, "<sha>-dirty" when tracked files have uncommitted
+    changes; None outside a git checkout, without git, or when git refuses the repository."""
+    sha = _git(Path(directory), "rev-parse", "HEAD")
+    if not sha:
+        return None
+    changes = _git(Path(directory), "status", "--porcelain", "--untracked-files=no")
+    return f"{sha}-dirty" if changes else sha
+
+
+@functools.cache
+def _package_checkout_commit() -> str | None:
+    return checkout_commit(Path(__file__).parent)
+
+
+def git_commit() -> str | None:
+    """The commit this package runs from: $SAEDYNAMICS_GIT_COMMIT when set and non-empty, else
+    asked of git (once per process) in the package's own directory; None when unknown."""
+    return os.environ.get(GIT_COMMIT_ENV, "").strip() or _package_checkout_commit()
 
 
 def provenance(settings: Any) -> dict[str, Any]:
@@ -108,3 +204,139 @@ def provenance(settings: Any) -> dict[str, Any]:
         "container": os.environ.get("APPTAINER_CONTAINER")
         or os.environ.get("SINGULARITY_CONTAINER"),
     }
+
+
+# ---- reading provenance back -------------------------------------------------------------------
+
+
+def read_provenance(path: str | os.PathLike) -> dict[str, Any]:
+    """The provenance recorded in an artifact: a JSON, Parquet, safetensors, PNG, PDF or SVG file,
+    or a directory artifact (its manifest.json). Raises DataError naming the file when it has none
+    or cannot be read."""
+    path = Path(path)
+    readers = {
+        ".json": _json_provenance,
+        ".parquet": _parquet_provenance,
+        ".safetensors": _safetensors_provenance,
+        ".png": _png_provenance,
+        ".pdf": _pdf_provenance,
+        ".svg": _svg_provenance,
+    }
+    if path.is_dir():
+        path = path / MANIFEST
+        if not path.is_file():
+            raise DataError(f"{path.parent}: a directory artifact without {MANIFEST}")
+    if path.suffix not in readers:
+        raise DataError(
+            f"{path}: no provenance reader for {path.suffix or 'files without a suffix'}; "
+            f"known: {', '.join(readers)} and directories with a {MANIFEST}"
+        )
+    try:
+        found = readers[path.suffix](path)
+    except DataError:
+        raise
+    except Exception as e:  # noqa: BLE001 - any failure of a format's parser means "unreadable"
+        raise DataError(f"{path}: cannot read its provenance ({type(e).__name__}: {e})") from e
+    if found is None:
+        raise DataError(f"{path}: records no saedynamics provenance")
+    if isinstance(found, str):
+        try:
+            found = json.loads(found)
+        except json.JSONDecodeError as e:
+            raise DataError(f"{path}: its provenance is not valid JSON ({e})") from None
+    if not isinstance(found, dict) or not set(PROVENANCE_FIELDS) <= set(found):
+        raise DataError(
+            f"{path}: its provenance {found!r} lacks one of the fields {', '.join(PROVENANCE_FIELDS)}"
+        )
+    return found
+
+
+def _json_provenance(path: Path) -> Any:
+    doc = read_json(path)
+    return doc.get("provenance") if isinstance(doc, dict) else None
+
+
+def _parquet_provenance(path: Path) -> str | None:
+    import pyarrow.parquet as pq
+
+    metadata = pq.read_metadata(path).metadata or {}  # the footer's key-value metadata
+    value = metadata.get(PROVENANCE_KEY.encode())
+    return None if value is None else value.decode()
+
+
+def _safetensors_provenance(path: Path) -> str | None:
+    from safetensors import safe_open
+
+    with safe_open(path, framework="numpy") as f:
+        return (f.metadata() or {}).get(PROVENANCE_KEY)
+
+
+def _png_provenance(path: Path) -> str | None:
+    from PIL import Image
+
+    with Image.open(path) as image:
+        if image.format != "PNG":
+            raise DataError(f"{path}: not a PNG image but {image.format}")
+        return image.text.get(PROVENANCE_KEY)
+
+
+def _embedded_provenance(text: str | None) -> Any:
+    """The provenance inside the {"saedynamics.provenance": ...} JSON of a PDF or SVG text field."""
+    if text is None:
+        return None
+    try:
+        doc = json.loads(text)
+    except json.JSONDecodeError:
+        return None  # someone else's free text in that field
+    return doc.get(PROVENANCE_KEY) if isinstance(doc, dict) else None
+
+
+def _pdf_provenance(path: Path) -> Any:
+    data = path.read_bytes()
+    if not data.startswith(b"%PDF-"):
+        raise DataError(f"{path}: not a PDF file")
+    key = b"/" + _FIGURE_TEXT_KEY["pdf"].encode() + b" ("
+    at = data.rfind(key)  # the last one: an incremental update supersedes earlier info dicts
+    return None if at < 0 else _embedded_provenance(_pdf_literal_string(data, at + len(key)))
+
+
+_PDF_ESCAPES = {ord("n"): "\n", ord("r"): "\r", ord("t"): "\t", ord("b"): "\b", ord("f"): "\f"}
+
+
+def _pdf_literal_string(data: bytes, start: int) -> str:
+    """The PDF literal string whose text starts at data[start] (after its opening parenthesis)."""
+    out, depth, i = [], 0, start
+    while i < len(data):
+        c = data[i]
+        if c == ord("\\"):
+            nxt = data[i + 1]
+            if nxt in _PDF_ESCAPES:
+                out.append(_PDF_ESCAPES[nxt])
+                i += 2
+            elif ord("0") <= nxt <= ord("7"):  # octal: up to three digits
+                digits = data[i + 1 : i + 4]
+                n = len(digits) - len(digits.lstrip(b"01234567"))
+                out.append(chr(int(digits[:n], 8)))
+                i += 1 + n
+            elif nxt in (ord("\n"), ord("\r")):  # a line continuation
+                i += 2
+            else:
+                out.append(chr(nxt))
+                i += 2
+            continue
+        if c == ord("("):
+            depth += 1
+        elif c == ord(")"):
+            if depth == 0:
+                return "".join(out)
+            depth -= 1
+        out.append(chr(c))
+        i += 1
+    raise ValueError("an unterminated string in the PDF info dictionary")
+
+
+def _svg_provenance(path: Path) -> Any:
+    import xml.etree.ElementTree as ET
+
+    description = ET.parse(path).getroot().find(".//{http://purl.org/dc/elements/1.1/}description")
+    return _embedded_provenance(None if description is None else description.text)

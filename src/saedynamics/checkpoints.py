@@ -24,11 +24,18 @@ from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.parquet as pq
 import torch
 from tqdm import tqdm
 
-from saedynamics.artifacts import atomic_directory, atomic_file, read_json, sha256_file, write_json
+from saedynamics.artifacts import (
+    MANIFEST,
+    atomic_directory,
+    read_json,
+    sha256_file,
+    write_json,
+    write_parquet,
+    write_safetensors,
+)
 from saedynamics.config import HubModelConfig, MicroModelConfig
 from saedynamics.errors import DataError
 
@@ -79,11 +86,16 @@ def download_tokenizer(model: HubModelConfig, out_dir: Path) -> dict:
 
 
 def download_checkpoint(
-    model: HubModelConfig, step: int, out_dir: Path, earlier: list[Path]
+    model: HubModelConfig,
+    step: int,
+    out_dir: Path,
+    earlier: list[Path],
+    provenance: dict | None = None,
 ) -> dict:
     """Fetch one revision, write `out_dir` (model dir + manifest.json) atomically; return the manifest.
 
     `earlier`: manifests of steps fetched before this one, to detect byte-identical weights.
+    `provenance` goes into the manifest (and into the weights where we convert them).
     """
     revision = model.revision.format(step=step)
     snapshot = _snapshot(
@@ -113,7 +125,7 @@ def download_checkpoint(
             if not name.startswith("pytorch_model"):
                 shutil.copy2(snapshot / name, tmp / name)
         if weights[0].suffix == ".bin":
-            _convert_pickled_weights(weights, tmp / "model.safetensors")
+            _convert_pickled_weights(weights, tmp / "model.safetensors", provenance)
         manifest = {
             "source": "hub",
             "repo_id": model.repo_id,
@@ -127,21 +139,21 @@ def download_checkpoint(
             ),
         }
         manifest["duplicate_of"] = _duplicate_of(manifest["weights_sha256"], earlier)
-        write_json(tmp / "manifest.json", manifest)
+        write_json(tmp / MANIFEST, manifest, provenance)
+    manifest = read_json(out_dir / MANIFEST)  # as written: with its provenance
     if manifest["duplicate_of"] is not None:
         log.warning("step %d has the same weights as step %d", step, manifest["duplicate_of"])
     return manifest
 
 
-def _convert_pickled_weights(files: list[Path], out: Path) -> None:
-    from safetensors.torch import save_file
-
+def _convert_pickled_weights(files: list[Path], out: Path, provenance: dict | None) -> None:
     state = {}
     for f in files:
         if f.name.endswith(".bin"):
             # weights_only=True: tensors and plain containers only, never arbitrary code
             state.update(torch.load(f, map_location="cpu", weights_only=True))
-    save_file({k: v.contiguous().clone() for k, v in state.items()}, out, metadata={"format": "pt"})
+    tensors = {k: v.contiguous().clone() for k, v in state.items()}
+    write_safetensors(out, tensors, provenance, metadata={"format": "pt"})
 
 
 def _is_weight(name: str) -> bool:
@@ -194,9 +206,17 @@ def lr_at(model: MicroModelConfig, step: int) -> float:
 
 
 def train_micro_suite(
-    model: MicroModelConfig, tokens_parquet: Path, tokenizer_dir: Path, out_root: Path, curve: Path
+    model: MicroModelConfig,
+    tokens_parquet: Path,
+    tokenizer_dir: Path,
+    out_root: Path,
+    curve: Path,
+    provenance: dict | None = None,
 ) -> list[dict]:
-    """Train the micro LM and save `out_root/step<N>/` at every step of `model.schedule()`."""
+    """Train the micro LM and save `out_root/step<N>/` at every step of `model.schedule()`.
+
+    `provenance` goes into every checkpoint's manifest.json and into the loss curve `curve`.
+    """
     from transformers import GPTNeoXForCausalLM
 
     from saedynamics.corpus import load_tokenizer, read_token_sample
@@ -247,8 +267,8 @@ def train_micro_suite(
                 if other["weights_sha256"] == manifest["weights_sha256"]:
                     manifest["duplicate_of"] = other["step"]
                     break
-            write_json(tmp / "manifest.json", manifest)
-        manifests.append(manifest)
+            write_json(tmp / MANIFEST, manifest, provenance)
+        manifests.append(read_json(out / MANIFEST))
 
     save(0, None)
     lm.train()
@@ -286,6 +306,5 @@ def train_micro_suite(
         seconds,
         model.train_steps * tokens_per_step / seconds,
     )
-    with atomic_file(curve) as tmp:
-        pq.write_table(pa.Table.from_pylist(rows), tmp)
+    write_parquet(curve, pa.Table.from_pylist(rows), provenance)
     return manifests

@@ -97,6 +97,7 @@ def cmd_tokens(args) -> None:
         _validate(ModelConfig, s["model"], "model"),
         Path(args.out_tokens),
         Path(args.out_tokenizer),
+        provenance=_provenance(s),
     )
 
 
@@ -107,7 +108,7 @@ def cmd_checkpoint(args) -> None:
     s = _settings(args, "checkpoint")
     model = _validate(HubModelConfig, s["model"], "model")
     earlier = [Path(p) / "manifest.json" if Path(p).is_dir() else Path(p) for p in args.earlier]
-    download_checkpoint(model, args.step, Path(args.out), earlier)
+    download_checkpoint(model, args.step, Path(args.out), earlier, provenance=_provenance(s))
 
 
 def cmd_micro_lm(args) -> None:
@@ -117,7 +118,12 @@ def cmd_micro_lm(args) -> None:
     s = _settings(args, "micro_lm")
     model = _validate(MicroModelConfig, s["model"], "model")
     train_micro_suite(
-        model, Path(args.tokens), Path(args.tokenizer), Path(args.out_root), Path(args.curve)
+        model,
+        Path(args.tokens),
+        Path(args.tokenizer),
+        Path(args.out_root),
+        Path(args.curve),
+        provenance=_provenance(s),
     )
 
 
@@ -127,7 +133,9 @@ def cmd_activations(args) -> None:
 
     s = _settings(args, "activations")
     cfg = _validate(ActivationsConfig, s["activations"], "activations")
-    cache_activations(cfg, Path(args.checkpoint), Path(args.tokens), Path(args.out))
+    cache_activations(
+        cfg, Path(args.checkpoint), Path(args.tokens), Path(args.out), provenance=_provenance(s)
+    )
 
 
 def cmd_train(args) -> None:
@@ -216,12 +224,8 @@ def cmd_measure(args) -> None:
         shared["mean"],
         null["shared_fraction"],
     )
-    write_json(
-        out / "reconstruction.json", {**common, "seeds": reconstruction, "provenance": provenance}
-    )
-    write_json(
-        out / "superposition.json", {**common, "seeds": superposition, "provenance": provenance}
-    )
+    write_json(out / "reconstruction.json", {**common, "seeds": reconstruction}, provenance)
+    write_json(out / "superposition.json", {**common, "seeds": superposition}, provenance)
     write_json(
         out / "consistency.json",
         {
@@ -235,8 +239,8 @@ def cmd_measure(args) -> None:
                 {"seed": seed, "shared_with": counts.tolist()}
                 for seed, counts in shared_with.items()
             ],
-            "provenance": provenance,
         },
+        provenance,
     )
 
 
@@ -297,8 +301,8 @@ def cmd_splice(args) -> None:
             "first_position": first,
             **{k: out[k] for k in ("ce_orig", "ce_zero", "kl_zero", "n_tokens")},
             "saes": [identity[key] | scores for key, scores in out["saes"].items()],
-            "provenance": _provenance(s),
         },
+        _provenance(s),
     )
 
 
@@ -332,14 +336,14 @@ def cmd_drift(args) -> None:
                 }
                 | row
             )
-    write_json(args.out, {"study": s["study"], "rows": rows, "provenance": _provenance(s)})
+    write_json(args.out, {"study": s["study"], "rows": rows}, _provenance(s))
 
 
 def cmd_tables(args) -> None:
     from saedynamics.tables import collect
 
-    _settings(args, "tables")
-    counts = collect([Path(p) for p in args.inputs], Path(args.out))
+    s = _settings(args, "tables")
+    counts = collect([Path(p) for p in args.inputs], Path(args.out), provenance=_provenance(s))
     log.info("tables: %s", ", ".join(f"{k} {v} rows" for k, v in counts.items()))
 
 
@@ -360,9 +364,9 @@ def cmd_validation(args) -> None:
     with tempfile.TemporaryDirectory(dir=out.parent, prefix=".organism.") as work:
         organism = organism_validation(cfg, Path(work))
     provenance = _provenance(s)
-    write_json(out / "superposition.json", superposition | {"provenance": provenance})
-    write_json(out / "organism.json", organism | {"provenance": provenance})
-    render_validation(out, _validate(FiguresConfig, s["figures"], "figures"))
+    write_json(out / "superposition.json", superposition, provenance)
+    write_json(out / "organism.json", organism, provenance)
+    render_validation(out, _validate(FiguresConfig, s["figures"], "figures"), provenance=provenance)
 
 
 def cmd_figures(args) -> None:
@@ -371,7 +375,10 @@ def cmd_figures(args) -> None:
 
     s = _settings(args, "figures")
     written = render_all(
-        Path(args.tables), Path(args.out), _validate(FiguresConfig, s["figures"], "figures")
+        Path(args.tables),
+        Path(args.out),
+        _validate(FiguresConfig, s["figures"], "figures"),
+        provenance=_provenance(s),
     )
     log.info("figures: %d files in %s", len(written), args.out)
 

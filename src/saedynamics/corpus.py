@@ -22,7 +22,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from saedynamics.artifacts import atomic_directory, atomic_file
+from saedynamics.artifacts import MANIFEST, atomic_directory, sha256_file, write_json, write_parquet
 from saedynamics.config import CorpusConfig, HubModelConfig, MicroModelConfig, TokensConfig
 from saedynamics.errors import ConfigError, DataError
 
@@ -96,8 +96,13 @@ def build_token_sample(
     model: HubModelConfig | MicroModelConfig,
     out_parquet: Path,
     out_tokenizer: Path,
+    provenance: dict | None = None,
 ) -> dict:
-    """Write the tokenizer directory and tokens.parquet; return the sample's summary."""
+    """Write the tokenizer directory and tokens.parquet; return the sample's summary.
+
+    The tokenizer directory gets a manifest.json (where the tokenizer came from, the sha256 of its
+    files, `provenance`) beside the Hugging Face files, which ignore it.
+    """
     with atomic_directory(out_tokenizer) as tmp_tok:
         if model.source == "micro":
             tokenizer = train_tokenizer(corpus, model.vocab_size, tmp_tok)
@@ -107,6 +112,8 @@ def build_token_sample(
 
             tokenizer_source = download_tokenizer(model, tmp_tok)
             tokenizer = load_tokenizer(tmp_tok)
+        files = {p.name: sha256_file(p) for p in sorted(tmp_tok.iterdir())}
+        write_json(tmp_tok / MANIFEST, {"tokenizer": tokenizer_source, "files": files}, provenance)
 
     eos = (
         tokenizer.convert_tokens_to_ids(EOS)
@@ -170,8 +177,7 @@ def build_token_sample(
             )
         )
     table = pa.concat_tables(tables).replace_schema_metadata({"saedynamics": json.dumps(summary)})
-    with atomic_file(out_parquet) as tmp:
-        pq.write_table(table, tmp, compression="zstd")
+    write_parquet(out_parquet, table, provenance, compression="zstd")
     log.info(
         "token sample: %d train + %d eval windows of %d tokens from %d documents",
         len(train_ids),

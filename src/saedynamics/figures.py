@@ -19,7 +19,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 
-from saedynamics.artifacts import atomic_file, read_json  # noqa: E402
+from saedynamics.artifacts import atomic_file, figure_metadata, read_json  # noqa: E402
 from saedynamics.config import FiguresConfig  # noqa: E402
 from saedynamics.tables import load  # noqa: E402
 
@@ -449,14 +449,14 @@ VALIDATION_FIGURES: dict[str, Callable] = {
 }
 
 
-def _save(fig, out_dir: Path, name: str, cfg: FiguresConfig) -> list[Path]:
+def _save(fig, out_dir: Path, name: str, cfg: FiguresConfig, provenance: dict | None) -> list[Path]:
     written = []
     for fmt in cfg.formats:
         path = Path(out_dir) / f"{name}.{fmt}"
         # no creation date in the file: the same tables give byte-identical figures
         metadata = (
             {"CreationDate": None} if fmt == "pdf" else {"Date": None} if fmt == "svg" else {}
-        )
+        ) | figure_metadata(fmt, provenance)
         with atomic_file(path) as tmp:
             fig.savefig(tmp, format=fmt, dpi=cfg.dpi, metadata=metadata)
         written.append(path)
@@ -464,15 +464,24 @@ def _save(fig, out_dir: Path, name: str, cfg: FiguresConfig) -> list[Path]:
     return written
 
 
-def render_validation(validation: Path, cfg: FiguresConfig) -> list[Path]:
+def render_validation(
+    validation: Path, cfg: FiguresConfig, provenance: dict | None = None
+) -> list[Path]:
     _style()
     return [
         p
         for name, draw in VALIDATION_FIGURES.items()
-        for p in _save(draw(validation), validation, name, cfg)
+        for p in _save(draw(validation), validation, name, cfg, provenance)
     ]
 
 
-def render_all(tables: Path, out_dir: Path, cfg: FiguresConfig) -> list[Path]:
+def render_all(
+    tables: Path, out_dir: Path, cfg: FiguresConfig, provenance: dict | None = None
+) -> list[Path]:
+    """Every figure of FIGURES in every configured format; `provenance` in each file's metadata."""
     _style()
-    return [p for name, draw in FIGURES.items() for p in _save(draw(tables), out_dir, name, cfg)]
+    return [
+        p
+        for name, draw in FIGURES.items()
+        for p in _save(draw(tables), out_dir, name, cfg, provenance)
+    ]

@@ -12,10 +12,11 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
+import pyarrow as pa
 import pyarrow.parquet as pq
 
 from saedynamics.activations import read_metadata
-from saedynamics.artifacts import atomic_file, read_json
+from saedynamics.artifacts import MANIFEST, read_json, write_parquet
 
 TABLES = [
     "reconstruction",
@@ -84,13 +85,13 @@ def latent_stability_rows(recon: dict, cons: dict) -> list[dict]:
     return rows
 
 
-def collect(inputs: list[Path], out_dir: Path) -> dict[str, int]:
-    """Write out_dir/<table>.parquet for every table; return the row counts."""
+def collect(inputs: list[Path], out_dir: Path, provenance: dict | None = None) -> dict[str, int]:
+    """Write out_dir/<table>.parquet for every table (with `provenance`); return the row counts."""
     rows: dict[str, list[dict]] = {name: [] for name in TABLES}
     per_run: dict[tuple, dict[str, dict]] = {}  # (step, layer, architecture) -> metric -> doc
     for path in map(Path, inputs):
-        if path.is_dir() and (path / "manifest.json").exists():  # a checkpoint directory
-            path = path / "manifest.json"
+        if path.is_dir() and (path / MANIFEST).exists():  # a checkpoint directory
+            path = path / MANIFEST
         if path.name == "reconstruction.json":
             doc = read_json(path)
             rows["reconstruction"] += reconstruction_rows(doc)
@@ -114,7 +115,7 @@ def collect(inputs: list[Path], out_dir: Path) -> dict[str, int]:
                 "seed": cfg["seed"],
             }
             rows["training"] += [ident | r for r in pq.read_table(path).to_pylist()]
-        elif path.name == "manifest.json":
+        elif path.name == MANIFEST:
             m = read_json(path)
             rows["checkpoints"].append(
                 {
@@ -159,8 +160,9 @@ def collect(inputs: list[Path], out_dir: Path) -> dict[str, int]:
         ]
         if sort:
             df = df.sort_values(sort, kind="stable").reset_index(drop=True)
-        with atomic_file(out_dir / f"{name}.parquet") as tmp:
-            df.to_parquet(tmp, index=False)
+        # what DataFrame.to_parquet(index=False) writes, with provenance in the schema metadata
+        table = pa.Table.from_pandas(df, preserve_index=False)
+        write_parquet(out_dir / f"{name}.parquet", table, provenance)
         counts[name] = len(df)
     return counts
 

@@ -21,12 +21,11 @@ from collections.abc import Callable
 from pathlib import Path
 
 import pyarrow as pa
-import pyarrow.parquet as pq
 import torch
 from tqdm import tqdm
 
 from saedynamics.activations import ActivationFile, resolve_device
-from saedynamics.artifacts import atomic_directory
+from saedynamics.artifacts import atomic_directory, write_parquet
 from saedynamics.config import EXTRA_COLUMNS, TrainingConfig
 from saedynamics.errors import TrainingDiverged
 from saedynamics.metrics.reconstruction import batch_fvu
@@ -179,12 +178,10 @@ def train_saes(
                 "activations": {
                     k: acts.metadata.get(k) for k in ("model", "revision", "commit", "hook")
                 },
-                "provenance": provenance,
             }
-            sae.exported(scale).save(tmp / f"seed{seed}", metadata, ours)
-            pq.write_table(
-                pa.Table.from_pylist(curves[seed]), tmp / f"seed{seed}" / "training.parquet"
-            )
+            sae.exported(scale).save(tmp / f"seed{seed}", metadata, ours, provenance)
+            curve = pa.Table.from_pylist(curves[seed])
+            write_parquet(tmp / f"seed{seed}" / "training.parquet", curve, provenance)
 
 
 def _scaled(batch: dict, scale: float, device) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:

@@ -1,5 +1,6 @@
 # Shared by every rule: the validated config, the result paths, and the command that runs a stage.
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -24,6 +25,39 @@ try:
     )
 except ConfigError as e:
     raise WorkflowError(str(e)) from None
+
+
+def export_run_environment():
+    """Environment every job inherits from this (submitting) process: local jobs and SLURM jobs
+    (`--export=ALL`) get it, and Apptainer passes the host environment into the container."""
+    from snakemake.settings.types import DeploymentMethod
+
+    from saedynamics.artifacts import git_commit
+
+    env = os.environ
+    # the commit, found here once: in a container or on a compute node `git` may be missing
+    if commit := git_commit():
+        env.setdefault("SAEDYNAMICS_GIT_COMMIT", commit)
+    if DeploymentMethod.APPTAINER not in workflow.deployment_settings.deployment_method:
+        return
+    # GPUs reach the container without any flag from the user: APPTAINER_NV is apptainer's own
+    # environment twin of --nv (a no-op on a machine without a GPU)
+    env.setdefault("APPTAINER_NV", "true")
+    # Caches in declared host folders, bound at the same path: `apptainer exec --home <checkout>`
+    # would otherwise drop ~/.cache/huggingface, ~/.config/matplotlib, ~/.triton into the checkout.
+    cache = Path(env.get("SAEDYNAMICS_CACHE", Path.home() / ".cache" / "saedynamics"))
+    env.setdefault("HF_HOME", str(Path.home() / ".cache" / "huggingface"))
+    env.setdefault("MPLCONFIGDIR", str(cache / "matplotlib"))
+    env.setdefault("TRITON_CACHE_DIR", str(cache / "triton"))
+    binds = [b for b in env.get("APPTAINER_BIND", "").split(",") if b]
+    for var in ("HF_HOME", "MPLCONFIGDIR", "TRITON_CACHE_DIR"):
+        Path(env[var]).mkdir(parents=True, exist_ok=True)  # apptainer refuses a missing bind
+        if env[var] not in binds:
+            binds.append(env[var])
+    env["APPTAINER_BIND"] = ",".join(binds)
+
+
+export_run_environment()
 
 R = CFG.root
 STEPS = CFG.model.steps

@@ -49,10 +49,10 @@ from typing import Any, ClassVar, Literal, NamedTuple
 
 import torch
 from pydantic import BaseModel, ConfigDict, Field, field_validator
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 from torch import Tensor, nn
 
-from saedynamics.artifacts import atomic_directory
+from saedynamics.artifacts import atomic_directory, write_json, write_safetensors
 from saedynamics.errors import DataError
 from saedynamics.saes import sparse
 
@@ -272,9 +272,17 @@ class SAE(nn.Module):
         }
 
     def save(
-        self, directory: str | Path, metadata: dict[str, Any], provenance: dict[str, Any]
+        self,
+        directory: str | Path,
+        metadata: dict[str, Any],
+        record: dict[str, Any],
+        provenance: dict[str, Any] | None = None,
     ) -> None:
-        """Write `directory` (SAELens layout: cfg.json + sae_weights.safetensors), atomically."""
+        """Write `directory` (SAELens layout: cfg.json + sae_weights.safetensors), atomically.
+
+        `metadata`: SAELens's cfg.json "metadata"; `record`: ours (identity, seeds, tokens seen),
+        under "saedynamics"; `provenance`: in cfg.json and in the weights' header.
+        """
         cfg = self.saelens_config()
         # SAELens reads cfg.json as its v6 format only when it names a 6.x version
         cfg["metadata"] = {"sae_lens_version": "6.0.0", **metadata}
@@ -282,7 +290,7 @@ class SAE(nn.Module):
             "architecture": self.architecture,
             "hyperparameters": self.cfg.model_dump(mode="json"),
             "loadable_by": ["saedynamics"] + (["sae_lens"] if self.saelens_architecture else []),
-            **provenance,
+            **record,
         }
         if not self.saelens_architecture:
             cfg["saedynamics"]["note"] = (
@@ -291,8 +299,8 @@ class SAE(nn.Module):
             )
         tensors = {k: v.detach().cpu().contiguous() for k, v in self.weights().items()}
         with atomic_directory(directory) as tmp:
-            (tmp / "cfg.json").write_text(json.dumps(cfg, indent=2) + "\n")
-            save_file(tensors, tmp / "sae_weights.safetensors")
+            write_json(tmp / "cfg.json", cfg, provenance)
+            write_safetensors(tmp / "sae_weights.safetensors", tensors, provenance)
 
     def weights(self) -> dict[str, Tensor]:
         """The tensors an exported SAE consists of (no training statistics)."""

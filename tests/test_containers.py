@@ -135,8 +135,14 @@ def test_bare_use_apptainer_gets_the_gpu_binds_and_caches_without_flags(tmp_path
     env, log = _standin_env(tmp_path)
     env["SAEDYNAMICS_GIT_COMMIT"] = "0123abc"
     run(
-        "results/tiny/tokens.parquet --cores all --use-apptainer"
-        " --configfile workflow/configs/tiny.yaml".split(),
+        [
+            "results/tiny/tokens.parquet",
+            "--cores",
+            "all",
+            "--use-apptainer",
+            "--configfile",
+            "workflow/configs/tiny.yaml",
+        ],
         cwd=wd,
         env=env,
     )
@@ -155,8 +161,12 @@ def test_workstation_profile_runs_every_rule_in_the_container_one_gpu_job_at_a_t
     env, log = _standin_env(tmp_path)
     env["SAEDYNAMICS_GIT_COMMIT"] = "0123abc"
     run(
-        "--workflow-profile workflow/profiles/workstation"
-        " --configfile workflow/configs/tiny.yaml".split(),
+        [
+            "--workflow-profile",
+            "workflow/profiles/workstation",
+            "--configfile",
+            "workflow/configs/tiny.yaml",
+        ],
         cwd=wd,
         env=env,
     )

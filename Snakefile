@@ -39,4 +39,3 @@ rule all:
     default_target: True
     input:
         FIGURE_FILES,
-        rules.validation.output,

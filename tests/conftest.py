@@ -155,3 +155,80 @@ def copy_workflow(dest: Path) -> Path:
         else:
             shutil.copy2(src, dest / name)
     return dest
+
+
+# ---- a git + DVC repository of this checkout, after the demo ran through DVC ----------------------
+
+# The demo study the `demo_repo` fixture runs: while developing, point this at a faster config (e.g.
+# workflow/configs/tiny.yaml); it is copied over workflow/configs/demo.yaml with `study: demo`, so
+# the stages and paths stay those of the demo.
+DEMO_CONFIG_ENV = "SAEDYNAMICS_TEST_DEMO_CONFIG"
+
+
+def git(repo: Path, *args: str) -> str:
+    """Run git in `repo` (with a committer identity of its own); its stdout."""
+    import subprocess
+
+    ident = ["-c", "user.name=saedynamics tests", "-c", "user.email=tests@saedynamics.invalid"]
+    out = subprocess.run(["git", *ident, *args], cwd=repo, capture_output=True, text=True)
+    if out.returncode != 0:
+        raise AssertionError(f"git {' '.join(args)} failed in {repo}:\n{out.stdout}\n{out.stderr}")
+    return out.stdout
+
+
+def dvc(repo: Path, *args: str, check: bool = True):
+    """Run `dvc` in `repo` as a user does (stage commands find this Python's snakemake first)."""
+    import subprocess
+    import sys
+
+    env = {
+        **os.environ,
+        "DVC_NO_ANALYTICS": "1",
+        "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}",
+    }
+    out = subprocess.run(
+        [sys.executable, "-m", "dvc", *args], cwd=repo, env=env, capture_output=True, text=True
+    )
+    if check and out.returncode != 0:
+        raise AssertionError(
+            f"dvc {' '.join(args)} failed in {repo}:\n{out.stdout[-6000:]}\n{out.stderr[-6000:]}"
+        )
+    return out
+
+
+def checkout_files() -> list[str]:
+    """The checkout's files as git sees them: tracked, plus untracked ones that are not ignored
+    (uncommitted work is included; results, caches and .snakemake are not)."""
+    listed = git(REPO, "ls-files", "-z", "--cached", "--others", "--exclude-standard")
+    return sorted(f for f in set(listed.split("\0")) if f and (REPO / f).is_file())
+
+
+@pytest.fixture(scope="session")
+def demo_repo(tmp_path_factory) -> Path:
+    """A fresh git repository holding this checkout, in which the demo ran through DVC as a user
+    runs it (`dvc repro figures@demo`: compute@demo, then figures@demo), with dvc.lock committed.
+
+    results/demo is complete (tokens, checkpoints, activations, SAEs, metrics, tables, validation,
+    figures, logs, benchmarks) and in the repository's DVC cache. Tests may add a DVC remote and
+    commit to the repository; they must not change results/demo. The output of `dvc repro` is in
+    `<repo>/../dvc-repro.log`. About 8 minutes on 2 CPU cores (see DEMO_CONFIG_ENV).
+    """
+    import time
+
+    repo = tmp_path_factory.mktemp("demo-repo") / "saedynamics"
+    for name in checkout_files():
+        (repo / name).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy2(REPO / name, repo / name)
+    if os.environ.get(DEMO_CONFIG_ENV):
+        raw = yaml.safe_load(Path(os.environ[DEMO_CONFIG_ENV]).read_text())
+        (repo / "workflow/configs/demo.yaml").write_text(yaml.safe_dump(raw | {"study": "demo"}))
+    git(repo, "init", "--quiet", "--initial-branch=main")
+    git(repo, "add", "--all")
+    git(repo, "commit", "--quiet", "-m", "saedynamics checkout")
+    start = time.monotonic()
+    out = dvc(repo, "repro", "figures@demo")
+    log = f"{out.stdout}\n{out.stderr}\n# {time.monotonic() - start:.0f} s\n"
+    (repo.parent / "dvc-repro.log").write_text(log)
+    git(repo, "add", "--all")  # dvc.lock (results/ is ignored)
+    git(repo, "commit", "--quiet", "-m", "dvc repro figures@demo")
+    return repo

@@ -193,4 +193,8 @@ def test_workstation_profile_runs_every_rule_in_the_container_one_gpu_job_at_a_t
     assert len(gpu) == 2 + 8 + 4
     for (_, end, a), (start, _, b) in zip(gpu, gpu[1:], strict=False):
         assert start >= end, f"{a} and {b} ran at the same time"
-    assert_every_artifact_has_provenance(wd / "results/tiny", container=IMAGE)
+    # every artifact records the image, the commit and its settings (tests/provenance_check.py)
+    root = wd / "results/tiny"
+    checked = assert_every_artifact_has_provenance(root, container=IMAGE, git_commit="0123abc")
+    assert {".json", ".parquet", ".safetensors", ".png", ".pdf"} <= {p.suffix for p in checked}
+    assert root / "tokenizer" in checked and root / "checkpoints/step32" in checked

@@ -3,9 +3,7 @@
 from __future__ import annotations
 
 import json
-import os
 import subprocess
-import sys
 import warnings
 
 import matplotlib.pyplot as plt
@@ -39,8 +37,7 @@ from saedynamics.corpus import build_token_sample, load_tokenizer
 from saedynamics.errors import DataError
 from saedynamics.saes import load
 
-from .conftest import copy_workflow, hub_config
-from .provenance_check import artifacts as study_artifacts
+from .conftest import hub_config
 from .provenance_check import assert_every_artifact_has_provenance
 from .synthetic import make_sae
 
@@ -267,30 +264,3 @@ def test_checker_accepts_a_complete_study_and_names_what_is_missing(tmp_path):
         assert_every_artifact_has_provenance(root, PROVENANCE["container"])
     assert "tables/reconstruction.json: records no saedynamics provenance" in str(failed.value)
     assert "tokenizer: manifest.json lists ['tokenizer.json']" in str(failed.value)
-
-
-@pytest.mark.slow
-def test_tiny_study_records_provenance_everywhere(tmp_path):
-    """The tiny study as in a container: every artifact names the image and the given commit."""
-    wd = copy_workflow(tmp_path)
-    env = {
-        **os.environ,
-        GIT_COMMIT_ENV: "abc123",
-        "APPTAINER_CONTAINER": "/img.sif",
-    }
-    env.pop("SINGULARITY_CONTAINER", None)
-    out = subprocess.run(
-        [sys.executable, "-m", "snakemake", "--cores", "2"]
-        + ["--configfile", "workflow/configs/tiny.yaml"],
-        cwd=wd,
-        env=env,
-        capture_output=True,
-        text=True,
-    )
-    assert out.returncode == 0, f"{out.stdout[-4000:]}\n{out.stderr[-4000:]}"
-    root = wd / "results/tiny"
-    checked = assert_every_artifact_has_provenance(root, "/img.sif", git_commit="abc123")
-    kinds = {p.suffix or p.parent.name for p in checked}
-    assert {".json", ".parquet", ".safetensors", ".png", ".pdf"} <= kinds
-    assert root / "tokenizer" in checked and root / "checkpoints/step32" in checked
-    assert study_artifacts(root) == checked

@@ -13,9 +13,10 @@ import pandas as pd
 import pytest
 import yaml
 
-from saedynamics.figures import FIGURES
+from saedynamics.figures import FIGURES, VALIDATION_FIGURES
 
 from .conftest import REPO, copy_workflow, hub_config
+from .provenance_check import assert_every_artifact_has_provenance
 
 SNAKEMAKE = [sys.executable, "-m", "snakemake"]
 
@@ -58,10 +59,12 @@ def test_demo_dag_plans_every_stage():
 @pytest.mark.slow
 def test_tiny_study_end_to_end(tmp_path):
     wd = copy_workflow(tmp_path)
-    run(["--cores", "2", "--configfile", "workflow/configs/tiny.yaml"], cwd=wd)
+    # the copy is no git checkout: the commit comes as the Snakefile passes it to jobs
+    env = {"SAEDYNAMICS_GIT_COMMIT": "0123abc"}
+    run(["--cores", "2", "--configfile", "workflow/configs/tiny.yaml"], cwd=wd, env=env)
     root = wd / "results/tiny"
     figures = sorted(p.name for p in (root / "figures").iterdir())
-    assert len(figures) == 2 * len(FIGURES)
+    assert len(figures) == 2 * (len(FIGURES) + len(VALIDATION_FIGURES))
     assert all((root / "figures" / f).stat().st_size > 5000 for f in figures)
     recon = pd.read_parquet(root / "tables/reconstruction.parquet")
     assert len(recon) == 2 * 2 * 2 * 2  # steps x layers x architectures x seeds
@@ -69,6 +72,8 @@ def test_tiny_study_end_to_end(tmp_path):
     cons = pd.read_parquet(root / "tables/consistency.parquet")
     assert len(cons) == 2 * 2 * 2 and (cons["mcc"] > cons["null_pw_mcc"]).all()
     assert set(pd.read_parquet(root / "tables/checkpoints.parquet")["step"]) == {0, 32}
+    # outside a container every artifact still records settings, version and commit
+    assert_every_artifact_has_provenance(root, container=None)
     # every job stays far below 4 GB (benchmark files record max RSS in MB)
     rss = [
         pd.read_csv(f, sep="\t")["max_rss"].iloc[0] for f in (root / "benchmarks").rglob("*.tsv")
@@ -80,7 +85,7 @@ def test_tiny_study_end_to_end(tmp_path):
     # the report is self-contained: every figure embedded, with its caption
     run(["--configfile", "workflow/configs/tiny.yaml", "--report", "report.html"], cwd=wd)
     html = (wd / "report.html").read_text()
-    flagged = sorted((root / "figures").iterdir()) + sorted((root / "validation").glob("*.p*"))
+    flagged = sorted((root / "figures").iterdir())
     assert flagged
     for path in flagged:
         assert base64.b64encode(path.read_bytes()).decode() in html, path.name

@@ -24,6 +24,7 @@ the rows: the shuffled order depends on the seed alone.
 from __future__ import annotations
 
 import contextlib
+import itertools
 import json
 import logging
 import os
@@ -272,6 +273,7 @@ class ActivationFile:
         self._row_group_rows = [
             self._file.metadata.row_group(i).num_rows for i in range(self.num_row_groups)
         ]
+        self._row_starts = np.cumsum([0, *self._row_group_rows])  # global row number of each
         self.columns = names
         self._local = threading.local()  # a ParquetFile per decoding thread (see _parquet)
         self._local.file = self._file
@@ -348,6 +350,7 @@ class ActivationFile:
         buffer_row_groups: int = 4,
         prefetch: int = 1,
         decode_threads: int | None = None,
+        start_batch: int = 0,
     ) -> Iterator[dict[str, torch.Tensor]]:
         """Endless batches {column: float32 tensor} in a seeded shuffled order, epoch after epoch.
 
@@ -358,11 +361,16 @@ class ActivationFile:
         by default one per row group of a buffer, up to the CPU count); `prefetch=0` reads on the
         caller's thread. All random draws happen in one fixed sequence, so the batches depend on
         the seed only, never on thread timing.
+
+        `start_batch = n` starts at batch n of that sequence (a resumed training run): the buffers
+        before it are drawn but not read, see `_shuffled_buffers`.
         """
         self._check_columns(columns)
+        if start_batch < 0:
+            raise ValueError(f"start_batch must be >= 0, got {start_batch}")
         decode_threads = decode_threads or min(buffer_row_groups, os.cpu_count() or 1)
         buffers = self._shuffled_buffers(
-            batch_size, seed, columns, buffer_row_groups, decode_threads
+            batch_size, seed, columns, buffer_row_groups, decode_threads, start_batch
         )
         if prefetch:
             buffers = _in_background(buffers, prefetch, name=f"read {self.path.name}")
@@ -373,27 +381,77 @@ class ActivationFile:
                     # one gather and one conversion per batch, the only copies on this thread
                     yield {c: v.index_select(0, index).float() for c, v in rows.items()}
 
-    def _shuffled_buffers(
-        self, batch_size: int, seed: int, columns, buffer_row_groups: int, decode_threads: int
-    ) -> Iterator[tuple[dict[str, torch.Tensor], torch.Tensor]]:
-        """(rows, order) per buffer: the batches are rows[order[b : b + batch_size]]."""
+    def _shuffle_plan(
+        self, batch_size: int, seed: int, buffer_row_groups: int
+    ) -> Iterator[tuple[np.ndarray, np.ndarray, int]]:
+        """The shuffle without the data, endless: (row groups, row permutation, rows cut into
+        batches) per buffer. A buffer's rows are the previous buffer's leftover, then its row
+        groups' rows; every random draw of `shuffled` is made here, in one fixed sequence."""
         rng = np.random.default_rng(seed)
-        leftover = self._no_rows(columns)
+        n_leftover = 0
+        while True:
+            groups = rng.permutation(self.num_row_groups)
+            for start in range(0, len(groups), buffer_row_groups):
+                chunk = groups[start : start + buffer_row_groups]
+                n_rows = n_leftover + sum(self._row_group_rows[i] for i in chunk)
+                perm = rng.permutation(n_rows)
+                n_full = n_rows // batch_size * batch_size
+                n_leftover = n_rows - n_full
+                yield chunk, perm, n_full
+
+    def _shuffled_buffers(
+        self,
+        batch_size: int,
+        seed: int,
+        columns,
+        buffer_row_groups: int,
+        decode_threads: int,
+        start_batch: int = 0,
+    ) -> Iterator[tuple[dict[str, torch.Tensor], torch.Tensor]]:
+        """(rows, order) per buffer: the batches are rows[order[b : b + batch_size]].
+
+        The buffers that lie wholly before batch `start_batch` are skipped without decoding them:
+        their random draws are made and only the numbers of the rows they leave over are followed,
+        so that at the first buffer read those (fewer than a batch) are fetched from their row
+        groups, and the batches are the ones a stream from batch 0 would give.
+        """
+        plan = self._shuffle_plan(batch_size, seed, buffer_row_groups)
+        first = next(plan)
+        leftover_ids = np.empty(0, dtype=np.int64)  # global row numbers of the leftover
+        while (n_batches := first[2] // batch_size) <= start_batch:
+            groups, perm, n_full = first
+            ids = [np.arange(self._row_starts[g], self._row_starts[g + 1]) for g in groups]
+            leftover_ids = np.concatenate([leftover_ids, *ids])[perm[n_full:]]
+            start_batch -= n_batches
+            first = next(plan)
+        leftover = self._read_rows(leftover_ids, columns)
+        skip = start_batch * batch_size  # in the first buffer read
         with ThreadPoolExecutor(
             decode_threads, thread_name_prefix=f"decode {self.path.name}"
         ) as pool:
-            while True:
-                groups = rng.permutation(self.num_row_groups)
-                for start in range(0, len(groups), buffer_row_groups):
-                    chunk = groups[start : start + buffer_row_groups]
-                    rows = self._read_buffer(chunk, columns, leftover, pool)
-                    perm = rng.permutation(len(rows[columns[0]]))
-                    n_full = len(perm) // batch_size * batch_size
-                    leftover = {c: v[perm[n_full:]] for c, v in rows.items()}
-                    yield (
-                        {c: torch.from_numpy(v) for c, v in rows.items()},
-                        torch.from_numpy(perm[:n_full]),
-                    )
+            for groups, perm, n_full in itertools.chain([first], plan):
+                rows = self._read_buffer(groups, columns, leftover, pool)
+                leftover = {c: v[perm[n_full:]] for c, v in rows.items()}
+                yield (
+                    {c: torch.from_numpy(v) for c, v in rows.items()},
+                    torch.from_numpy(perm[skip:n_full]),
+                )
+                skip = 0
+
+    def _read_rows(self, ids: np.ndarray, columns) -> dict[str, np.ndarray]:
+        """The rows with these global row numbers, in this order; reads only the row groups that
+        hold them."""
+        rows = {
+            c: np.empty((len(ids), *v.shape[1:]), v.dtype)
+            for c, v in self._no_rows(columns).items()
+        }
+        group_of = np.searchsorted(self._row_starts, ids, side="right") - 1
+        for g in np.unique(group_of):
+            part = self.read_row_group(int(g), columns)
+            here = group_of == g
+            for c in columns:
+                rows[c][here] = part[c][ids[here] - self._row_starts[g]]
+        return rows
 
     def _read_buffer(self, groups, columns, leftover, pool) -> dict[str, np.ndarray]:
         """`leftover`, then the row groups, in one array per column.

@@ -160,6 +160,7 @@ def cmd_train(args) -> None:
         Path(args.out),
         identity,
         _provenance(s),
+        resume_dir=Path(args.resume_dir) if args.resume_dir else None,
     )
 
 
@@ -348,12 +349,12 @@ def cmd_tables(args) -> None:
 
 
 def cmd_validation(args) -> None:
-    """The metrics against known ground truth on toy models: JSON summaries and their figures."""
+    """The metrics against known ground truth on toy models: JSON summaries (the figures rule
+    draws them)."""
     import tempfile
 
     from saedynamics.artifacts import write_json
-    from saedynamics.config import FiguresConfig, ValidationConfig
-    from saedynamics.figures import render_validation
+    from saedynamics.config import ValidationConfig
     from saedynamics.toy import organism_validation, superposition_validation
 
     s = _settings(args, "validation")
@@ -366,20 +367,17 @@ def cmd_validation(args) -> None:
     provenance = _provenance(s)
     write_json(out / "superposition.json", superposition, provenance)
     write_json(out / "organism.json", organism, provenance)
-    render_validation(out, _validate(FiguresConfig, s["figures"], "figures"), provenance=provenance)
 
 
 def cmd_figures(args) -> None:
     from saedynamics.config import FiguresConfig
-    from saedynamics.figures import render_all
+    from saedynamics.figures import render_all, render_validation
 
     s = _settings(args, "figures")
-    written = render_all(
-        Path(args.tables),
-        Path(args.out),
-        _validate(FiguresConfig, s["figures"], "figures"),
-        provenance=_provenance(s),
-    )
+    cfg, provenance = _validate(FiguresConfig, s["figures"], "figures"), _provenance(s)
+    written = render_all(Path(args.tables), Path(args.out), cfg, provenance=provenance)
+    if args.validation:
+        written += render_validation(Path(args.validation), Path(args.out), cfg, provenance)
     log.info("figures: %d files in %s", len(written), args.out)
 
 
@@ -440,6 +438,11 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--activations", required=True, help="train.parquet")
     p.add_argument("--out", required=True, help="saes/step<N>/layer<L>/<architecture>/")
+    p.add_argument(
+        "--resume-dir",
+        help="resume/step<N>/layer<L>/<architecture>/: checkpoints every training.checkpoint_tokens "
+        "and a restart resumes from the last one (outside the outputs); without it, neither",
+    )
 
     p = command(
         "measure",
@@ -476,6 +479,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = command("figures", cmd_figures, "render the figures from the tables")
     p.add_argument("--tables", required=True)
+    p.add_argument("--validation", help="validation/ of the study: its figures too")
     p.add_argument("--out", required=True)
     return parser
 

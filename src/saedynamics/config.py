@@ -238,6 +238,12 @@ class TrainingConfig(Strict):
         "folded into the weights at save",
     )
     log_every: int = Field(default=10, gt=0, description="optimiser steps between loss-curve rows")
+    checkpoint_tokens: int | None = Field(
+        default=10_000_000,
+        gt=0,
+        description="training tokens between resume checkpoints (rounded down to whole batches): "
+        "a killed train job restarts from the last one; None: no checkpoints",
+    )
     threads: int | None = Field(
         default=None, gt=0, description="torch CPU threads; None: the rule's"
     )
@@ -410,7 +416,7 @@ class StudyConfig(Strict):
             "drift": ["metrics"],
             "tables": [],
             "figures": ["figures"],
-            "validation": ["validation", "figures"],
+            "validation": ["validation"],
         }
         if stage not in slices:
             raise KeyError(f"unknown stage {stage!r}; stages: {', '.join(slices)}")

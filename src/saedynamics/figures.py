@@ -465,13 +465,14 @@ def _save(fig, out_dir: Path, name: str, cfg: FiguresConfig, provenance: dict | 
 
 
 def render_validation(
-    validation: Path, cfg: FiguresConfig, provenance: dict | None = None
+    validation: Path, out_dir: Path, cfg: FiguresConfig, provenance: dict | None = None
 ) -> list[Path]:
+    """Every figure of VALIDATION_FIGURES, from validation/*.json, into `out_dir`."""
     _style()
     return [
         p
         for name, draw in VALIDATION_FIGURES.items()
-        for p in _save(draw(validation), validation, name, cfg, provenance)
+        for p in _save(draw(validation), out_dir, name, cfg, provenance)
     ]
 
 

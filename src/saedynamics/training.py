@@ -10,6 +10,9 @@ the scale is folded into the weights at export, so saved SAEs work on raw activa
 constant, linear decay to 0 over the last `lr_decay_fraction`; gradient-norm clipping.
 A NaN or infinite loss stops the job, naming the seed and the step; nothing is written then, since
 all seeds are saved together into one directory renamed into place at the end.
+
+Resume: with a `resume_dir`, checkpoints every `training.checkpoint_tokens` tokens and restarts
+from the last one, bitwise as if uninterrupted on CPU (saedynamics.resume).
 """
 
 from __future__ import annotations
@@ -29,6 +32,7 @@ from saedynamics.artifacts import atomic_directory, write_parquet
 from saedynamics.config import EXTRA_COLUMNS, TrainingConfig
 from saedynamics.errors import TrainingDiverged
 from saedynamics.metrics.reconstruction import batch_fvu
+from saedynamics.resume import Checkpoints, fault_point, fingerprint, remove_stale_temporaries
 from saedynamics.saes import REGISTRY, SAE, ArchitectureConfig, TrainStep, sparse
 
 log = logging.getLogger(__name__)
@@ -62,11 +66,13 @@ def train_saes(
     identity: dict,
     provenance: dict,
     observe: Callable[[int, dict[int, SAE]], None] | None = None,
+    resume_dir: Path | None = None,
 ) -> None:
     """Train one SAE per seed on `train_file`; write out_dir/seed<s>/ for all seeds at once.
 
     `observe(step, saes)`, if given, is called at every loss-curve step with the live SAEs
     (in the scaled input space), e.g. to follow their recovery of a known dictionary.
+    `resume_dir`: where checkpoints are written and resumed from (module docstring); None: none.
     """
     acts = ActivationFile(train_file)
     device = resolve_device(training.device)
@@ -103,21 +109,51 @@ def train_saes(
     for seed, sae in saes.items():
         sae.attach_optimizer(optimizers[seed])
     curves: dict[int, list[dict]] = {s: [] for s in saes}
+
+    remove_stale_temporaries(out_dir)
+    every = training.checkpoint_tokens
+    checkpoints = Checkpoints(
+        resume_dir,
+        fingerprint(training, name, arch, acts, device, identity, provenance),
+        every_steps=max(1, every // training.batch_size) if every else n_steps,
+        batch_size=training.batch_size,
+    )
+    resumed = checkpoints.load(saes, optimizers, schedules, curves)
+    start, states = resumed.batches_done, resumed.states
+
+    replay = {seed: state.get("replay_batches", 0) for seed, state in states.items()}
+    n_replay = max(replay.values(), default=0)
     batches = (
         _scaled(batch, scale, device)
-        for batch in acts.shuffled(training.batch_size, seed=training.data_seed, columns=columns)
+        for batch in acts.shuffled(
+            training.batch_size,
+            seed=training.data_seed,
+            columns=columns,
+            start_batch=start - n_replay,
+        )
     )
-    # the first training batches double as the init sample (b_dec, probes): init_tokens or more
-    first = [next(batches) for _ in range(-(-training.init_tokens // training.batch_size))]
-    sample_x = torch.cat([x for x, _ in first])
-    sample_extras = {c: torch.cat([e[c] for _, e in first]) for c in columns[1:]}
-    for sae in saes.values():
-        sae.init_from_sample(sample_x, sample_extras)
-    batches = itertools.chain(first, batches)
+    if start:  # the inputs before the checkpoint that an architecture keeps (resume_state)
+        replayed = [next(batches)[0] for _ in range(n_replay)]
+        for seed, sae in saes.items():
+            sae.load_resume_state(states[seed], replayed[n_replay - replay[seed] :])
+    else:  # the first training batches double as the init sample (b_dec, probes): init_tokens+
+        first = [next(batches) for _ in range(-(-training.init_tokens // training.batch_size))]
+        sample_x = torch.cat([x for x, _ in first])
+        sample_extras = {c: torch.cat([e[c] for _, e in first]) for c in columns[1:]}
+        for sae in saes.values():
+            sae.init_from_sample(sample_x, sample_extras)
+        batches = itertools.chain(first, batches)
     started = time.perf_counter()
 
     with sparse.mode(training.sparse_path):
-        for i in tqdm(range(n_steps), desc=f"train {name}", mininterval=5, unit="step"):
+        for i in tqdm(
+            range(start, n_steps),
+            desc=f"train {name}",
+            initial=start,
+            total=n_steps,
+            mininterval=5,
+            unit="step",
+        ):
             x, extras = next(batches)
             step = TrainStep(i, n_steps)
             for seed, sae in saes.items():
@@ -143,9 +179,12 @@ def train_saes(
             if observe is not None and (i % training.log_every == 0 or i == n_steps - 1):
                 with torch.no_grad():
                     observe(i, saes)
+            if checkpoints.due(i + 1, n_steps):
+                checkpoints.save(i + 1, resumed, saes, optimizers, schedules, curves, provenance)
+            fault_point(str(i + 1))
 
     seconds = time.perf_counter() - started
-    tokens = n_steps * training.batch_size
+    tokens = (n_steps - start) * training.batch_size  # trained by this process
     log.info(
         "%s: %d seeds x %d tokens in %.1f s (%.0f tokens/s per seed, %.0f in all)",
         name,
@@ -172,7 +211,8 @@ def train_saes(
                 "seed": seed,
                 "init_seed": seed,
                 "data_seed": training.data_seed,
-                "tokens_seen": tokens,
+                "tokens_seen": n_steps * training.batch_size,
+                "resumed_from_tokens": resumed.resumed_from_tokens,
                 "input_scale": scale,
                 "precision": "fp32" if amp_dtype is None else "bf16 autocast, fp32 weights",
                 "activations": {
@@ -182,6 +222,8 @@ def train_saes(
             sae.exported(scale).save(tmp / f"seed{seed}", metadata, ours, provenance)
             curve = pa.Table.from_pylist(curves[seed])
             write_parquet(tmp / f"seed{seed}" / "training.parquet", curve, provenance)
+        fault_point(f"{n_steps}:during-output")
+    checkpoints.finished()
 
 
 def _scaled(batch: dict, scale: float, device) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:

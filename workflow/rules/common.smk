@@ -66,7 +66,10 @@ ARCHITECTURES = list(CFG.architectures)
 SEEDS = CFG.training.seeds
 SAE_FILES = ["cfg.json", "sae_weights.safetensors", "training.parquet"]
 METRICS = ["reconstruction", "consistency", "superposition"]
-FIGURE_FILES = expand(f"{R}/figures/{{name}}.{{fmt}}", name=FIGURES, fmt=CFG.figures.formats)
+FIGURE_FILES = expand(
+    f"{R}/figures/{{name}}.{{fmt}}", name=[*FIGURES, *VALIDATION_FIGURES], fmt=CFG.figures.formats
+)
+VALIDATION_FILES = expand(f"{R}/validation/{{name}}.json", name=["superposition", "organism"])
 
 
 def settings(stage):

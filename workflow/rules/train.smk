@@ -14,7 +14,9 @@ rule train:
     params:
         settings=settings("train"),
         out=parent(2),
+        # checkpoints of a running job: not an output, so a failed job's are kept for its restart
+        resume=f"{R}/resume/step{{step}}/layer{{layer}}/{{architecture}}",
     shell:
         "PYTHONPATH=src python -m saedynamics train --settings {params.settings:q} --threads {threads}"
         " --step {wildcards.step} --layer {wildcards.layer} --architecture {wildcards.architecture}"
-        " --activations {input} --out {params.out} > {log} 2>&1"
+        " --activations {input} --out {params.out} --resume-dir {params.resume:q} > {log} 2>&1"

@@ -222,6 +222,19 @@ class AdaptiveKSAE(SAE):
             lo, hi = DEVIATION_RANGE
             self.deviation_weight = min(hi, max(lo, self.deviation_weight * factor))
 
+    def resume_state(self) -> dict:
+        adaptive = {
+            "deviation_weight": self.deviation_weight,
+            "probe_losses": [*self._probe_losses],
+        }
+        return {**super().resume_state(), **adaptive}
+
+    def load_resume_state(self, state: dict, replayed: list[Tensor]) -> None:
+        super().load_resume_state(state, replayed)
+        self.deviation_weight = state["deviation_weight"]
+        self._probe_losses.clear()
+        self._probe_losses.extend(state["probe_losses"])
+
     @torch.no_grad()
     def init_from_sample(self, x: Tensor, extras: dict[str, Tensor] | None = None) -> None:
         """b_dec (base), then the entropy range and the ridge probe (cross-validated lambda)."""

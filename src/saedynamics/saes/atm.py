@@ -154,6 +154,18 @@ class ATMSAE(SAE):
             self._mask_rng = torch.Generator(device=keep.device).manual_seed(self._mask_seed)
         return torch.bernoulli(keep, generator=self._mask_rng)
 
+    def resume_state(self) -> dict:
+        state = super().resume_state()
+        if self._mask_rng is not None:  # created at the first masked step
+            state["mask_rng"] = self._mask_rng.get_state()
+        return state
+
+    def load_resume_state(self, state: dict, replayed: list[Tensor]) -> None:
+        super().load_resume_state(state, replayed)
+        if "mask_rng" in state:
+            self._mask_rng = torch.Generator(device=self.W_dec.device)
+            self._mask_rng.set_state(state["mask_rng"])
+
     def loss(self, x: Tensor, step: TrainStep, extras=None) -> LossOutput:
         codes = self.encode(x)
         if self.masking(step):

@@ -28,6 +28,11 @@ The trainer drives an SAE through this interface only:
     out = sae.loss(x, step, extras)          LossOutput(total, terms, codes, x_hat)
     out.total.backward(); sae.before_step(); optimiser step; sae.after_step(out, x)
 
+Training checkpoints (training.py) save state_dict() (parameters and buffers: keep training state
+in buffers where it is a tensor) plus `resume_state()`: what an architecture keeps in plain Python
+attributes (counters, RNG states, recent inputs), restored by `load_resume_state` when a killed job
+resumes, so that it ends bitwise as an uninterrupted run would.
+
 `extras` holds the extra activation columns an architecture `requires` (e.g. the LM-loss gradient,
 see `activations.EXTRA_COLUMNS`), already transformed with the input scale. `exported_buffers` are
 buffers that belong to the saved SAE (e.g. a JumpReLU-style `threshold`). Saved tensors use the
@@ -198,6 +203,17 @@ class SAE(nn.Module):
         fired = (out.codes != 0).any(dim=0)
         self.tokens_since_fired += out.codes.shape[0]
         self.tokens_since_fired[fired] = 0
+
+    def resume_state(self) -> dict[str, Any]:
+        """Training state outside state_dict(), for a training checkpoint: JSON values, and tensors
+        (e.g. a generator's state). An architecture that keeps recent training batches stores how
+        many under "replay_batches" instead of the batches: on resume the trainer reads those
+        again from the (deterministic) data stream and hands them to `load_resume_state`."""
+        return {}
+
+    def load_resume_state(self, state: dict[str, Any], replayed: list[Tensor]) -> None:
+        """Restore what `resume_state` returned (after load_state_dict); `replayed`: the last
+        state["replay_batches"] training inputs before the checkpoint, oldest first."""
 
     def attach_optimizer(self, optimizer: torch.optim.Optimizer) -> None:
         self._optimizer = weakref.ref(optimizer)

@@ -93,7 +93,7 @@ class BatchTopKSAE(SAE):
     def __init__(self, d_in: int, d_sae: int, cfg: ArchitectureConfig, generator=None):
         super().__init__(d_in, d_sae, cfg, generator)
         self.register_buffer("threshold", torch.zeros(d_sae))
-        self.steps_done = self.threshold_updates = 0  # training only, not saved
+        self.steps_done = self.threshold_updates = 0  # training only: in checkpoints, not SAEs
 
     def default_lr(self) -> float:
         return 2e-4 / (self.d_sae / 2**14) ** 0.5
@@ -137,6 +137,14 @@ class BatchTopKSAE(SAE):
         if self.steps_done >= self.cfg.threshold_start_step:
             self.update_threshold(out.codes.detach())
         self.steps_done += 1
+
+    def resume_state(self) -> dict:
+        counters = {"steps_done": self.steps_done, "threshold_updates": self.threshold_updates}
+        return {**super().resume_state(), **counters}
+
+    def load_resume_state(self, state: dict, replayed: list[Tensor]) -> None:
+        super().load_resume_state(state, replayed)
+        self.steps_done, self.threshold_updates = state["steps_done"], state["threshold_updates"]
 
     @torch.no_grad()
     def update_threshold(self, codes: Tensor) -> None:

@@ -141,6 +141,20 @@ class ReLU2023SAE(SAE):
             self.resample(torch.cat(self.recent_inputs)[-self.cfg.resample_sample_tokens :])
             self.recent_inputs = []
 
+    def resume_state(self) -> dict:
+        # the recent inputs are training batches: a checkpoint records how many, not the tensors
+        # (up to resample_sample_tokens x d_in floats), and the trainer reads them again
+        state = {**super().resume_state(), "replay_batches": len(self.recent_inputs)}
+        if self.generator is not None:
+            state["generator"] = self.generator.get_state()
+        return state
+
+    def load_resume_state(self, state: dict, replayed: list[Tensor]) -> None:
+        super().load_resume_state(state, replayed)
+        if "generator" in state:
+            self.generator.set_state(state["generator"])
+        self.recent_inputs = list(replayed)
+
     @torch.no_grad()
     def resample(self, inputs: Tensor) -> Tensor:
         """Resample the latents that did not fire since the last resampling from `inputs`;

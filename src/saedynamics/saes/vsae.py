@@ -143,6 +143,13 @@ class VariationalSAE(SAE):
         self._noise_draws += 1
         return torch.randn(like.shape, generator=rng, device=like.device, dtype=like.dtype)
 
+    def resume_state(self) -> dict:
+        return {**super().resume_state(), "noise_draws": self._noise_draws}
+
+    def load_resume_state(self, state: dict, replayed: list[Tensor]) -> None:
+        super().load_resume_state(state, replayed)
+        self._noise_draws = state["noise_draws"]
+
     def sparsify(self, z: Tensor) -> Tensor:
         """Keep each row's k entries of largest |z|, with their signs."""
         indices = z.abs().topk(self.cfg.k, dim=-1).indices

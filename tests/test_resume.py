@@ -1,0 +1,377 @@
+"""Resumable training: a job killed at any point and restarted ends with the SAEs, bitwise (CPU), of
+an uninterrupted run; checkpoints are atomic, belong to their settings, and nothing is unpickled.
+
+saedynamics.resume's module docstring describes the checkpoints; `ActivationFile.shuffled(start_batch=)`
+is the data-order position they restore.
+"""
+
+from __future__ import annotations
+
+import ast
+import json
+import os
+import random
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+import torch
+from safetensors import safe_open
+from safetensors.torch import load_file
+
+from saedynamics.activations import ActivationFile
+from saedynamics.config import TrainingConfig
+from saedynamics.resume import CHECKPOINT, CHECKPOINT_KEY, FAULT_ENV
+from saedynamics.saes import REGISTRY, SAE
+from saedynamics.training import train_saes
+
+from .synthetic import indexed_activation_file, k_if_any, sparse_dataset
+
+REPO = Path(__file__).resolve().parents[1]
+IDENTITY = {"study": "t", "step": 0, "layer": 0}
+BATCH = 64
+
+
+# ---- the data-order position ---------------------------------------------------------------------
+
+
+def row_ids(stream, n: int) -> np.ndarray:
+    """The row numbers (first coordinate of the indexed file) of the next n batches."""
+    out = [next(stream)["act"][:, 0].numpy().astype(int) for _ in range(n)]
+    stream.close()
+    return np.stack(out)
+
+
+def test_shuffled_from_start_batch_continues_the_same_sequence(tmp_path, monkeypatch):
+    # 1000 rows in 16 row groups, buffers of 3 row groups (~2 batches), ~10.4 batches per epoch
+    f = indexed_activation_file(tmp_path / "a.parquet", n=1000, d=4, row_group=64)
+    batch, n = 96, 70
+    fresh = row_ids(f.shuffled(batch, seed=5, buffer_row_groups=3), n)
+    for k in (1, 2, 3, 10, 11, 12, 31, 64):  # within and across buffers and epochs
+        got = row_ids(f.shuffled(batch, seed=5, buffer_row_groups=3, start_batch=k), n - k)
+        assert np.array_equal(got, fresh[k:]), k
+
+    # the skipped buffers are not read: only the first buffer used and the row groups holding
+    # its leftover rows (fewer than a batch), however far the stream starts
+    reads = []
+    original = ActivationFile.read_row_group
+    monkeypatch.setattr(
+        ActivationFile,
+        "read_row_group",
+        lambda self, i, c=("act",): reads.append(i) or original(self, i, c),
+    )
+    next(f.shuffled(batch, seed=5, buffer_row_groups=3, prefetch=0, start_batch=60))
+    assert len(reads) <= 3 + f.num_row_groups < 60 * batch // 64
+    with pytest.raises(ValueError, match="start_batch"):
+        next(f.shuffled(batch, seed=5, start_batch=-1))
+
+
+# ---- every architecture resumes bitwise ----------------------------------------------------------
+
+# Settings under which each architecture's resume state matters after the resume point at step 16
+# of 24 (test_the_resume_state_matters_...): relu_2023 resamples before and after it
+# (its init generator and replayed recent inputs), atm masks with probabilities far from 0 (its
+# mask generator), adaptivek is in its joint phase (deviation weight, probe-loss window); the
+# counters of batchtopk and its kin and vsae's noise draws are in use at any step.
+STATEFUL = {
+    "relu_2023": {
+        "lr": 0.05,
+        "l1_coefficient": 30.0,
+        "resample_at": (0.3, 0.35, 0.75, 0.8),
+        "resample_sample_tokens": 4 * BATCH,
+    },
+    "atm": {"threshold_std": 0.0},
+    "adaptivek": {"k_min": 2, "k_max": 8, "phase_ratio": 0.3},
+}
+
+
+class Stop(Exception):
+    """Ends a training run in-process, as a kill would (the checkpoint written before it stays)."""
+
+
+def stop_after(steps: int):
+    def observe(i, saes):
+        if i + 1 == steps:
+            raise Stop
+
+    return observe
+
+
+def small_run(tmp_path: Path, name: str) -> tuple[TrainingConfig, object, Path]:
+    cls = REGISTRY[name]
+    data = tmp_path / "organism.parquet"
+    sparse_dataset(data, n=2048, d=16, m=32, extras=cls.requires)
+    training = TrainingConfig(
+        n_latents=64,
+        seeds=[0, 1],
+        train_tokens=24 * BATCH,
+        batch_size=BATCH,
+        init_tokens=2 * BATCH,
+        input_scaling="centred",
+        log_every=1,
+        checkpoint_tokens=8 * BATCH,  # checkpoints after 8 and 16 steps
+    )
+    arch = cls.Config(architecture=name, **{**k_if_any(name, 4), **STATEFUL.get(name, {})})
+    return training, arch, data
+
+
+def assert_same_saes(a: Path, b: Path, seeds=(0, 1)) -> None:
+    for seed in seeds:
+        wa = load_file(a / f"seed{seed}" / "sae_weights.safetensors")
+        wb = load_file(b / f"seed{seed}" / "sae_weights.safetensors")
+        assert wa.keys() == wb.keys()
+        for key in wa:
+            assert torch.equal(wa[key], wb[key]), f"seed {seed}: {key} differs"
+        curve_a = pq.read_table(a / f"seed{seed}" / "training.parquet")
+        curve_b = pq.read_table(b / f"seed{seed}" / "training.parquet")
+        assert curve_a.equals(curve_b), f"seed {seed}: the loss curves differ"
+
+
+def record(out: Path, seed: int = 0) -> dict:
+    return json.loads((out / f"seed{seed}" / "cfg.json").read_text())["saedynamics"]
+
+
+@pytest.fixture()
+def one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # tiny matrices, and immune to the machine's load
+    yield
+    torch.set_num_threads(threads)
+
+
+def stop_and_resume(tmp_path: Path, name: str) -> tuple[Path, Path]:
+    """(uninterrupted run, run stopped after 20 of 24 steps and resumed from the checkpoint at 16)."""
+    training, arch, data = small_run(tmp_path, name)
+    train_saes(training, name, arch, data, tmp_path / "plain", IDENTITY, {})
+    out, resume = tmp_path / "out", tmp_path / "resume"
+    with pytest.raises(Stop):
+        train_saes(training, name, arch, data, out, IDENTITY, {}, stop_after(20), resume)
+    assert not out.exists() and (resume / CHECKPOINT).is_file()
+    train_saes(training, name, arch, data, out, IDENTITY, {}, resume_dir=resume)
+    assert not resume.exists()  # deleted once the SAEs are written
+    return tmp_path / "plain", out
+
+
+@pytest.mark.parametrize("name", sorted(REGISTRY))
+def test_every_architecture_resumes_bitwise(tmp_path, name, one_thread):
+    plain, resumed = stop_and_resume(tmp_path, name)
+    assert_same_saes(plain, resumed)
+    assert record(plain)["resumed_from_tokens"] == []
+    assert record(resumed)["resumed_from_tokens"] == [16 * BATCH]
+    assert record(resumed)["init_seed"] == 0 and record(resumed)["data_seed"] == 0
+
+
+@pytest.mark.parametrize(
+    "name", sorted(n for n, cls in REGISTRY.items() if cls.resume_state is not SAE.resume_state)
+)
+def test_the_resume_state_matters_where_an_architecture_has_one(
+    tmp_path, name, one_thread, monkeypatch
+):
+    """Resuming without load_resume_state changes the SAEs: the test above sees that state."""
+    monkeypatch.setattr(REGISTRY[name], "load_resume_state", lambda self, state, replayed: None)
+    plain, resumed = stop_and_resume(tmp_path, name)
+    with pytest.raises(AssertionError, match="differs"):
+        assert_same_saes(plain, resumed)
+
+
+def test_checkpoints_of_other_settings_or_unreadable_ones_are_discarded(
+    tmp_path, caplog, one_thread
+):
+    training, arch, data = small_run(tmp_path, "topk")
+    resume = tmp_path / "resume"
+
+    def interrupted(arch) -> None:
+        with pytest.raises(Stop):
+            train_saes(
+                training, "topk", arch, data, tmp_path / "x", IDENTITY, {}, stop_after(10), resume
+            )
+        assert (resume / CHECKPOINT).is_file()
+
+    other = arch.model_copy(update={"lr": 0.01})
+    train_saes(training, "topk", other, data, tmp_path / "plain", IDENTITY, {})
+    interrupted(arch)
+    caplog.set_level("INFO", logger="saedynamics")
+    train_saes(training, "topk", other, data, tmp_path / "out", IDENTITY, {}, resume_dir=resume)
+    assert "a checkpoint of other settings (architecture differ), deleted" in caplog.text
+    assert_same_saes(tmp_path / "plain", tmp_path / "out")
+    assert record(tmp_path / "out")["resumed_from_tokens"] == []
+
+    # a changed activation file (its size or mtime) makes the checkpoint stale too
+    interrupted(other)
+    os.utime(data, ns=(data.stat().st_atime_ns, data.stat().st_mtime_ns + 1))
+    caplog.clear()
+    train_saes(training, "topk", other, data, tmp_path / "out2", IDENTITY, {}, resume_dir=resume)
+    assert "(activations differ), deleted" in caplog.text
+
+    # a file that is not a checkpoint (only a disk fault could leave one: writes are atomic)
+    resume.mkdir()
+    (resume / CHECKPOINT).write_bytes(b"\x08\x00\x00\x00\x00\x00\x00\x00{}garbage")
+    caplog.clear()
+    train_saes(training, "topk", other, data, tmp_path / "out3", IDENTITY, {}, resume_dir=resume)
+    assert "unreadable checkpoint" in caplog.text and str(resume / CHECKPOINT) in caplog.text
+    assert_same_saes(tmp_path / "out2", tmp_path / "out3")
+
+
+# ---- fault injection: SIGKILL the real command and restart it ---------------------------------------
+
+KILL_SEED = 20240607  # the kill points are drawn from this seed (printed by a failing test)
+N_STEPS, EVERY = 40, 6  # 40 optimiser steps, a checkpoint every 6: at 6, 12, ..., 36
+# Two trials of three kills each, the job restarted after every kill until it completes: kills
+# after a random step ("step"), during a random checkpoint's write ("checkpoint": its file written
+# but not renamed into place) and during the final write of the SAEs ("output").
+TRIALS = (("step", "checkpoint", "step"), ("checkpoint", "step", "output"))
+
+
+def kill_points(rng: random.Random, kinds) -> list[str]:
+    """Strictly increasing kill points, the j-th of m drawn within the j-th m-th of training."""
+    bounds = np.linspace(0, N_STEPS, len(kinds) + 1).round().astype(int)
+    points = []
+    for kind, lo, hi in zip(kinds, bounds[:-1], bounds[1:], strict=True):
+        if kind == "step":
+            points.append(str(rng.randint(lo + 1, hi)))
+        elif kind == "checkpoint":
+            points.append(
+                f"{rng.choice(range(EVERY * (lo // EVERY + 1), hi, EVERY))}:during-checkpoint"
+            )
+        else:
+            points.append(f"{N_STEPS}:during-output")
+    return points
+
+
+def expected_checkpoint(point: str) -> int:
+    """The checkpoint a job killed at `point` leaves: the last one completed before the kill."""
+    step, _, phase = point.partition(":")
+    last_complete = int(step) - 1 if phase else int(step)  # during a write: not that one
+    return min(last_complete, N_STEPS - 1) // EVERY * EVERY  # none is written at the end
+
+
+def train_command(tmp_path: Path, out: Path, resume: Path | None) -> list[str]:
+    arch = REGISTRY["relu_2023"].Config(architecture="relu_2023", **STATEFUL["relu_2023"])
+    training = TrainingConfig(
+        n_latents=64,
+        seeds=[0, 1],
+        train_tokens=N_STEPS * BATCH,
+        batch_size=BATCH,
+        init_tokens=2 * BATCH,
+        log_every=1,
+        checkpoint_tokens=EVERY * BATCH,
+    )
+    settings = {
+        "study": "t",
+        "training": training.model_dump(mode="json"),
+        "architecture_name": "r",
+        "architecture": arch.model_dump(mode="json"),
+    }
+    command = [sys.executable, "-m", "saedynamics", "train", "--settings", json.dumps(settings)]
+    command += ["--threads", "1", "--step", "0", "--layer", "0", "--architecture", "r"]
+    command += ["--activations", str(tmp_path / "organism.parquet"), "--out", str(out)]
+    return command + (["--resume-dir", str(resume)] if resume else [])
+
+
+def run(command: list[str], kill_at: str | None = None) -> subprocess.CompletedProcess:
+    env = {**os.environ, "PYTHONPATH": str(REPO / "src"), "SAEDYNAMICS_GIT_COMMIT": "test"}
+    env.pop(FAULT_ENV, None)
+    if kill_at:
+        env[FAULT_ENV] = kill_at
+    return subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
+
+
+def checkpoint_position(resume: Path) -> int:
+    if not (resume / CHECKPOINT).exists():
+        return 0
+    with safe_open(resume / CHECKPOINT, framework="pt") as f:
+        return json.loads(f.metadata()[CHECKPOINT_KEY])["batches_done"]
+
+
+def test_killed_jobs_resume_to_the_uninterrupted_result(tmp_path):
+    sparse_dataset(tmp_path / "organism.parquet", n=2048, d=16, m=32)
+    reference = tmp_path / "reference"
+    done = run(train_command(tmp_path, reference, None))
+    assert done.returncode == 0, done.stderr
+
+    rng = random.Random(KILL_SEED)
+    plans = [kill_points(rng, kinds) for kinds in TRIALS]
+    for trial, plan in enumerate(plans):
+        out, resume = tmp_path / f"out{trial}", tmp_path / f"resume{trial}"
+        command, resumed_at, history = train_command(tmp_path, out, resume), 0, []
+        for point in [*plan, None]:  # restart after every kill, then once to completion
+            job = run(command, point)
+            where = f"kill seed {KILL_SEED}, trial {trial} {plan}, run until {point}"
+            assert (job.returncode == -9) == (point is not None), f"{where}: {job.stderr[-3000:]}"
+            # the restart accepted exactly the last complete checkpoint, never a partial one
+            said = re.search(r"resuming from .*: (\d+) batches done", job.stderr)
+            assert (int(said[1]) if said else 0) == resumed_at, where
+            if resumed_at:
+                history.append(resumed_at * BATCH)
+            if point is None:
+                break
+            assert not out.exists(), f"{where}: a partial output was left in place"
+            # a write the kill interrupted left its temporary, which the restart must not take
+            partial = {
+                "during-checkpoint": resume.glob(f".{CHECKPOINT}.*.tmp"),
+                "during-output": out.parent.glob(f".{out.name}.*.tmp"),
+            }.get(point.partition(":")[2], [])
+            assert point.isdigit() or list(partial), where
+            resumed_at = checkpoint_position(resume)
+            assert resumed_at == expected_checkpoint(point), where
+        assert_same_saes(reference, out)
+        assert record(out)["resumed_from_tokens"] == history
+        assert not resume.exists()
+        assert not list(out.parent.glob(f".{out.name}.*")), "temporaries of a killed write remain"
+
+
+# ---- nothing is unpickled ---------------------------------------------------------------------------
+
+PICKLE_MODULES = {"pickle", "_pickle", "cPickle", "cloudpickle", "dill", "joblib", "shelve"}
+# Old Pythia revisions ship pickled weights only: read there with weights_only=True, converted.
+TORCH_LOAD_ALLOWED = {"src/saedynamics/checkpoints.py"}
+
+
+def unpickling_calls(source: str, name: str) -> list[str]:
+    """Where Python `source` (the file `name`, relative to the repository) can unpickle: imports
+    of pickle-based modules, pandas' read_pickle, numpy's load with allow_pickle, torch.load
+    without weights_only=True or outside TORCH_LOAD_ALLOWED."""
+    found = []
+    for node in ast.walk(ast.parse(source, filename=name)):
+        where = f"{name}:{getattr(node, 'lineno', '?')}"
+        if isinstance(node, ast.Import | ast.ImportFrom):
+            modules = (
+                [a.name for a in node.names] if isinstance(node, ast.Import) else [node.module]
+            )
+            found += [f"{where}: import {m}" for m in modules if m.split(".")[0] in PICKLE_MODULES]
+        if not isinstance(node, ast.Call) or not isinstance(node.func, ast.Attribute):
+            continue
+        owner = node.func.value.id if isinstance(node.func.value, ast.Name) else None
+        keywords = {k.arg: getattr(k.value, "value", k.value) for k in node.keywords}
+        call = (owner, node.func.attr)
+        if node.func.attr == "read_pickle":
+            found.append(f"{where}: read_pickle")
+        if call in (("np", "load"), ("numpy", "load")) and keywords.get("allow_pickle", False):
+            found.append(f"{where}: np.load with allow_pickle")
+        safe_load = name in TORCH_LOAD_ALLOWED and keywords.get("weights_only") is True
+        if call == ("torch", "load") and not safe_load:
+            found.append(f"{where}: torch.load without weights_only=True")
+    return found
+
+
+def test_no_code_path_unpickles():
+    files = [p for d in ("src", "tests", "benchmarks") for p in sorted((REPO / d).rglob("*.py"))]
+    assert len(files) > 30
+    found = [f for p in files for f in unpickling_calls(p.read_text(), str(p.relative_to(REPO)))]
+    assert found == []
+    # the scanner finds what it looks for
+    bad = (
+        "import pickle\nfrom joblib import load\nnp.load(f, allow_pickle=True)\n"
+        "df = pd.read_pickle(f)\ntorch.load(f)\ntorch.load(f, weights_only=False)\n"
+    )
+    assert len(unpickling_calls(bad, "src/saedynamics/checkpoints.py")) == 6
+    assert unpickling_calls("torch.load(f, weights_only=True)", "src/saedynamics/cli.py")
+    assert not unpickling_calls("np.load(f, mmap_mode='r')", "benchmarks/activations.py")
+    # Snakefiles are not Python: a text search there
+    rules = [REPO / "Snakefile", *sorted((REPO / "workflow").rglob("*.smk"))]
+    pattern = re.compile(r"\bpickle\b|torch\.load|allow_pickle|read_pickle")
+    assert [str(p) for p in rules if pattern.search(p.read_text())] == []

@@ -64,6 +64,11 @@ def local_slurm(tmp_path_factory):
     finally:
         subprocess.run([SCRIPTS / "stop-local-slurm.sh", pidfile], timeout=120)
         left = [f"{name} ({pid})" for name, pid in pids if _alive(pid)]
+        left += subprocess.run(
+            ["pgrep", "-a", "-x", "munged|slurmctld|slurmd|slurmscriptd"],
+            capture_output=True,
+            text=True,
+        ).stdout.splitlines()
         assert not left, f"daemons still running: {left}"
 
 

@@ -71,16 +71,28 @@ for i in $(seq 0 $((gpus - 1))); do
     echo "NodeName=${host} Name=gpu Type=fake File=${devices[$i]}" >> /etc/slurm/gres.conf
 done
 
-# munged forks into the background; its pid is in its pidfile
-su -s /bin/sh munge -c "/usr/sbin/munged --pid-file=/run/munge/munged.pid"
-echo "munged $(cat /run/munge/munged.pid)" >> "$pidfile"
+# Each daemon forks into the background and writes its pid file; record the pid once that names
+# the live daemon (a stale pid file from an earlier run must not be taken for it).
+record_pid() {  # NAME PIDFILE
+    for _ in $(seq 100); do
+        pid=$(cat "$2" 2> /dev/null || true)
+        if [ -n "$pid" ] && [ "$(cat /proc/"$pid"/comm 2> /dev/null)" = "$1" ]; then
+            echo "$1 $pid" >> "$pidfile"
+            return 0
+        fi
+        sleep 0.1
+    done
+    echo "$1 did not start (see /var/log/slurm/ or syslog)" >&2
+    exit 4
+}
+rm -f /run/munge/munged.pid /run/slurmctld.pid /run/slurmd.pid
 rm -rf /var/spool/slurmctld/* /var/spool/slurmd/*   # no jobs from an earlier run
+su -s /bin/sh munge -c "/usr/sbin/munged --pid-file=/run/munge/munged.pid"
+record_pid munged /run/munge/munged.pid
 slurmctld -c -i
-for _ in $(seq 50); do [ -s /run/slurmctld.pid ] && break; sleep 0.1; done
-echo "slurmctld $(cat /run/slurmctld.pid)" >> "$pidfile"
+record_pid slurmctld /run/slurmctld.pid
 slurmd
-for _ in $(seq 50); do [ -s /run/slurmd.pid ] && break; sleep 0.1; done
-echo "slurmd $(cat /run/slurmd.pid)" >> "$pidfile"
+record_pid slurmd /run/slurmd.pid
 
 # the node must come up and run a job, on both partitions, the GPU one with a GPU
 for _ in $(seq 100); do

@@ -21,13 +21,12 @@ import pytest
 
 from saedynamics.tables import TABLES
 
-from .test_containers import IMAGE, _calls, _fake_checkout, _rule, _standin_env
+from .test_containers import GPU_RULES, IMAGE, _calls, _fake_checkout, _rule, _standin_env
 from .test_workflow import run
 
 SCRIPTS = Path(__file__).parent / "slurm"
 DAEMONS = ("munged", "slurmctld", "slurmd", "sbatch", "squeue", "scontrol")
 LOCAL_RULES = {"tokens", "checkpoint", "tables", "figures"}  # `localrule: True` in their .smk
-GPU_RULES = {"activations", "train", "splice"}  # slurm_partition: gpu in the profile
 
 
 def _alive(pid: int) -> bool:
@@ -105,7 +104,6 @@ def test_demo_through_slurm_equals_the_local_run(local_slurm, demo_repo, tmp_pat
 
     wd = _fake_checkout(tmp_path)
     env, log = _standin_env(tmp_path)
-    env["SAEDYNAMICS_GIT_COMMIT"] = "0123abc"
     out = run_on_slurm(wd, env, "workflow/configs/demo.yaml")
 
     calls = _calls(log)

@@ -105,3 +105,15 @@ def indexed_activation_file(path, n=1000, d=4, row_group=64) -> ActivationFile:
         writer.append(idx[sl], idx[sl], idx[sl], act[sl])
     writer.close()
     return ActivationFile(path)
+
+
+def record_row_group_reads(monkeypatch) -> list[int]:
+    """The indices of the row groups ActivationFile reads from now on, in order."""
+    reads: list[int] = []
+    original = ActivationFile.read_row_group
+    monkeypatch.setattr(
+        ActivationFile,
+        "read_row_group",
+        lambda self, i, c=("act",): reads.append(i) or original(self, i, c),
+    )
+    return reads

@@ -19,6 +19,7 @@ from saedynamics.activations import ActivationFile, ActivationWriter
 from saedynamics.errors import DataError
 
 from .synthetic import indexed_activation_file as indexed_file
+from .synthetic import record_row_group_reads
 
 
 def reference_order(f: ActivationFile, batch_size, seed, buffer_row_groups, n_batches):
@@ -71,13 +72,7 @@ def test_shuffled_order_depends_on_the_seed_only(tmp_path, monkeypatch):
 
 def test_prefetch_reads_a_bounded_number_of_row_groups_ahead(tmp_path, monkeypatch):
     f = indexed_file(tmp_path / "a.parquet", n=2048)  # 32 row groups
-    calls = []
-    original = ActivationFile.read_row_group
-    monkeypatch.setattr(
-        ActivationFile,
-        "read_row_group",
-        lambda self, i, c=("act",): calls.append(i) or original(self, i, c),
-    )
+    calls = record_row_group_reads(monkeypatch)
     stream = f.shuffled(128, seed=0, buffer_row_groups=4, prefetch=1)
     next(stream)
     time.sleep(0.5)  # let the reader thread run ahead as far as it may

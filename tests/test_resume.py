@@ -23,13 +23,12 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file
 
-from saedynamics.activations import ActivationFile
 from saedynamics.config import TrainingConfig
 from saedynamics.resume import CHECKPOINT, CHECKPOINT_KEY, FAULT_ENV
 from saedynamics.saes import REGISTRY, SAE
 from saedynamics.training import train_saes
 
-from .synthetic import indexed_activation_file, k_if_any, sparse_dataset
+from .synthetic import indexed_activation_file, k_if_any, record_row_group_reads, sparse_dataset
 
 REPO = Path(__file__).resolve().parents[1]
 IDENTITY = {"study": "t", "step": 0, "layer": 0}
@@ -57,13 +56,7 @@ def test_shuffled_from_start_batch_continues_the_same_sequence(tmp_path, monkeyp
 
     # the skipped buffers are not read: only the first buffer used and the row groups holding
     # its leftover rows (fewer than a batch), however far the stream starts
-    reads = []
-    original = ActivationFile.read_row_group
-    monkeypatch.setattr(
-        ActivationFile,
-        "read_row_group",
-        lambda self, i, c=("act",): reads.append(i) or original(self, i, c),
-    )
+    reads = record_row_group_reads(monkeypatch)
     next(f.shuffled(batch, seed=5, buffer_row_groups=3, prefetch=0, start_batch=60))
     assert len(reads) <= 3 + f.num_row_groups < 60 * batch // 64
     with pytest.raises(ValueError, match="start_batch"):

@@ -35,6 +35,7 @@ from saedynamics.training import lr_multiplier, train_saes
 
 from .conftest import HUB_REPO_ID, hub_config, tiny_neox
 from .synthetic import indexed_activation_file as synthetic_file
+from .synthetic import record_row_group_reads
 
 # ---- corpus and tokens -------------------------------------------------------------------------------
 
@@ -195,13 +196,7 @@ def test_reader_streams_a_seeded_shuffle(tmp_path, monkeypatch):
     assert not torch.equal(rows, torch.arange(896.0))  # shuffled
     assert torch.equal(rows, first_epoch(3)) and not torch.equal(rows, first_epoch(4))
     # streaming: the first batch needs only the first buffer of row groups, not the file
-    calls = []
-    original = ActivationFile.read_row_group
-    monkeypatch.setattr(
-        ActivationFile,
-        "read_row_group",
-        lambda self, i, c=("act",): calls.append(i) or original(self, i, c),
-    )
+    calls = record_row_group_reads(monkeypatch)
     next(f.shuffled(128, seed=0, buffer_row_groups=4, prefetch=0))
     assert len(calls) == 4  # with prefetching, a bounded number more: tests/test_activation_io.py
 

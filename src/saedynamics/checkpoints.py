@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import fnmatch
 import hashlib
-import itertools
 import logging
 import math
 import os
@@ -45,7 +44,6 @@ from saedynamics.artifacts import (
     atomic_directory,
     atomic_file,
     read_json,
-    reorder_safetensors_metadata,
     sha256_file,
     write_json,
     write_parquet,
@@ -328,30 +326,12 @@ def _refetch(directory: Path, manifest: dict, names: list[str], cache_dir: str |
             weights = [snapshot / n for n in pickled if n.endswith(".bin")]
             with atomic_file(directory / name) as tmp:
                 _convert_pickled_weights(weights, tmp, manifest.get("provenance"))
-                _match_metadata_order(tmp, manifest["files"][name])
     # the same content as recorded: keep the directory's time, which Snakemake may compare
     os.utime(directory, ns=(folder.st_atime_ns, folder.st_mtime_ns))
 
 
 def _first(items: list[str], n: int = 8) -> str:
     return ", ".join(items[:n]) + (f", ... ({len(items) - n} more)" if len(items) > n else "")
-
-
-def _match_metadata_order(path: Path, expected: str) -> None:
-    """Put the header metadata of converted weights `path` in the order that gives the recorded
-    digest `expected`, if one does: checkpoints converted before `write_safetensors` sorted it
-    have it in safetensors' random order. Else leave it sorted (the check that follows fails)."""
-    from safetensors import safe_open
-
-    with safe_open(path, framework="pt") as f:
-        keys = sorted(f.metadata() or {})
-    if sha256_file(path) == expected or len(keys) > 4:
-        return
-    for order in itertools.permutations(keys):
-        reorder_safetensors_metadata(path, list(order))
-        if sha256_file(path) == expected:
-            return
-    reorder_safetensors_metadata(path, keys)
 
 
 def load_model(directory: str | Path, dtype=None, cache_dir: str | None = None):

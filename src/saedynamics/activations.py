@@ -12,6 +12,18 @@ norm statistics of the stored values (E|x|, E|x|^2, E|x - E x|^2) from which the
 input scale; the eval files also carry the LM's own eval loss at this checkpoint. The stage's
 provenance is beside it, under its own key (artifacts.provenance_metadata).
 
+Checksum (footer key "saedynamics.checksum", JSON): the writer records, for every row group in
+file order, its row count and a sha256 over its decoded content: for each column in schema order,
+the column name in UTF-8, a NUL byte, then the values' bytes as stored (little-endian int32 /
+float16 / float32; vectors row after row). It is computed on the writer thread from the very arrays
+handed to Parquet, so it checks the encoding, the disk and the decoding end to end. `ActivationFile`
+verifies it when it opens a file (one decoding pass over every column, on a few threads; a job opens
+its file once), before any compute, and names the first row group that differs; `verify=False`
+skips that for a caller that has just verified or written the file. Files written before checksums
+existed (no such key) are read, with a warning that they cannot be verified; rerunning the
+activations rule adds one. A truncated file fails at open (no footer), a flipped byte in a page
+header when its row group is decoded, a flipped value byte by the checksum.
+
 The reader streams batches in a seeded shuffled order: row groups in a random order, a few at a
 time in a buffer whose rows are shuffled, so memory stays bounded by the buffer, never the file.
 
@@ -24,6 +36,7 @@ the rows: the shuffled order depends on the seed alone.
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import itertools
 import json
 import logging
@@ -49,6 +62,7 @@ from saedynamics.errors import DataError
 log = logging.getLogger(__name__)
 
 METADATA_KEY = b"saedynamics"
+CHECKSUM_KEY = b"saedynamics.checksum"
 FORMAT_VERSION = 1  # bump when the file layout or its metadata changes
 
 
@@ -86,6 +100,19 @@ def _parquet_options(schema: pa.Schema) -> dict:
         "use_dictionary": scalars,
         "write_statistics": scalars,
     }
+
+
+def row_group_digest(table: pa.Table) -> str:
+    """sha256 of one row group's content, as defined in the module docstring."""
+    digest = hashlib.sha256()
+    for name, column in zip(table.column_names, table.columns, strict=True):
+        digest.update(name.encode() + b"\0")
+        for chunk in column.chunks:
+            if isinstance(chunk.type, pa.FixedSizeListType):
+                chunk = chunk.flatten()  # honours the slice offset
+            values = np.ascontiguousarray(chunk.to_numpy(zero_copy_only=False))
+            digest.update(values.view(np.uint8))
+    return digest.hexdigest()
 
 
 class ActivationWriter:
@@ -126,6 +153,7 @@ class ActivationWriter:
         self._norm_sum = 0.0
         self._sq_norm_sum = 0.0
         self._sum = torch.zeros(d_model, dtype=torch.float64)
+        self._digests: list[list] = []  # [rows, sha256] per row group written (module docstring)
         self._open = True
 
     def append(
@@ -196,11 +224,15 @@ class ActivationWriter:
             len(self._pending) >= self._max_pending or self._pending[0].done()
         ):
             self._pending.popleft().result()
-        self._pending.append(
-            self._pool.submit(
-                self._writer.write_table, table.slice(0, n), row_group_size=self.row_group_rows
-            )
-        )
+        self._pending.append(self._pool.submit(self._write, table.slice(0, n)))
+
+    def _write(self, table: pa.Table) -> None:
+        """On the writer thread: one row group per `row_group_rows` rows, each with its digest."""
+        for start in range(0, table.num_rows, self.row_group_rows):
+            part = table.slice(start, self.row_group_rows)
+            digest = row_group_digest(part)
+            self._writer.write_table(part, row_group_size=self.row_group_rows)
+            self._digests.append([part.num_rows, digest])
 
     def close(self) -> dict:
         if self._buffered:
@@ -217,11 +249,21 @@ class ActivationWriter:
             "mean_squared_norm": self._sq_norm_sum / self.n_rows,  # E|x|^2
             "centred_mean_squared_norm": self._sq_norm_sum / self.n_rows - mean.pow(2).sum().item(),
         }
-        footer = {METADATA_KEY: json.dumps(self.metadata)}
+        footer = {
+            METADATA_KEY: json.dumps(self.metadata),
+            CHECKSUM_KEY: json.dumps({"algorithm": "sha256", "row_groups": self._digests}),
+        }
         if self.provenance is not None:
             footer |= provenance_metadata(self.provenance)
         self._writer.add_key_value_metadata(footer)
         self._writer.close()
+        written = pq.read_metadata(self._tmp)
+        sizes = [written.row_group(i).num_rows for i in range(written.num_row_groups)]
+        if sizes != [rows for rows, _ in self._digests]:  # pyarrow split a write: a bug here
+            raise RuntimeError(
+                f"{self.path}: row groups of {sizes} rows were written, digests taken of "
+                f"{[rows for rows, _ in self._digests]}"
+            )
         self._open = False
         self._atomic.__exit__(None, None, None)
         return self.metadata
@@ -237,15 +279,21 @@ class ActivationWriter:
 
 
 class ActivationFile:
-    """Read access to one activation Parquet file; fails with the file named if it is not one."""
+    """Read access to one activation Parquet file; fails with the file named if it is not one.
 
-    def __init__(self, path: str | Path):
+    `verify`: check the content against the checksum in its footer now (module docstring), a
+    pass over the whole file; False for a file this process has just written or verified.
+    """
+
+    def __init__(self, path: str | Path, verify: bool = True):
         self.path = Path(path)
         try:
             self._source = pa.memory_map(str(self.path))  # shared by all threads' readers
             self._file = pq.ParquetFile(self._source)
             meta = self._file.metadata.metadata or {}  # file footer key-value metadata
             self.metadata = json.loads(meta[METADATA_KEY])
+            checksum = meta.get(CHECKSUM_KEY)
+            self.checksum = None if checksum is None else json.loads(checksum)
         except FileNotFoundError:
             raise DataError(
                 f"{self.path}: no such activation file; run the activations rule"
@@ -277,6 +325,66 @@ class ActivationFile:
         self.columns = names
         self._local = threading.local()  # a ParquetFile per decoding thread (see _parquet)
         self._local.file = self._file
+        self.verified = False
+        if self.checksum is None:
+            log.warning(
+                "%s: written before activation files carried a checksum; its content cannot be "
+                "verified (rerun the activations rule to add one)",
+                self.path,
+            )
+        elif verify:
+            self.verify()
+
+    def verify(self, threads: int | None = None) -> None:
+        """Decode every row group and compare it with the checksum recorded by the writer; raise
+        DataError naming the file and the first row group that differs. One pass over the file,
+        row groups decoded and hashed on `threads` threads (default: up to 4)."""
+        checksum = self.checksum if isinstance(self.checksum, dict) else {}
+        recorded = checksum.get("row_groups")
+        if (
+            checksum.get("algorithm") != "sha256"
+            or not isinstance(recorded, list)
+            or not all(isinstance(r, list) and len(r) == 2 for r in recorded)
+        ):
+            raise DataError(
+                f"{self.path}: its checksum metadata is malformed ({str(self.checksum)[:200]}); "
+                "delete it and rerun the activations rule"
+            )
+        if [r[0] for r in recorded] != self._row_group_rows:
+            raise DataError(
+                f"{self.path}: has {self.num_row_groups} row groups of {self._row_group_rows[:8]}"
+                f"{'...' if self.num_row_groups > 8 else ''} rows, its checksum records "
+                f"{len(recorded)} of {[r[0] for r in recorded][:8]}"
+                f"{'...' if len(recorded) > 8 else ''}; the file is corrupt: delete it and rerun "
+                "the activations rule"
+            )
+        started = time.perf_counter()
+
+        def digest(i: int) -> str:
+            return row_group_digest(self._read_table(i, self.columns))
+
+        threads = threads or min(4, os.cpu_count() or 1, max(1, self.num_row_groups))
+        pool = ThreadPoolExecutor(threads, thread_name_prefix=f"verify {self.path.name}")
+        try:  # in order: the first row group that differs (or is unreadable) is the one named
+            results = pool.map(digest, range(self.num_row_groups))
+            for i, (found, (rows, expected)) in enumerate(zip(results, recorded, strict=True)):
+                if found != expected:
+                    last = self._row_starts[i] + rows - 1
+                    raise DataError(
+                        f"{self.path}: row group {i} of {self.num_row_groups} (rows "
+                        f"{self._row_starts[i]} to {last}) does not match the checksum recorded "
+                        f"when it was written (sha256 {expected}, found {found}); the file is "
+                        "corrupt: delete it and rerun the activations rule"
+                    )
+        finally:
+            pool.shutdown(cancel_futures=True)  # after an error: no need to read the rest
+        self.verified = True
+        log.info(
+            "%s: checksum of %d row groups verified in %.1f s",
+            self.path,
+            self.num_row_groups,
+            time.perf_counter() - started,
+        )
 
     def _parquet(self) -> pq.ParquetFile:
         """This thread's reader: sharing one ParquetFile across threads is not documented as safe.
@@ -311,13 +419,18 @@ class ActivationFile:
         No Arrow threads: they parallelise over columns, and with one column only add hand-offs
         (measured 1.5x slower); `shuffled` decodes several row groups at once instead.
         """
+        table = self._read_table(i, columns)
+        return {name: _to_numpy(table.column(name)) for name in columns}
+
+    def _read_table(self, i: int, columns) -> pa.Table:
+        """Row group i as a Table, on this thread's reader; DataError naming it if unreadable."""
         try:
-            table = self._parquet().read_row_group(i, columns=list(columns), use_threads=False)
+            return self._parquet().read_row_group(i, columns=list(columns), use_threads=False)
         except (OSError, pa.ArrowException) as e:  # ArrowException: also absurd sizes in a header
             raise DataError(
-                f"{self.path}: row group {i} is unreadable ({e}); the file is corrupt"
+                f"{self.path}: row group {i} is unreadable ({e}); the file is corrupt: delete it "
+                "and rerun the activations rule"
             ) from None
-        return {name: _to_numpy(table.column(name)) for name in columns}
 
     def batches(self, batch_size: int, columns=("act",)) -> Iterator[dict[str, np.ndarray]]:
         """All rows once, in file order, as dicts of arrays (the last batch may be smaller)."""
@@ -584,28 +697,29 @@ def cache_activations(
     tokens_parquet: Path,
     out_dir: Path,
     provenance: dict | None = None,
+    model_cfg=None,
 ) -> dict[str, float]:
     """Write out_dir/layer<L>/{train,eval}.parquet for every configured layer; return LM eval stats.
+
+    The checkpoint is verified against its manifest first (`checkpoints.load_model`). `model_cfg`
+    (the study's model config), if given: the HF cache to fetch a corrupt file again through, and
+    the d_model and number of layers the checkpoint must have.
 
     Extra columns (cfg.extra_columns), per stored token:
       lm_entropy  entropy of the checkpoint's next-token distribution at the position (nats);
       lm_grad     gradient of the summed next-token loss of the window w.r.t. the hooked
                   activation (all later positions' losses, through every later layer).
     """
-    from transformers import AutoModelForCausalLM
-
+    from saedynamics.checkpoints import load_model
     from saedynamics.corpus import read_token_sample
 
-    manifest = read_json(checkpoint_dir / MANIFEST)
     device = resolve_device(cfg.device)
-    model = (
-        AutoModelForCausalLM.from_pretrained(
-            checkpoint_dir, dtype=getattr(torch, cfg.model_dtype), trust_remote_code=False
-        )
-        .to(device)
-        .eval()
+    model = load_model(
+        checkpoint_dir,
+        dtype=getattr(torch, cfg.model_dtype),
+        cache_dir=getattr(model_cfg, "cache_dir", None),
     )
-    model.requires_grad_(False)
+    manifest = read_json(checkpoint_dir / MANIFEST)
     blocks = _block_modules(model)
     missing = [layer for layer in cfg.layers if layer >= len(blocks)]
     if missing:
@@ -613,6 +727,15 @@ def cache_activations(
             f"{checkpoint_dir}: the model has {len(blocks)} layers; layers {missing} do not exist"
         )
     d_model = model.config.hidden_size
+    expected = (model_cfg.d_model, model_cfg.num_layers) if model_cfg is not None else None
+    if expected is not None and (d_model, len(blocks)) != expected:
+        raise DataError(
+            f"{checkpoint_dir}/config.json: the checkpoint has d_model {d_model} and "
+            f"{len(blocks)} layers, the config's model.d_model is {model_cfg.d_model} and "
+            f"model.num_layers {model_cfg.num_layers}; fix the config or rerun the checkpoint rule"
+        )
+    model = model.to(device)
+    model.requires_grad_(False)
     first = 1 if cfg.drop_first_position else 0
     extras = tuple(cfg.extra_columns)
     want_grad = "lm_grad" in extras

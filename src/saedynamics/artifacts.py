@@ -128,6 +128,31 @@ def write_safetensors(
     }
     with atomic_file(path) as tmp:
         save_file(tensors, tmp, metadata=header or None)
+        if len(header) > 1:  # written in a random order: sorted, the bytes are reproducible
+            reorder_safetensors_metadata(tmp, sorted(header))
+
+
+def reorder_safetensors_metadata(path: str | os.PathLike, keys: list[str]) -> None:
+    """Rewrite, in place, the header metadata of safetensors file `path` in the order `keys`.
+
+    safetensors keeps the metadata in a hash map, so the same tensors and metadata give files
+    whose headers differ in the order of the metadata alone. Reordering keeps the header's length,
+    so only the header is rewritten, never the tensor data.
+    """
+    with open(path, "r+b") as f:
+        n = int.from_bytes(f.read(8), "little")
+        raw = f.read(n)
+        header = json.loads(raw)
+        metadata = header.pop("__metadata__", None) or {}
+        if sorted(metadata) != sorted(keys):
+            raise ValueError(f"{path}: header metadata has keys {sorted(metadata)}, not {keys}")
+        header = {"__metadata__": {k: metadata[k] for k in keys}, **header}
+        text = json.dumps(header, separators=(",", ":"), ensure_ascii=False).encode()
+        text += b" " * (n - len(text))  # safetensors pads the header with spaces
+        if len(text) != n:
+            raise ValueError(f"{path}: reordering its header metadata changed its length")
+        f.seek(8)
+        f.write(text)
 
 
 def figure_metadata(fmt: str, provenance: dict[str, Any] | None) -> dict[str, str]:

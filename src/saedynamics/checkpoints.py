@@ -10,6 +10,17 @@ earlier step's (Pythia has such steps: EleutherAI/pythia#83, #195, #206).
   (no code runs) and converted, so downstream stages only ever see safetensors.
 - `micro`: a tiny GPT-NeoX (`transformers`, parallel residual and partial rotary as in Pythia)
   trained here on the study's token sample, checkpointed on Pythia's schedule in miniature.
+
+Integrity: every stage that loads a checkpoint goes through `load_model`, which first calls
+`verify_checkpoint`: each file the manifest lists is hashed (streamed sha256, a few seconds for
+Pythia-1B, far less than loading it) and compared with its recorded digest. A missing or changed
+file of a `hub` checkpoint is fetched again once, at the manifest's commit: from the HF cache when
+the cached copy still matches the manifest's `source_files` digests, else downloaded anew
+(`force_download`), then copied (or converted, for pickled weights) into place atomically, each
+file on its own, and everything is checked again. Still wrong, or wrong in a `micro` checkpoint
+(which only retraining can rebuild), it raises DataError naming the file and both digests. Files
+in the directory that the manifest does not list (e.g. Snakemake's `.snakemake_timestamp`) are
+ignored. `load_model` then refuses weights that leave a parameter of the model uninitialised.
 """
 
 from __future__ import annotations
@@ -18,6 +29,7 @@ import fnmatch
 import hashlib
 import logging
 import math
+import os
 import shutil
 import time
 from pathlib import Path
@@ -30,6 +42,7 @@ from tqdm import tqdm
 from saedynamics.artifacts import (
     MANIFEST,
     atomic_directory,
+    atomic_file,
     read_json,
     sha256_file,
     write_json,
@@ -50,14 +63,24 @@ PICKLED = ["pytorch_model.bin", "pytorch_model-*.bin", "pytorch_model.bin.index.
 # ---- hub ------------------------------------------------------------------------------------------
 
 
-def _snapshot(repo_id: str, revision: str, patterns: list[str], cache_dir: str | None) -> Path:
+def _snapshot(
+    repo_id: str,
+    revision: str,
+    patterns: list[str],
+    cache_dir: str | None,
+    force_download: bool = False,
+) -> Path:
     from huggingface_hub import snapshot_download
     from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError
 
     try:
         return Path(
             snapshot_download(
-                repo_id, revision=revision, allow_patterns=patterns, cache_dir=cache_dir
+                repo_id,
+                revision=revision,
+                allow_patterns=patterns,
+                cache_dir=cache_dir,
+                force_download=force_download,
             )
         )
     except (LocalEntryNotFoundError, HfHubHTTPError, OSError) as e:
@@ -172,6 +195,186 @@ def _duplicate_of(weights_sha256: str, earlier: list[Path]) -> int | None:
         if other["weights_sha256"] == weights_sha256:
             return other["duplicate_of"] if other["duplicate_of"] is not None else other["step"]
     return None
+
+
+# ---- integrity -----------------------------------------------------------------------------------
+
+
+def read_manifest(directory: Path) -> dict:
+    """The manifest.json of checkpoint `directory`; DataError naming it if absent or unreadable."""
+    path = Path(directory) / MANIFEST
+    try:
+        manifest = read_json(path)
+    except FileNotFoundError:
+        raise DataError(
+            f"{directory}: not a checkpoint directory (no {MANIFEST}); run the checkpoint rule "
+            "(or micro_lm for the micro suite)"
+        ) from None
+    except (OSError, ValueError) as e:
+        raise DataError(
+            f"{path}: unreadable ({type(e).__name__}: {e}); delete {directory} and rerun the "
+            "checkpoint rule"
+        ) from None
+    if not isinstance(manifest, dict) or not isinstance(manifest.get("files"), dict):
+        raise DataError(
+            f"{path}: has no 'files' mapping of file names to sha256 digests; delete {directory} "
+            "and rerun the checkpoint rule"
+        )
+    return manifest
+
+
+def _mismatches(directory: Path, files: dict[str, str]) -> dict[str, str | None]:
+    """{name: actual sha256, None if missing} of the listed files whose digest is not recorded."""
+    bad = {}
+    for name, expected in sorted(files.items()):
+        path = directory / name
+        actual = sha256_file(path) if path.is_file() else None
+        if actual != expected:
+            bad[name] = actual
+    return bad
+
+
+def _describe(files: dict[str, str], bad: dict[str, str | None]) -> str:
+    return "; ".join(
+        f"{name} is missing (expected sha256 {files[name]})"
+        if actual is None
+        else f"{name}: expected sha256 {files[name]}, found {actual}"
+        for name, actual in bad.items()
+    )
+
+
+def verify_checkpoint(
+    directory: str | Path, *, refetch: bool = True, cache_dir: str | None = None
+) -> dict:
+    """Check every file that checkpoint `directory`'s manifest lists against its sha256; return
+    the manifest (module docstring: what is fetched again, and when it fails).
+
+    `refetch`: fetch a hub checkpoint's missing or changed files once (False: fail at once).
+    `cache_dir`: the HF cache to fetch through (None: HF_HUB_CACHE, as `model.cache_dir`).
+    """
+    directory = Path(directory)
+    manifest = read_manifest(directory)
+    files = manifest["files"]
+    bad = _mismatches(directory, files)
+    if not bad:
+        return manifest
+    problem = f"{directory}: files differ from the sha256 its {MANIFEST} records: " + _describe(
+        files, bad
+    )
+    if manifest.get("source") != "hub":
+        raise DataError(
+            f"{problem}. A micro-suite checkpoint cannot be fetched again: delete the checkpoints "
+            "and rerun the micro_lm rule (snakemake --forcerun micro_lm)."
+        )
+    if not refetch:
+        raise DataError(f"{problem}. Delete {directory} and rerun the checkpoint rule.")
+    log.warning("%s; fetching them again from %s", problem, manifest.get("repo_id"))
+    try:
+        _refetch(directory, manifest, sorted(bad), cache_dir)
+    except DataError as e:
+        raise DataError(f"{problem}. Fetching them again failed: {e}") from None
+    still = _mismatches(directory, files)
+    if still:
+        raise DataError(
+            f"{directory}: files differ from the sha256 its {MANIFEST} records, even after "
+            f"fetching them again from {manifest['repo_id']} at commit {manifest['commit']}: "
+            f"{_describe(files, still)}. Delete {directory} and rerun the checkpoint rule."
+        )
+    log.warning("%s: %s fetched again and verified", directory, ", ".join(sorted(bad)))
+    return manifest
+
+
+def _refetch(directory: Path, manifest: dict, names: list[str], cache_dir: str | None) -> None:
+    """Rebuild the files `names` of a hub checkpoint from its source files at the recorded commit,
+    as `download_checkpoint` built them, each replacing its file atomically. The source files come
+    from the HF cache when they match the manifest's `source_files`, else downloaded anew."""
+    sources: dict[str, str] = manifest.get("source_files") or {}
+    pickled = sorted(n for n in sources if n.startswith("pytorch_model"))
+    needed = set()
+    for name in names:
+        if name in sources and name not in pickled:
+            needed.add(name)
+        elif name == "model.safetensors" and pickled:  # converted from the pickled weights
+            needed.update(pickled)
+        else:
+            raise DataError(
+                f"{name} is not a file of {manifest.get('repo_id')} that can be fetched"
+            )
+    repo_id, commit = manifest["repo_id"], manifest["commit"]
+    snapshot = _snapshot(repo_id, commit, sorted(needed), cache_dir)
+    stale = _mismatches(snapshot, {n: sources[n] for n in needed})
+    if stale:  # the cached copy itself is corrupt: download anew
+        log.warning(
+            "the Hugging Face cache's copy of %s@%s differs: %s; downloading again",
+            repo_id,
+            commit,
+            _describe(sources, stale),
+        )
+        snapshot = _snapshot(repo_id, commit, sorted(needed), cache_dir, force_download=True)
+        stale = _mismatches(snapshot, {n: sources[n] for n in needed})
+        if stale:
+            raise DataError(
+                f"the downloaded copy in {snapshot} differs from the digests recorded at the "
+                f"first download too: {_describe(sources, stale)}"
+            )
+    folder = os.stat(directory)
+    for name in names:
+        if name in sources and name not in pickled:
+            with atomic_file(directory / name) as tmp:
+                shutil.copyfile(snapshot / name, tmp)
+        else:
+            weights = [snapshot / n for n in pickled if n.endswith(".bin")]
+            with atomic_file(directory / name) as tmp:
+                _convert_pickled_weights(weights, tmp, manifest.get("provenance"))
+    # the same content as recorded: keep the directory's time, which Snakemake may compare
+    os.utime(directory, ns=(folder.st_atime_ns, folder.st_mtime_ns))
+
+
+def _first(items: list[str], n: int = 8) -> str:
+    return ", ".join(items[:n]) + (f", ... ({len(items) - n} more)" if len(items) > n else "")
+
+
+def load_model(directory: str | Path, dtype=None, cache_dir: str | None = None):
+    """The causal LM of checkpoint `directory`, verified first (`verify_checkpoint`); DataError
+    naming the directory when its weights cannot be loaded or leave parameters uninitialised."""
+    from safetensors import SafetensorError
+    from transformers import AutoModelForCausalLM
+
+    directory = Path(directory)
+    manifest = verify_checkpoint(directory, cache_dir=cache_dir)
+    remedy = (
+        "rerun the micro_lm rule (snakemake --forcerun micro_lm)"
+        if manifest.get("source") == "micro"
+        else f"delete {directory} and rerun the checkpoint rule"
+    )
+    try:  # mismatched sizes reported (and refused below) rather than raised without names
+        model, info = AutoModelForCausalLM.from_pretrained(
+            directory,
+            dtype=dtype,
+            trust_remote_code=False,
+            output_loading_info=True,
+            ignore_mismatched_sizes=True,
+        )
+    except (OSError, ValueError, RuntimeError, KeyError, SafetensorError) as e:
+        reason = " ".join(str(e).split())[:1000]  # one line
+        raise DataError(
+            f"{directory}: cannot load the model ({type(e).__name__}: {reason}); {remedy}"
+        ) from None
+    missing = sorted(info.get("missing_keys") or [])
+    mismatched = sorted(
+        f"{key} {list(found)} (config.json implies {list(wanted)})"
+        for key, found, wanted in info.get("mismatched_keys") or []
+    )
+    if missing or mismatched:
+        problems = []
+        if missing:
+            problems.append(f"{len(missing)} tensors missing: {_first(missing)}")
+        if mismatched:
+            problems.append(f"{len(mismatched)} tensors of another shape: {_first(mismatched)}")
+        raise DataError(
+            f"{directory}: its weights do not fit its config.json ({'; '.join(problems)}); {remedy}"
+        )
+    return model.eval()
 
 
 # ---- micro suite ------------------------------------------------------------------------------------

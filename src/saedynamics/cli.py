@@ -17,7 +17,7 @@ from pathlib import Path
 
 from pydantic import TypeAdapter, ValidationError
 
-from saedynamics.errors import ConfigError, SaedynamicsError
+from saedynamics.errors import ConfigError, DataError, SaedynamicsError
 
 log = logging.getLogger("saedynamics")
 
@@ -50,6 +50,33 @@ def _provenance(settings: dict) -> dict:
     from saedynamics.artifacts import provenance
 
     return provenance(settings)
+
+
+def _activation_file(args):
+    """The activation file of a (step, layer) job, verified once (its checksum) and checked to be
+    that step's and layer's, before any compute."""
+    from saedynamics.activations import ActivationFile
+
+    acts = ActivationFile(args.activations)
+    found = {k: acts.metadata.get(k) for k in ("step", "layer")}
+    if found != {"step": args.step, "layer": args.layer}:
+        raise DataError(
+            f"{acts.path}: holds the activations of step {found['step']}, layer {found['layer']} "
+            f"(its metadata), not of step {args.step}, layer {args.layer} as this job was asked; "
+            "rerun the activations rule"
+        )
+    return acts
+
+
+def _check_d_in(saes: dict, d_model: int, what: str) -> None:
+    """Every SAE (path -> SAE) must take inputs of `what`'s width d_model."""
+    wrong = {str(path): sae.d_in for path, sae in saes.items() if sae.d_in != d_model}
+    if wrong:
+        raise DataError(
+            f"{what} has d_model {d_model}, but the SAEs in "
+            + ", ".join(f"{path} have d_in {d}" for path, d in wrong.items())
+            + " (cfg.json); they were trained on other activations: rerun the train rule"
+        )
 
 
 def _seed_dirs(saes_dir: Path) -> list[Path]:
@@ -129,12 +156,18 @@ def cmd_micro_lm(args) -> None:
 
 def cmd_activations(args) -> None:
     from saedynamics.activations import cache_activations
-    from saedynamics.config import ActivationsConfig
+    from saedynamics.config import ActivationsConfig, ModelConfig
 
     s = _settings(args, "activations")
     cfg = _validate(ActivationsConfig, s["activations"], "activations")
+    model = _validate(ModelConfig, s["model"], "model")
     cache_activations(
-        cfg, Path(args.checkpoint), Path(args.tokens), Path(args.out), provenance=_provenance(s)
+        cfg,
+        Path(args.checkpoint),
+        Path(args.tokens),
+        Path(args.out),
+        provenance=_provenance(s),
+        model_cfg=model,
     )
 
 
@@ -156,7 +189,7 @@ def cmd_train(args) -> None:
         training,
         args.architecture,
         arch,
-        Path(args.activations),
+        _activation_file(args),
         Path(args.out),
         identity,
         _provenance(s),
@@ -168,7 +201,7 @@ def cmd_measure(args) -> None:
     """reconstruction.json, consistency.json and superposition.json of one SAE directory."""
     import numpy as np
 
-    from saedynamics.activations import ActivationFile, resolve_device
+    from saedynamics.activations import resolve_device
     from saedynamics.artifacts import write_json
     from saedynamics.config import MetricsConfig
     from saedynamics.metrics.consistency import compare, null_baseline, summarise
@@ -179,8 +212,10 @@ def cmd_measure(args) -> None:
     s = _settings(args, "measure")
     metrics = _validate(MetricsConfig, s["metrics"], "metrics")
     device = resolve_device(metrics.device)
-    acts = ActivationFile(args.activations)
-    saes = [load(d).to(device) for d in _seed_dirs(args.saes)]
+    acts = _activation_file(args)
+    by_dir = {d: load(d) for d in _seed_dirs(args.saes)}
+    _check_d_in(by_dir, acts.d_model, str(acts.path))
+    saes = [sae.to(device) for sae in by_dir.values()]
     out = Path(args.out)
     common = _identity(args, s, saes[0])
     provenance = _provenance(s)
@@ -248,10 +283,10 @@ def cmd_measure(args) -> None:
 def cmd_splice(args) -> None:
     """CE-loss recovered and KL score of every SAE of one (step, layer), spliced into its LM."""
     import torch
-    from transformers import AutoModelForCausalLM
 
     from saedynamics.activations import _block_modules, resolve_device
     from saedynamics.artifacts import write_json
+    from saedynamics.checkpoints import load_model
     from saedynamics.config import ActivationsConfig, MetricsConfig
     from saedynamics.corpus import read_token_sample
     from saedynamics.metrics.reconstruction import spliced_scores
@@ -261,21 +296,27 @@ def cmd_splice(args) -> None:
     metrics = _validate(MetricsConfig, s["metrics"], "metrics")
     activations = _validate(ActivationsConfig, s["activations"], "activations")
     device = resolve_device(metrics.device)
-    model = AutoModelForCausalLM.from_pretrained(args.checkpoint, trust_remote_code=False)
-    model = model.to(device).eval()
+    # the SAEs and tokens first: they are cheap to load, and a bad one fails before the LM loads
+    by_dir = {d: load(d) for arch_dir in map(Path, args.saes) for d in _seed_dirs(arch_dir)}
     _, windows = read_token_sample(Path(args.tokens), "eval")
+    model = load_model(args.checkpoint)  # verified against its manifest first
+    _check_d_in(by_dir, model.config.hidden_size, f"{args.checkpoint} (config.json)")
+    if args.layer >= len(_block_modules(model)):
+        raise DataError(
+            f"{args.checkpoint}: the model has {len(_block_modules(model))} layers; "
+            f"layer {args.layer} does not exist"
+        )
+    model = model.to(device)
     saes, identity = {}, {}
-    for arch_dir in map(Path, args.saes):
-        for seed_dir in _seed_dirs(arch_dir):
-            sae = load(seed_dir).to(device)
-            key = (arch_dir.name, sae.provenance["seed"])
-            saes[key] = sae
-            identity[key] = {
-                "architecture": arch_dir.name,
-                "architecture_type": sae.architecture,
-                "architecture_title": sae.title or sae.architecture,
-                "seed": sae.provenance["seed"],
-            }
+    for seed_dir, sae in by_dir.items():
+        key = (seed_dir.parent.name, sae.provenance["seed"])
+        saes[key] = sae.to(device)
+        identity[key] = {
+            "architecture": seed_dir.parent.name,
+            "architecture_type": sae.architecture,
+            "architecture_title": sae.title or sae.architecture,
+            "seed": sae.provenance["seed"],
+        }
     first = 1 if activations.drop_first_position and metrics.splice_positions == "trained" else 0
     block = _block_modules(model)[args.layer]
     out = spliced_scores(

@@ -440,7 +440,7 @@ def organism_validation(
     )
     data = work_dir / "organism.parquet"
     write_activations(data, codes @ a_true)
-    acts = ActivationFile(data)
+    acts = ActivationFile(data)  # verified once: every condition trains on this open file
     scale = acts.input_scale(training.input_scaling)
     x_eval = next(acts.tensors(min(ORGANISM_EVAL_SAMPLES, acts.n_rows))) * scale
 
@@ -454,7 +454,7 @@ def organism_validation(
                 training,
                 name,
                 arch,
-                data,
+                acts,
                 work_dir / name,
                 {"study": "validation", "step": 0, "layer": 0},
                 {"experiment": "organism", "condition": name},

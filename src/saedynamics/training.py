@@ -61,7 +61,7 @@ def train_saes(
     training: TrainingConfig,
     name: str,
     arch: ArchitectureConfig,
-    train_file: Path,
+    train_file: Path | ActivationFile,
     out_dir: Path,
     identity: dict,
     provenance: dict,
@@ -73,8 +73,10 @@ def train_saes(
     `observe(step, saes)`, if given, is called at every loss-curve step with the live SAEs
     (in the scaled input space), e.g. to follow their recovery of a known dictionary.
     `resume_dir`: where checkpoints are written and resumed from (module docstring); None: none.
+    `train_file`: a path (opened and verified against its checksum here) or an ActivationFile
+    the caller has opened (and verified) already.
     """
-    acts = ActivationFile(train_file)
+    acts = train_file if isinstance(train_file, ActivationFile) else ActivationFile(train_file)
     device = resolve_device(training.device)
     d_in = acts.d_model
     scale = acts.input_scale(training.input_scaling)
@@ -163,7 +165,7 @@ def train_saes(
                     raise TrainingDiverged(
                         f"{name} (step {identity['step']}, layer {identity['layer']}), seed {seed}: the loss "
                         f"is {out.total.item()} at training step {i} of {n_steps} (after {i * training.batch_size} "
-                        f"tokens). Lower architectures.{name}.lr, or check the activations in {train_file}. "
+                        f"tokens). Lower architectures.{name}.lr, or check the activations in {acts.path}. "
                         "No SAE was written."
                     )
                 optimizers[seed].zero_grad(set_to_none=True)

@@ -53,7 +53,8 @@ from pathlib import Path
 from typing import Any, ClassVar, Literal, NamedTuple
 
 import torch
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file
 from torch import Tensor, nn
 
@@ -326,29 +327,90 @@ class SAE(nn.Module):
 
 
 def load(directory: str | Path) -> SAE:
-    """Load an SAE saved by `SAE.save` (any registered architecture)."""
+    """Load an SAE saved by `SAE.save` (any registered architecture).
+
+    Checked before any tensor is read: cfg.json's architecture, hyperparameters, d_in and d_sae,
+    and that the tensors in sae_weights.safetensors are exactly those, of the shapes, that this
+    architecture at that d_in and d_sae has. Anything else raises DataError naming the file, the
+    key or the tensor.
+    """
     directory = Path(directory)
+    cfg_path, weights_path = directory / "cfg.json", directory / "sae_weights.safetensors"
     try:
-        cfg = json.loads((directory / "cfg.json").read_text())
-        tensors = load_file(directory / "sae_weights.safetensors")
+        cfg = json.loads(cfg_path.read_text())
     except (OSError, ValueError) as e:
-        raise DataError(f"{directory}: not a readable SAE directory ({e})") from e
-    ours = cfg.get("saedynamics", {})
+        raise DataError(f"{directory}: not a readable SAE directory ({e})") from None
+    try:
+        with safe_open(weights_path, framework="pt") as f:  # the header only
+            found = {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}  # noqa: SIM118
+    except (OSError, SafetensorError) as e:
+        raise DataError(
+            f"{weights_path}: not a readable safetensors file ({type(e).__name__}: {e}); "
+            "delete the SAE directory and rerun the train rule"
+        ) from None
+    if not isinstance(cfg, dict):
+        raise DataError(f"{cfg_path}: not a JSON object")
+    ours = cfg.get("saedynamics") if isinstance(cfg.get("saedynamics"), dict) else {}
     name = ours.get("architecture")
     if name not in REGISTRY:
         raise DataError(
-            f"{directory}/cfg.json: architecture {name!r} is not registered; "
+            f"{cfg_path}: architecture {name!r} is not registered; "
             f"registered: {', '.join(sorted(REGISTRY))}"
         )
     cls = REGISTRY[name]
-    sae = cls(cfg["d_in"], cfg["d_sae"], cls.Config.model_validate(ours["hyperparameters"]))
-    expected = {k: tuple(v.shape) for k, v in sae.weights().items()}
-    found = {k: tuple(v.shape) for k, v in tensors.items()}
-    if expected != found:
+    dims = {key: cfg.get(key) for key in ("d_in", "d_sae")}
+    for key, value in dims.items():
+        if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
+            raise DataError(f"{cfg_path}: {key} must be a positive integer, found {value!r}")
+    d_in, d_sae = dims["d_in"], dims["d_sae"]
+    # the two matrices every architecture has, checked before an SAE of that size is built
+    implied = {"W_enc": (d_in, d_sae), "W_dec": (d_sae, d_in)}
+    absent = [k for k in implied if k not in found]
+    wrong = {k: found[k] for k in implied if k in found and found[k] != implied[k]}
+    if absent or wrong:
         raise DataError(
-            f"{directory}/sae_weights.safetensors: tensors {found} do not match cfg.json, "
-            f"which implies {expected}"
+            f"{weights_path}: tensors do not match cfg.json: "
+            + (f"missing tensors {absent}" if absent else "")
+            + ("; " if absent and wrong else "")
+            + (
+                f"its d_in {d_in} and d_sae {d_sae} imply "
+                + ", ".join(f"{k} {list(implied[k])}" for k in wrong)
+                + ", the file holds "
+                + ", ".join(f"{k} {list(v)}" for k, v in wrong.items())
+                if wrong
+                else ""
+            )
         )
+    try:
+        hyper = cls.Config.model_validate(ours.get("hyperparameters"))
+    except ValidationError as e:
+        errors = "; ".join(f"{'.'.join(map(str, x['loc']))}: {x['msg']}" for x in e.errors())
+        raise DataError(
+            f"{cfg_path}: saedynamics.hyperparameters are not valid for {name!r} ({errors})"
+        ) from None
+    sae = cls(d_in, d_sae, hyper)
+    expected = {k: tuple(v.shape) for k, v in sae.weights().items()}
+    if expected != found:
+        missing = sorted(set(expected) - set(found))
+        unexpected = sorted(set(found) - set(expected))
+        shapes = [
+            f"{k} is {list(found[k])}, cfg.json implies {list(expected[k])}"
+            for k in sorted(set(expected) & set(found))
+            if found[k] != expected[k]
+        ]
+        problems = [f"missing tensors {missing}"] if missing else []
+        problems += [f"unexpected tensors {unexpected}"] if unexpected else []
+        raise DataError(
+            f"{weights_path}: tensors do not match cfg.json (architecture {name!r}, d_in {d_in}, "
+            f"d_sae {d_sae}): " + "; ".join(problems + shapes)
+        )
+    try:
+        tensors = load_file(weights_path)
+    except (OSError, SafetensorError) as e:
+        raise DataError(
+            f"{weights_path}: not a readable safetensors file ({type(e).__name__}: {e}); "
+            "delete the SAE directory and rerun the train rule"
+        ) from None
     sae.load_state_dict(tensors, strict=False)
     sae.metadata = cfg.get("metadata", {})
     sae.provenance = ours

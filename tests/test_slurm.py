@@ -7,6 +7,10 @@ that this cluster needs: the demo config instead of the Pythia study, and `squeu
 (the test cluster has no accounting database). Rules run in the stand-in `apptainer`
 (tests/apptainer), which records every job's environment: that is how the test sees which jobs
 came through sbatch, on which partition, with a GPU or not.
+
+The local run it is compared with is a second clean run of the demo (through DVC, the `demo_repo`
+fixture): every table and every SAE's weights must be bitwise equal, which is the test of CPU
+reproducibility from the config.
 """
 
 from __future__ import annotations
@@ -18,6 +22,8 @@ from pathlib import Path
 
 import pandas as pd
 import pytest
+import torch
+from safetensors.torch import load_file
 
 from saedynamics.tables import TABLES
 
@@ -131,4 +137,11 @@ def test_demo_through_slurm_equals_the_local_run(local_slurm, demo_repo, tmp_pat
             check_exact=True,
             obj=f"tables/{table}.parquet",
         )
+    # two clean runs of the demo (issue 7): the same SAEs too, tensor for tensor, bit for bit
+    weights = sorted(slurm_root.glob("saes/**/sae_weights.safetensors"))
+    assert len(weights) == len(list(local_root.glob("saes/**/sae_weights.safetensors"))) > 0
+    for path in weights:
+        ours, theirs = load_file(path), load_file(local_root / path.relative_to(slurm_root))
+        assert ours.keys() == theirs.keys(), path
+        assert all(torch.equal(ours[k], theirs[k]) for k in ours), path
     assert_every_artifact_has_provenance(slurm_root, container=IMAGE)

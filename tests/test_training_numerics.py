@@ -7,6 +7,7 @@ import pytest
 import torch
 
 from saedynamics.config import TrainingConfig
+from saedynamics.errors import ConfigError
 from saedynamics.saes import REGISTRY, load
 from saedynamics.training import train_saes
 
@@ -64,3 +65,40 @@ def test_sparse_and_dense_training_give_the_same_saes(tmp_path, name):
     sparse = load(train(tmp_path, name, sparse_path="sparse") / "seed1")
     for key, w in dense.weights().items():
         assert torch.allclose(sparse.weights()[key], w, atol=1e-4), key
+
+
+def test_deterministic_switch_holds_during_training_only_and_changes_no_cpu_result(tmp_path):
+    seen = []
+    deterministic = train(
+        tmp_path,
+        deterministic=True,
+        observe=lambda step, saes: seen.append(torch.are_deterministic_algorithms_enabled()),
+    )
+    assert seen and all(seen)
+    assert not torch.are_deterministic_algorithms_enabled()  # restored for whatever runs next
+    assert load(deterministic / "seed0").provenance["deterministic_algorithms"] is True
+    plain = train(tmp_path, deterministic=False)
+    for seed in ("seed0", "seed1"):  # CPU kernels are deterministic either way
+        a, b = load(plain / seed).weights(), load(deterministic / seed).weights()
+        assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_an_operation_without_deterministic_kernel_names_the_key(tmp_path, monkeypatch):
+    """What torch raises on a GPU for such an operation becomes a message naming the switch."""
+    torch_message = (
+        "index_add_cuda_ does not have a deterministic implementation, but you set "
+        "'torch.use_deterministic_algorithms(True)'. You can turn off determinism just for this "
+        "operation, or you can use the 'warn_only=True' option, if that's acceptable."
+    )
+
+    def loss(self, *args, **kwargs):
+        raise RuntimeError(torch_message)
+
+    monkeypatch.setattr(REGISTRY["topk"], "loss", loss)
+    with pytest.raises(ConfigError, match=r"training\.deterministic.*index_add_cuda_") as err:
+        train(tmp_path, deterministic=True)
+    assert "Traceback" not in str(err.value)
+    assert not any(p.name.startswith("topk") for p in tmp_path.iterdir())  # nothing written
+    assert not torch.are_deterministic_algorithms_enabled()
+    with pytest.raises(RuntimeError, match="index_add_cuda_"):  # switch off: torch's own error
+        train(tmp_path, deterministic=False)

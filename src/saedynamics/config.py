@@ -253,6 +253,12 @@ class TrainingConfig(Strict):
         description="auto: bf16 autocast for the matmuls on a GPU (fp32 master weights and Adam "
         "state, TF32 allowed), fp32 on CPU",
     )
+    deterministic: bool = Field(
+        default=False,
+        description="torch deterministic algorithms (and a fixed cuBLAS workspace): on a GPU the "
+        "same seed then gives the same SAE on the same device and software, at some speed cost; "
+        "CPU runs are bitwise reproducible either way",
+    )
     sparse_path: Literal["auto", "sparse", "dense"] = Field(
         default="auto",
         description="products over the non-zero codes of top-k SAEs (saes/sparse.py); auto: where "

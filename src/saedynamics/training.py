@@ -19,8 +19,10 @@ from __future__ import annotations
 
 import itertools
 import logging
+import os
 import time
 from collections.abc import Callable
+from contextlib import contextmanager
 from pathlib import Path
 
 import pyarrow as pa
@@ -30,7 +32,7 @@ from tqdm import tqdm
 from saedynamics.activations import ActivationFile, resolve_device
 from saedynamics.artifacts import atomic_directory, write_parquet
 from saedynamics.config import EXTRA_COLUMNS, TrainingConfig
-from saedynamics.errors import TrainingDiverged
+from saedynamics.errors import ConfigError, TrainingDiverged
 from saedynamics.metrics.reconstruction import batch_fvu
 from saedynamics.resume import Checkpoints, fault_point, fingerprint, remove_stale_temporaries
 from saedynamics.saes import REGISTRY, SAE, ArchitectureConfig, TrainStep, sparse
@@ -57,6 +59,38 @@ def autocast_dtype(training: TrainingConfig, device: torch.device) -> torch.dtyp
     return torch.bfloat16 if precision == "bf16" else None
 
 
+@contextmanager
+def deterministic_algorithms(enabled: bool):
+    """`training.deterministic`: torch's deterministic algorithms while the block runs.
+
+    CPU kernels are deterministic anyway; on a GPU this removes the run-to-run differences of
+    atomics and of cuBLAS's workspace choice, so one seed gives one SAE on one device and software
+    stack. An operation without a deterministic CUDA kernel raises at its first call, which is
+    turned into a message naming the key.
+    """
+    if not enabled:
+        yield
+        return
+    # cuBLAS reduces reproducibly only with a fixed workspace, read when its first handle is made
+    os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+    before = torch.are_deterministic_algorithms_enabled(), torch.backends.cudnn.benchmark
+    torch.use_deterministic_algorithms(True)
+    torch.backends.cudnn.benchmark = False
+    try:
+        yield
+    except RuntimeError as e:
+        if "deterministic" not in str(e):
+            raise
+        raise ConfigError(
+            f"training.deterministic is true, but an operation has no deterministic kernel on this "
+            f"device: {str(e).splitlines()[0]} Set training.deterministic: false (the tolerance of "
+            "non-deterministic GPU runs is in the README, Reproducibility). No SAE was written."
+        ) from None
+    finally:
+        torch.use_deterministic_algorithms(before[0])
+        torch.backends.cudnn.benchmark = before[1]
+
+
 def train_saes(
     training: TrainingConfig,
     name: str,
@@ -76,6 +110,24 @@ def train_saes(
     `train_file`: a path (opened and verified against its checksum here) or an ActivationFile
     the caller has opened (and verified) already.
     """
+    with deterministic_algorithms(training.deterministic):
+        _train_seeds(
+            training, name, arch, train_file, out_dir, identity, provenance, observe, resume_dir
+        )
+
+
+def _train_seeds(
+    training: TrainingConfig,
+    name: str,
+    arch: ArchitectureConfig,
+    train_file: Path | ActivationFile,
+    out_dir: Path,
+    identity: dict,
+    provenance: dict,
+    observe: Callable[[int, dict[int, SAE]], None] | None,
+    resume_dir: Path | None,
+) -> None:
+    """train_saes, inside the determinism switch."""
     acts = train_file if isinstance(train_file, ActivationFile) else ActivationFile(train_file)
     device = resolve_device(training.device)
     d_in = acts.d_model
@@ -217,6 +269,7 @@ def train_saes(
                 "resumed_from_tokens": resumed.resumed_from_tokens,
                 "input_scale": scale,
                 "precision": "fp32" if amp_dtype is None else "bf16 autocast, fp32 weights",
+                "deterministic_algorithms": training.deterministic,
                 "activations": {
                     k: acts.metadata.get(k) for k in ("model", "revision", "commit", "hook")
                 },

@@ -1,5 +1,5 @@
 """Resources: the disk space the activation cache needs, checked before the model loads; a disk that
-fills up while it writes (a real small tmpfs).
+fills up while it writes (a real small tmpfs); a GPU out of memory in training and in caching.
 
 Each failure is one message naming what to change, and leaves no output and no temporary file.
 """
@@ -36,12 +36,20 @@ from saedynamics.cli import main
 from saedynamics.config import load_config
 from saedynamics.corpus import build_token_sample
 from saedynamics.errors import ResourceError
+from saedynamics.saes import REGISTRY
 
 from .conftest import REPO, hub_config
+from .synthetic import sparse_dataset
 
 # the hub study of conftest.hub_config: 2 layers, d_model 32, 64 train and 16 eval windows of 16
 LAYERS, D_MODEL, ROW_GROUP_ROWS = (0, 1), 32, 256
 WINDOWS, CONTEXT = {"train": 64, "eval": 16}, 16
+OUT_OF_MEMORY = (  # a CUDA allocator's message, as torch words it
+    "CUDA out of memory. Tried to allocate 2.00 GiB. GPU 0 has a total capacity of 79.15 GiB of "
+    "which 1.06 GiB is free. Including non-PyTorch memory, this process has 78.08 GiB memory in "
+    "use. Of the allocated memory 75.2 GiB is allocated by PyTorch, and 2.1 GiB is reserved by "
+    "PyTorch but unallocated."
+)
 
 
 @pytest.fixture(autouse=True)
@@ -295,3 +303,82 @@ def test_a_disk_that_fills_up_while_caching_fails_cleanly_and_the_rerun_succeeds
                 pq.read_metadata(d / name).metadata[CHECKSUM_KEY] for d in (out, reference)
             ]
             assert checksums[0] == checksums[1]
+
+
+# ---- GPU out of memory ----------------------------------------------------------------------------
+
+
+def out_of_memory(*args, **kwargs):
+    raise torch.OutOfMemoryError(OUT_OF_MEMORY)
+
+
+@pytest.mark.parametrize("where", ["init_from_sample", "loss"])
+def test_out_of_memory_in_training_names_the_batch_size(tmp_path, capsys, monkeypatch, where):
+    acts = tmp_path / "train.parquet"
+    sparse_dataset(acts, n=4096)
+    original = getattr(REGISTRY["topk"], where)
+    if where == "loss":  # a few steps train, then a batch does not fit
+
+        def fail(self, x, step, extras=None):
+            return out_of_memory() if step.index == 3 else original(self, x, step, extras)
+
+    monkeypatch.setattr(REGISTRY["topk"], where, fail if where == "loss" else out_of_memory)
+    settings = {
+        "study": "t",
+        "training": {
+            "n_latents": 64,
+            "seeds": [0, 1],
+            "train_tokens": 4096,
+            "batch_size": 256,
+            "init_tokens": 512,
+        },
+        "architecture_name": "topk",
+        "architecture": {"architecture": "topk", "k": 4},
+    }
+    out = tmp_path / "out"
+    message = cli_error(
+        capsys,
+        "train",
+        "--settings",
+        json.dumps(settings),
+        "--step",
+        "0",
+        "--layer",
+        "0",
+        "--architecture",
+        "topk",
+        "--activations",
+        acts,
+        "--out",
+        out,
+    )
+    assert message == (
+        "error: topk (step 0, layer 0): out of GPU memory (CUDA out of memory. Tried to allocate "
+        "2.00 GiB. GPU 0 has a total capacity of 79.15 GiB of which 1.06 GiB is free); 2 seeds x "
+        "64 latents trained together on batches of training.batch_size 256: lower "
+        "training.batch_size, or training.n_latents, or train fewer training.seeds. No SAE was "
+        "written"
+    )
+    assert files_under(tmp_path) == ["train.parquet"]  # no SAE, no temporary directory
+
+
+def test_out_of_memory_in_caching_names_batch_sequences(hub_stage, capsys, monkeypatch):
+    from transformers import GPTNeoXForCausalLM
+
+    raw, root = hub_stage
+    calls, original = [], GPTNeoXForCausalLM.forward
+
+    def forward(self, *args, **kwargs):  # the train split fits (2 batches), the eval one not
+        calls.append(1)
+        return out_of_memory() if len(calls) == 3 else original(self, *args, **kwargs)
+
+    monkeypatch.setattr(GPTNeoXForCausalLM, "forward", forward)
+    out = root / "acts"
+    message = cli_error(capsys, *activations_argv(raw, root, out))
+    assert len(calls) == 3
+    assert message.startswith(
+        f"error: {root / 'ckpt'}: caching activations in batches of activations.batch_sequences "
+        "32: out of GPU memory (CUDA out of memory. Tried to allocate 2.00 GiB."
+    )
+    assert message.endswith("; lower activations.batch_sequences. Nothing was written")
+    assert not out.exists()  # the train files already written are removed too: all or none

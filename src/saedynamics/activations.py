@@ -722,6 +722,13 @@ def require_free_space(folder: Path, need: int, what: str, advice: str) -> None:
         )
 
 
+def out_of_memory_error(e: torch.OutOfMemoryError, what: str, advice: str) -> ResourceError:
+    """A GPU out of memory (CPU allocations fail with other errors) as a ResourceError: what ran
+    out, the start of torch's account of the memory, and the config keys to lower."""
+    sentences = " ".join(str(e).split()).split(". ")  # one line; torch's message runs long
+    return ResourceError(f"{what}: out of GPU memory ({'. '.join(sentences[:3])}); {advice}")
+
+
 # ---- caching ----------------------------------------------------------------------------------------
 
 
@@ -958,8 +965,15 @@ def cache_activations(
                 for writer in writers.values():
                     writer.abort()
                 raise
-    except BaseException:
+    except BaseException as e:
         _remove_outputs(done, out_dir, cfg.layers)
+        if isinstance(e, torch.OutOfMemoryError):
+            raise out_of_memory_error(
+                e,
+                f"{checkpoint_dir}: caching activations in batches of activations.batch_sequences "
+                f"{cfg.batch_sequences}",
+                "lower activations.batch_sequences. Nothing was written",
+            ) from None
         raise
     finally:
         for h in handles:

@@ -36,12 +36,14 @@ the rows: the shuffled order depends on the seed alone.
 from __future__ import annotations
 
 import contextlib
+import errno
 import hashlib
 import itertools
 import json
 import logging
 import os
 import queue
+import shutil
 import threading
 import time
 from collections import deque
@@ -57,7 +59,7 @@ from tqdm import tqdm
 
 from saedynamics.artifacts import MANIFEST, atomic_file, provenance_metadata, read_json
 from saedynamics.config import EXTRA_COLUMNS, ActivationsConfig
-from saedynamics.errors import DataError
+from saedynamics.errors import DataError, ResourceError
 
 log = logging.getLogger(__name__)
 
@@ -122,7 +124,8 @@ class ActivationWriter:
     statistics, on the activations' device) and hands the Parquet encoding and writing to a
     background thread, so that the next forward pass runs meanwhile (pyarrow releases the GIL).
     At most `max_pending` writes wait: a slow disk throttles the forward pass instead of memory
-    filling up. An error of the background thread is raised by a later `append` or by `close`.
+    filling up. An error of the background thread is raised by a later `append` or by `close`;
+    a full disk as a ResourceError naming the file, ending with `disk_full_advice`.
     `provenance`, if given, is written into the footer with the metadata.
     """
 
@@ -135,8 +138,10 @@ class ActivationWriter:
         extra_columns=(),
         max_pending: int = 2,
         provenance: dict | None = None,
+        disk_full_advice: str = "free space there and rerun",
     ):
         self.path, self.d_model = Path(path), d_model
+        self.disk_full_advice = disk_full_advice
         self.metadata = {"format_version": FORMAT_VERSION, **metadata}
         self.provenance = provenance
         self.row_group_rows = row_group_rows
@@ -231,8 +236,23 @@ class ActivationWriter:
         for start in range(0, table.num_rows, self.row_group_rows):
             part = table.slice(start, self.row_group_rows)
             digest = row_group_digest(part)
-            self._writer.write_table(part, row_group_size=self.row_group_rows)
+            with self._disk_full_named():
+                self._writer.write_table(part, row_group_size=self.row_group_rows)
             self._digests.append([part.num_rows, digest])
+
+    @contextlib.contextmanager
+    def _disk_full_named(self):
+        """A full disk or quota (errno ENOSPC, EDQUOT) as a ResourceError naming this file: it
+        would otherwise surface as a bare OSError of the writer thread, without a file name."""
+        try:
+            yield
+        except OSError as e:
+            if e.errno not in (errno.ENOSPC, errno.EDQUOT):
+                raise
+            raise ResourceError(
+                f"{self.path}: {os.strerror(e.errno)} while writing it (the partial file is "
+                f"deleted); {self.disk_full_advice}"
+            ) from None
 
     def close(self) -> dict:
         if self._buffered:
@@ -256,7 +276,8 @@ class ActivationWriter:
         if self.provenance is not None:
             footer |= provenance_metadata(self.provenance)
         self._writer.add_key_value_metadata(footer)
-        self._writer.close()
+        with self._disk_full_named():  # the footer, and whatever the stream still buffers
+            self._writer.close()
         written = pq.read_metadata(self._tmp)
         sizes = [written.row_group(i).num_rows for i in range(written.num_row_groups)]
         if sizes != [rows for rows, _ in self._digests]:  # pyarrow split a write: a bug here
@@ -652,6 +673,62 @@ def _in_background(items: Iterator, depth: int, name: str) -> Iterator:
 _END = object()  # the end of a finite stream in _in_background
 
 
+# ---- resources --------------------------------------------------------------------------------------
+
+# What Parquet adds to the raw values, as the writer encodes them (measured with pyarrow 26 at
+# d_model 32-512, 240-100k rows; tests/test_resources.py checks the estimate against written files):
+_LEVEL_BYTES = 8  # per row and vector column: its repetition levels (measured 4-5)
+_SCALAR_BYTES = 6  # per row and int32/float32 column: 4, plus a dictionary index (measured <= 5.2)
+_CHUNK_BYTES = 256  # per row group and column: metadata, page headers, checksum entry (~170)
+_FILE_BYTES = 8192  # per file: schema, metadata, provenance (measured 1-3 KB)
+_MARGIN = 1.02
+
+
+def estimate_activation_bytes(
+    n_rows: int, d_model: int, extra_columns=(), row_group_rows: int = 8192
+) -> int:
+    """An upper estimate of the size of an activation file of n_rows rows (tokens kept)."""
+    columns = schema(d_model, extra_columns)
+    per_row = 0
+    for field in columns:
+        if isinstance(field.type, pa.FixedSizeListType):
+            per_row += d_model * field.type.value_type.byte_width + _LEVEL_BYTES
+        else:
+            per_row += _SCALAR_BYTES
+    row_groups = -(-n_rows // row_group_rows)
+    overhead = row_groups * len(columns) * _CHUNK_BYTES + _FILE_BYTES
+    return int((n_rows * per_row + overhead) * _MARGIN)
+
+
+def human_bytes(n: float) -> str:
+    """Bytes in binary units, as `df -h` shows them: 1536 -> '1.5 KiB'."""
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if n < 1024 or unit == "TiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    raise AssertionError("unreachable")
+
+
+def require_free_space(folder: Path, need: int, what: str, advice: str) -> None:
+    """ResourceError unless the disk that `folder` is (or will be) on has `need` bytes free."""
+    existing = Path(folder).absolute()
+    while not existing.exists():  # the folder is made later: the disk of its nearest parent
+        existing = existing.parent
+    free = shutil.disk_usage(existing).free
+    if need > free:
+        raise ResourceError(
+            f"{what} need about {human_bytes(need)} (an estimate), but {human_bytes(free)} is "
+            f"free on the disk of {folder}; {advice}. Nothing was written."
+        )
+
+
+def out_of_memory_error(e: torch.OutOfMemoryError, what: str, advice: str) -> ResourceError:
+    """A GPU out of memory (CPU allocations fail with other errors) as a ResourceError: what ran
+    out, the start of torch's account of the memory, and the config keys to lower."""
+    sentences = " ".join(str(e).split()).split(". ")  # one line; torch's message runs long
+    return ResourceError(f"{what}: out of GPU memory ({'. '.join(sentences[:3])}); {advice}")
+
+
 # ---- caching ----------------------------------------------------------------------------------------
 
 
@@ -685,6 +762,25 @@ def resolve_device(device: str) -> torch.device:
     return torch.device(device)
 
 
+def _hidden_size(checkpoint_dir: Path) -> int | None:
+    """d_model from the checkpoint's config.json before the model loads; None if unreadable
+    (load_model then says what is wrong with the checkpoint)."""
+    try:
+        return int(read_json(checkpoint_dir / "config.json")["hidden_size"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+
+
+def _remove_outputs(done: list[Path], out_dir: Path, layers) -> None:
+    """After a failure: the files this stage put in place, and the folders it left empty, so that
+    its outputs are all there or none is (temporary files are removed by ActivationWriter.abort)."""
+    for path in done:
+        path.unlink(missing_ok=True)
+    for folder in [out_dir / f"layer{layer}" for layer in layers] + [out_dir]:
+        with contextlib.suppress(OSError):  # not empty, or not there: left alone
+            folder.rmdir()
+
+
 def next_token_entropy(logits: torch.Tensor) -> torch.Tensor:
     """Entropy (nats) of the next-token distribution at every position [batch, seq]."""
     logp = logits.float().log_softmax(-1)
@@ -714,6 +810,28 @@ def cache_activations(
     from saedynamics.corpus import read_token_sample
 
     device = resolve_device(cfg.device)
+    first = 1 if cfg.drop_first_position else 0
+    extras = tuple(cfg.extra_columns)
+    # the token sample and the disk space first: cheap to check, where loading the model is not
+    samples = {split: read_token_sample(tokens_parquet, split) for split in ("train", "eval")}
+    tokens = {split: windows[:, first:].size for split, (_, windows) in samples.items()}
+    advice = (
+        "free space on that disk, or lower tokens.train_sequences or cache fewer activations.layers"
+    )
+    d_model = _hidden_size(checkpoint_dir)
+    need = 0  # unknown without a config.json: then load_model fails, naming the checkpoint
+    if d_model is not None:
+        need = len(cfg.layers) * sum(
+            estimate_activation_bytes(n, d_model, extras, cfg.row_group_rows)
+            for n in tokens.values()
+        )
+        require_free_space(
+            out_dir,
+            need,
+            f"{out_dir}/layer<L>/{{train,eval}}.parquet for layers {cfg.layers} (train "
+            f"{tokens['train']} and eval {tokens['eval']} tokens per layer, d_model {d_model})",
+            advice,
+        )
     model = load_model(
         checkpoint_dir,
         dtype=getattr(torch, cfg.model_dtype),
@@ -736,8 +854,6 @@ def cache_activations(
         )
     model = model.to(device)
     model.requires_grad_(False)
-    first = 1 if cfg.drop_first_position else 0
-    extras = tuple(cfg.extra_columns)
     want_grad = "lm_grad" in extras
 
     captured: dict[int, torch.Tensor] = {}
@@ -760,9 +876,10 @@ def cache_activations(
         )
     lm_stats: dict[str, float] = {}
     started, n_tokens = time.perf_counter(), 0
+    done: list[Path] = []  # the files put in place so far
     try:
         for split in ("train", "eval"):
-            doc_ids, windows = read_token_sample(tokens_parquet, split)
+            doc_ids, windows = samples[split]
             ctx = windows.shape[1]
             if ctx > model.config.max_position_embeddings:
                 raise DataError(
@@ -790,6 +907,8 @@ def cache_activations(
                     cfg.row_group_rows,
                     extras,
                     provenance=provenance,
+                    disk_full_advice=f"this step's activations take about {human_bytes(need)} in "
+                    f"all: {advice}, then rerun",
                 )
                 for layer in cfg.layers
             }
@@ -841,10 +960,21 @@ def cache_activations(
                 for writer in writers.values():
                     writer.metadata.update(lm_stats if split == "eval" else {})
                     writer.close()
+                    done.append(writer.path)
             except BaseException:
                 for writer in writers.values():
                     writer.abort()
                 raise
+    except BaseException as e:
+        _remove_outputs(done, out_dir, cfg.layers)
+        if isinstance(e, torch.OutOfMemoryError):
+            raise out_of_memory_error(
+                e,
+                f"{checkpoint_dir}: caching activations in batches of activations.batch_sequences "
+                f"{cfg.batch_sequences}",
+                "lower activations.batch_sequences. Nothing was written",
+            ) from None
+        raise
     finally:
         for h in handles:
             h.remove()

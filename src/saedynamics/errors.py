@@ -13,5 +13,9 @@ class DataError(SaedynamicsError):
     """An input file is missing, unreadable or inconsistent (names the file)."""
 
 
+class ResourceError(SaedynamicsError):
+    """Not enough disk space or GPU memory for a job (names the amounts and the config keys to lower)."""
+
+
 class TrainingDiverged(SaedynamicsError):
     """A loss became NaN or infinite (names the seed and the step)."""

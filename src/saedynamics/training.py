@@ -9,7 +9,8 @@ Inputs are multiplied by a scale from the activation file's norm statistics (`in
 the scale is folded into the weights at export, so saved SAEs work on raw activations. Schedule: Adam, linear lr warm-up,
 constant, linear decay to 0 over the last `lr_decay_fraction`; gradient-norm clipping.
 A NaN or infinite loss stops the job, naming the seed and the step; nothing is written then, since
-all seeds are saved together into one directory renamed into place at the end.
+all seeds are saved together into one directory renamed into place at the end. So does a GPU out of
+memory, naming training.batch_size and the other settings that decide the memory.
 
 Resume: with a `resume_dir`, checkpoints every `training.checkpoint_tokens` tokens and restarts
 from the last one, bitwise as if uninterrupted on CPU (saedynamics.resume).
@@ -21,7 +22,7 @@ import itertools
 import logging
 import os
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -29,7 +30,7 @@ import pyarrow as pa
 import torch
 from tqdm import tqdm
 
-from saedynamics.activations import ActivationFile, resolve_device
+from saedynamics.activations import ActivationFile, out_of_memory_error, resolve_device
 from saedynamics.artifacts import atomic_directory, write_parquet
 from saedynamics.config import EXTRA_COLUMNS, TrainingConfig
 from saedynamics.errors import ConfigError, TrainingDiverged
@@ -194,12 +195,13 @@ def _train_seeds(
         first = [next(batches) for _ in range(-(-training.init_tokens // training.batch_size))]
         sample_x = torch.cat([x for x, _ in first])
         sample_extras = {c: torch.cat([e[c] for _, e in first]) for c in columns[1:]}
-        for sae in saes.values():
-            sae.init_from_sample(sample_x, sample_extras)
+        with _out_of_memory_named(training, name, identity):
+            for sae in saes.values():
+                sae.init_from_sample(sample_x, sample_extras)
         batches = itertools.chain(first, batches)
     started = time.perf_counter()
 
-    with sparse.mode(training.sparse_path):
+    with sparse.mode(training.sparse_path), _out_of_memory_named(training, name, identity):
         for i in tqdm(
             range(start, n_steps),
             desc=f"train {name}",
@@ -279,6 +281,21 @@ def _train_seeds(
             write_parquet(tmp / f"seed{seed}" / "training.parquet", curve, provenance)
         fault_point(f"{n_steps}:during-output")
     checkpoints.finished()
+
+
+@contextmanager
+def _out_of_memory_named(training: TrainingConfig, name: str, identity: dict) -> Iterator[None]:
+    """A GPU out of memory, as an error naming the settings that decide how much training needs."""
+    try:
+        yield
+    except torch.OutOfMemoryError as e:
+        raise out_of_memory_error(
+            e,
+            f"{name} (step {identity['step']}, layer {identity['layer']})",
+            f"{len(training.seeds)} seeds x {training.n_latents} latents trained together on "
+            f"batches of training.batch_size {training.batch_size}: lower training.batch_size, or "
+            "training.n_latents, or train fewer training.seeds. No SAE was written",
+        ) from None
 
 
 def _scaled(batch: dict, scale: float, device) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:

@@ -382,3 +382,32 @@ def test_out_of_memory_in_caching_names_batch_sequences(hub_stage, capsys, monke
     )
     assert message.endswith("; lower activations.batch_sequences. Nothing was written")
     assert not out.exists()  # the train files already written are removed too: all or none
+
+
+def test_a_full_disk_in_any_stage_is_one_message(tmp_path, monkeypatch, capsys):
+    """Stages other than caching write through atomic temporaries too: a full disk there (here
+    the tables stage's writer) ends in one line naming the file, not an OSError traceback."""
+    import errno
+
+    import saedynamics.tables
+
+    target = tmp_path / "tables" / "reconstruction.parquet"
+    argv = ["tables", "--settings", '{"study": "t"}', "--out", tmp_path / "tables"]
+    argv += ["--inputs", tmp_path]
+
+    def failing(error: OSError):
+        def collect(*args, **kwargs):
+            raise error
+
+        return collect
+
+    full = OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(target))
+    monkeypatch.setattr(saedynamics.tables, "collect", failing(full))
+    assert cli_error(capsys, *argv) == (
+        f"error: {target}: No space left on device while writing it; nothing half-written was "
+        "kept. Free space on that disk and rerun."
+    )
+    # any other OSError is not ours to word: it propagates as is
+    monkeypatch.setattr(saedynamics.tables, "collect", failing(PermissionError(13, "denied")))
+    with pytest.raises(PermissionError):
+        main([str(a) for a in argv])

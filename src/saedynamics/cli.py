@@ -9,6 +9,7 @@ for the user (bad config, unreadable file, diverged training) print one message 
 from __future__ import annotations
 
 import argparse
+import errno
 import json
 import logging
 import os
@@ -545,6 +546,16 @@ def main(argv: list[str] | None = None) -> int:
         args.func(args)
     except SaedynamicsError as e:
         print(f"error: {e}", file=sys.stderr)
+        return 1
+    except OSError as e:
+        if e.errno not in (errno.ENOSPC, errno.EDQUOT):
+            raise
+        # every stage writes through a temporary file renamed into place, removed on failure
+        print(
+            f"error: {e.filename or 'an output of ' + args.command}: {e.strerror} while writing it; "
+            "nothing half-written was kept. Free space on that disk and rerun.",
+            file=sys.stderr,
+        )
         return 1
     return 0
 

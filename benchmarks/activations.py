@@ -63,6 +63,7 @@ from saedynamics.activations import (  # noqa: E402
     ActivationWriter,
     cache_activations,
 )
+from saedynamics.artifacts import sha256_file  # noqa: E402
 from saedynamics.config import ActivationsConfig  # noqa: E402
 
 EVAL_SEQUENCES = 2  # cache_activations always does the eval split (full logits): keep it small
@@ -116,7 +117,9 @@ def build_checkpoint(args, root: Path) -> Path:
     )
     out = root / "checkpoint"
     GPTNeoXForCausalLM(cfg).save_pretrained(out, safe_serialization=True)
-    (out / "manifest.json").write_text(json.dumps({"step": 0, "revision": "bench"}))
+    files = {f.name: sha256_file(f) for f in sorted(out.iterdir())}  # what load_model verifies
+    manifest = {"source": "micro", "step": 0, "revision": "bench", "files": files}
+    (out / "manifest.json").write_text(json.dumps(manifest))
     return out
 
 
@@ -149,7 +152,7 @@ class DroppingWriter:
     """ActivationWriter's interface; keeps nothing, so the caching run is the bare forward pass."""
 
     def __init__(self, path, d_model, metadata, row_group_rows, extra_columns=(), **options):
-        self.metadata = metadata
+        self.path, self.metadata = Path(path), metadata
 
     def append(self, *args, **kwargs) -> None:
         pass

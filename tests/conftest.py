@@ -16,6 +16,7 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 import copy  # noqa: E402
 import hashlib  # noqa: E402
+import logging  # noqa: E402
 import shutil  # noqa: E402
 from pathlib import Path  # noqa: E402
 
@@ -141,6 +142,43 @@ def hub_config(tmp_path: Path, hub_cache: Path) -> dict:
         "training": {"n_latents": 64, "seeds": [0, 1], "train_tokens": 4096, "batch_size": 256},
         "architectures": {"topk": {"architecture": "topk", "k": 4, "lr": 0.004}},
     }
+
+
+@pytest.fixture()
+def hub_stage(offline_hub, tmp_path):
+    """A hub study's raw config, its token sample and checkpoint step2, under tmp_path."""
+    from saedynamics.checkpoints import download_checkpoint
+    from saedynamics.config import load_config
+    from saedynamics.corpus import build_token_sample
+
+    raw = hub_config(tmp_path, offline_hub)
+    cfg = load_config(raw)
+    build_token_sample(
+        cfg.corpus, cfg.tokens, cfg.model, tmp_path / "tokens.parquet", tmp_path / "tokenizer"
+    )
+    download_checkpoint(cfg.model, 2, tmp_path / "ckpt", [])
+    return raw, tmp_path
+
+
+@pytest.fixture(autouse=True)
+def _keep_logging():
+    """cli.main points the root logger at the (captured) stderr of its test: undo that after."""
+    root = logging.getLogger()
+    handlers, level = root.handlers[:], root.level
+    yield
+    root.handlers[:], root.level = handlers, level
+
+
+def cli_error(capsys, *argv) -> str:
+    """Run the CLI in-process; assert it failed with a one-paragraph error message; return it."""
+    from saedynamics.cli import main
+
+    capsys.readouterr()
+    assert main([str(a) for a in argv]) == 1
+    err = capsys.readouterr().err
+    message = err[err.rindex("error: ") :].strip()
+    assert "\n" not in message and "Traceback" not in err, err
+    return message
 
 
 def copy_workflow(dest: Path) -> Path:

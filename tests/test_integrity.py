@@ -34,7 +34,7 @@ from saedynamics.corpus import build_token_sample
 from saedynamics.errors import DataError
 from saedynamics.saes import load
 
-from .conftest import HUB_REPO_ID, hub_config
+from .conftest import HUB_REPO_ID, cli_error, hub_config
 from .synthetic import indexed_activation_file, make_sae
 
 MALFORMED = {
@@ -79,25 +79,6 @@ def flip(path: Path, offset: int, n: int = 8) -> None:
     data = bytearray(path.read_bytes())
     data[offset : offset + n] = bytes(b ^ 0xFF for b in data[offset : offset + n])
     path.write_bytes(bytes(data))
-
-
-def cli(capsys, *argv) -> str:
-    """Run the CLI; assert it failed with a one-paragraph error message; return that message."""
-    capsys.readouterr()
-    assert main([str(a) for a in argv]) == 1
-    err = capsys.readouterr().err
-    message = err[err.rindex("error: ") :].strip()
-    assert "\n" not in message and "Traceback" not in err, err
-    return message
-
-
-@pytest.fixture(autouse=True)
-def _keep_logging():
-    """cli.main points the root logger at the (captured) stderr of its test: undo that after."""
-    root = logging.getLogger()
-    handlers, level = root.handlers[:], root.level
-    yield
-    root.handlers[:], root.level = handlers, level
 
 
 # ---- checkpoints ---------------------------------------------------------------------------------
@@ -208,7 +189,7 @@ def hub_study(hub_copy, tmp_path):
 def activations_cli(capsys, raw: dict, root: Path) -> str:
     settings = load_config(raw).stage_settings("activations")
     out = root / "acts"
-    message = cli(
+    message = cli_error(
         capsys,
         "activations",
         "--settings",
@@ -477,7 +458,7 @@ def test_train_verifies_once_and_refuses_another_layers_file(tmp_path, capsys, m
     monkeypatch.setattr(ActivationFile, "verify", lambda self: calls.append(1) or original(self))
     ident = ["--step", 0, "--architecture", "topk", "--activations", acts, "--settings"]
     out = tmp_path / "saes"
-    message = cli(capsys, "train", "--layer", 1, *ident, train_settings(), "--out", out)
+    message = cli_error(capsys, "train", "--layer", 1, *ident, train_settings(), "--out", out)
     tried("activation file of another step/layer")
     assert message == (
         f"error: {acts}: holds the activations of step 0, layer 0 (its metadata), not of step 0, "
@@ -502,7 +483,9 @@ def test_measure_refuses_saes_of_another_width(tmp_path, capsys, monkeypatch):
     out = tmp_path / "metrics"
     argv = ["--step", 0, "--layer", 0, "--architecture", "topk", "--activations", acts]
     settings = json.dumps({"study": "t", "metrics": {"batch_size": 256}})
-    message = cli(capsys, "measure", *argv, "--saes", saes, "--settings", settings, "--out", out)
+    message = cli_error(
+        capsys, "measure", *argv, "--saes", saes, "--settings", settings, "--out", out
+    )
     tried("activation d_model != SAE d_in (measure)")
     assert f"{acts} has d_model 4, but the SAEs in {saes / 'seed2'} have d_in 8" in message
     assert not out.exists()
@@ -518,7 +501,7 @@ def test_splice_refuses_saes_of_another_width(hub_study, capsys):
     saes = save_sae(root / "saes/topk/seed0", d_in=8).parent
     out = root / "spliced.json"
     settings = load_config(raw).stage_settings("splice")
-    message = cli(
+    message = cli_error(
         capsys,
         "splice",
         "--settings",

@@ -7,7 +7,6 @@ Each failure is one message naming what to change, and leaves no output and no t
 from __future__ import annotations
 
 import json
-import logging
 import os
 import shutil
 import subprocess
@@ -31,14 +30,12 @@ from saedynamics.activations import (
     read_metadata,
 )
 from saedynamics.artifacts import provenance
-from saedynamics.checkpoints import download_checkpoint
 from saedynamics.cli import main
 from saedynamics.config import load_config
-from saedynamics.corpus import build_token_sample
 from saedynamics.errors import ResourceError
 from saedynamics.saes import REGISTRY
 
-from .conftest import REPO, hub_config
+from .conftest import REPO, cli_error
 from .synthetic import sparse_dataset
 
 # the hub study of conftest.hub_config: 2 layers, d_model 32, 64 train and 16 eval windows of 16
@@ -50,37 +47,6 @@ OUT_OF_MEMORY = (  # a CUDA allocator's message, as torch words it
     "use. Of the allocated memory 75.2 GiB is allocated by PyTorch, and 2.1 GiB is reserved by "
     "PyTorch but unallocated."
 )
-
-
-@pytest.fixture(autouse=True)
-def _keep_logging():
-    """cli.main points the root logger at the (captured) stderr of its test: undo that after."""
-    root = logging.getLogger()
-    handlers, level = root.handlers[:], root.level
-    yield
-    root.handlers[:], root.level = handlers, level
-
-
-def cli_error(capsys, *argv) -> str:
-    """Run the CLI; assert it failed with a one-paragraph error message; return that message."""
-    capsys.readouterr()
-    assert main([str(a) for a in argv]) == 1
-    err = capsys.readouterr().err
-    message = err[err.rindex("error: ") :].strip()
-    assert "\n" not in message and "Traceback" not in err, err
-    return message
-
-
-@pytest.fixture()
-def hub_stage(offline_hub, tmp_path):
-    """A hub study's raw config, its token sample and checkpoint step2, under tmp_path."""
-    raw = hub_config(tmp_path, offline_hub)
-    cfg = load_config(raw)
-    build_token_sample(
-        cfg.corpus, cfg.tokens, cfg.model, tmp_path / "tokens.parquet", tmp_path / "tokenizer"
-    )
-    download_checkpoint(cfg.model, 2, tmp_path / "ckpt", [])
-    return raw, tmp_path
 
 
 def activations_argv(raw: dict, root: Path, out: Path) -> list[str]:

@@ -130,18 +130,14 @@ def test_hub_missing_revision_and_tokenizer(offline_hub, tmp_path):
 
 
 @pytest.fixture()
-def hub_activations(offline_hub, tmp_path):
+def hub_activations(hub_stage):
     """Tokens (local files corpus, hub tokenizer), checkpoint step2, and its cached activations."""
-    raw = hub_config(tmp_path, offline_hub)
+    raw, root = hub_stage
     cfg = load_config(raw)
-    build_token_sample(
-        cfg.corpus, cfg.tokens, cfg.model, tmp_path / "tokens.parquet", tmp_path / "tokenizer"
-    )
-    download_checkpoint(cfg.model, 2, tmp_path / "ckpt", [])
     stats = cache_activations(
-        cfg.activations, tmp_path / "ckpt", tmp_path / "tokens.parquet", tmp_path / "acts"
+        cfg.activations, root / "ckpt", root / "tokens.parquet", root / "acts"
     )
-    return cfg, tmp_path, stats
+    return cfg, root, stats
 
 
 def test_activation_cache_round_trip(hub_activations):

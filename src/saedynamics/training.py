@@ -112,175 +112,164 @@ def train_saes(
     the caller has opened (and verified) already.
     """
     with deterministic_algorithms(training.deterministic):
-        _train_seeds(
-            training, name, arch, train_file, out_dir, identity, provenance, observe, resume_dir
-        )
+        acts = train_file if isinstance(train_file, ActivationFile) else ActivationFile(train_file)
+        device = resolve_device(training.device)
+        d_in = acts.d_model
+        scale = acts.input_scale(training.input_scaling)
+        n_steps = max(1, training.train_tokens // training.batch_size)
 
+        amp_dtype = autocast_dtype(training, device)
+        if device.type == "cuda":
+            torch.backends.cuda.matmul.allow_tf32 = True  # fp32 matmuls on tensor cores
+            torch.backends.cudnn.allow_tf32 = True
 
-def _train_seeds(
-    training: TrainingConfig,
-    name: str,
-    arch: ArchitectureConfig,
-    train_file: Path | ActivationFile,
-    out_dir: Path,
-    identity: dict,
-    provenance: dict,
-    observe: Callable[[int, dict[int, SAE]], None] | None,
-    resume_dir: Path | None,
-) -> None:
-    """train_saes, inside the determinism switch."""
-    acts = train_file if isinstance(train_file, ActivationFile) else ActivationFile(train_file)
-    device = resolve_device(training.device)
-    d_in = acts.d_model
-    scale = acts.input_scale(training.input_scaling)
-    n_steps = max(1, training.train_tokens // training.batch_size)
-
-    amp_dtype = autocast_dtype(training, device)
-    if device.type == "cuda":
-        torch.backends.cuda.matmul.allow_tf32 = True  # fp32 matmuls on tensor cores
-        torch.backends.cudnn.allow_tf32 = True
-
-    cls = REGISTRY[arch.architecture]
-    columns = ("act", *cls.requires)
-    saes = {
-        seed: cls(d_in, training.n_latents, arch, generator=torch.Generator().manual_seed(seed)).to(
-            device
-        )
-        for seed in training.seeds
-    }
-    optimizers = {
-        s: torch.optim.Adam(sae.parameters(), lr=sae.lr, betas=sae.adam_betas(training.adam_betas))
-        for s, sae in saes.items()
-    }
-    schedules = {
-        s: torch.optim.lr_scheduler.LambdaLR(
-            opt,
-            lambda i: lr_multiplier(
-                i, n_steps, training.lr_warmup_fraction, training.lr_decay_fraction
-            ),
-        )
-        for s, opt in optimizers.items()
-    }
-    for seed, sae in saes.items():
-        sae.attach_optimizer(optimizers[seed])
-    curves: dict[int, list[dict]] = {s: [] for s in saes}
-
-    remove_stale_temporaries(out_dir)
-    every = training.checkpoint_tokens
-    checkpoints = Checkpoints(
-        resume_dir,
-        fingerprint(training, name, arch, acts, device, identity, provenance),
-        every_steps=max(1, every // training.batch_size) if every else n_steps,
-        batch_size=training.batch_size,
-    )
-    resumed = checkpoints.load(saes, optimizers, schedules, curves)
-    start, states = resumed.batches_done, resumed.states
-
-    replay = {seed: state.get("replay_batches", 0) for seed, state in states.items()}
-    n_replay = max(replay.values(), default=0)
-    batches = (
-        _scaled(batch, scale, device)
-        for batch in acts.shuffled(
-            training.batch_size,
-            seed=training.data_seed,
-            columns=columns,
-            start_batch=start - n_replay,
-        )
-    )
-    if start:  # the inputs before the checkpoint that an architecture keeps (resume_state)
-        replayed = [next(batches)[0] for _ in range(n_replay)]
+        cls = REGISTRY[arch.architecture]
+        columns = ("act", *cls.requires)
+        saes = {
+            seed: cls(
+                d_in, training.n_latents, arch, generator=torch.Generator().manual_seed(seed)
+            ).to(device)
+            for seed in training.seeds
+        }
+        optimizers = {
+            s: torch.optim.Adam(
+                sae.parameters(), lr=sae.lr, betas=sae.adam_betas(training.adam_betas)
+            )
+            for s, sae in saes.items()
+        }
+        schedules = {
+            s: torch.optim.lr_scheduler.LambdaLR(
+                opt,
+                lambda i: lr_multiplier(
+                    i, n_steps, training.lr_warmup_fraction, training.lr_decay_fraction
+                ),
+            )
+            for s, opt in optimizers.items()
+        }
         for seed, sae in saes.items():
-            sae.load_resume_state(states[seed], replayed[n_replay - replay[seed] :])
-    else:  # the first training batches double as the init sample (b_dec, probes): init_tokens+
-        first = [next(batches) for _ in range(-(-training.init_tokens // training.batch_size))]
-        sample_x = torch.cat([x for x, _ in first])
-        sample_extras = {c: torch.cat([e[c] for _, e in first]) for c in columns[1:]}
-        with _out_of_memory_named(training, name, identity):
-            for sae in saes.values():
-                sae.init_from_sample(sample_x, sample_extras)
-        batches = itertools.chain(first, batches)
-    started = time.perf_counter()
+            sae.attach_optimizer(optimizers[seed])
+        curves: dict[int, list[dict]] = {s: [] for s in saes}
 
-    with sparse.mode(training.sparse_path), _out_of_memory_named(training, name, identity):
-        for i in tqdm(
-            range(start, n_steps),
-            desc=f"train {name}",
-            initial=start,
-            total=n_steps,
-            mininterval=5,
-            unit="step",
-        ):
-            x, extras = next(batches)
-            step = TrainStep(i, n_steps)
+        remove_stale_temporaries(out_dir)
+        every = training.checkpoint_tokens
+        checkpoints = Checkpoints(
+            resume_dir,
+            fingerprint(training, name, arch, acts, device, identity, provenance),
+            every_steps=max(1, every // training.batch_size) if every else n_steps,
+            batch_size=training.batch_size,
+        )
+        resumed = checkpoints.load(saes, optimizers, schedules, curves)
+        start, states = resumed.batches_done, resumed.states
+
+        replay = {seed: state.get("replay_batches", 0) for seed, state in states.items()}
+        n_replay = max(replay.values(), default=0)
+        batches = (
+            _scaled(batch, scale, device)
+            for batch in acts.shuffled(
+                training.batch_size,
+                seed=training.data_seed,
+                columns=columns,
+                start_batch=start - n_replay,
+            )
+        )
+        if start:  # the inputs before the checkpoint that an architecture keeps (resume_state)
+            replayed = [next(batches)[0] for _ in range(n_replay)]
             for seed, sae in saes.items():
-                with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
-                    out = sae.loss(x, step, extras)
-                if not torch.isfinite(out.total):
-                    raise TrainingDiverged(
-                        f"{name} (step {identity['step']}, layer {identity['layer']}), seed {seed}: the loss "
-                        f"is {out.total.item()} at training step {i} of {n_steps} (after {i * training.batch_size} "
-                        f"tokens). Lower architectures.{name}.lr, or check the activations in {acts.path}. "
-                        "No SAE was written."
+                sae.load_resume_state(states[seed], replayed[n_replay - replay[seed] :])
+        else:  # the first training batches double as the init sample (b_dec, probes): init_tokens+
+            first = [next(batches) for _ in range(-(-training.init_tokens // training.batch_size))]
+            sample_x = torch.cat([x for x, _ in first])
+            sample_extras = {c: torch.cat([e[c] for _, e in first]) for c in columns[1:]}
+            with _out_of_memory_named(training, name, identity):
+                for sae in saes.values():
+                    sae.init_from_sample(sample_x, sample_extras)
+            batches = itertools.chain(first, batches)
+        started = time.perf_counter()
+
+        with sparse.mode(training.sparse_path), _out_of_memory_named(training, name, identity):
+            for i in tqdm(
+                range(start, n_steps),
+                desc=f"train {name}",
+                initial=start,
+                total=n_steps,
+                mininterval=5,
+                unit="step",
+            ):
+                x, extras = next(batches)
+                step = TrainStep(i, n_steps)
+                for seed, sae in saes.items():
+                    with torch.autocast(
+                        device.type, dtype=amp_dtype, enabled=amp_dtype is not None
+                    ):
+                        out = sae.loss(x, step, extras)
+                    if not torch.isfinite(out.total):
+                        raise TrainingDiverged(
+                            f"{name} (step {identity['step']}, layer {identity['layer']}), seed {seed}: the loss "
+                            f"is {out.total.item()} at training step {i} of {n_steps} (after {i * training.batch_size} "
+                            f"tokens). Lower architectures.{name}.lr, or check the activations in {acts.path}. "
+                            "No SAE was written."
+                        )
+                    optimizers[seed].zero_grad(set_to_none=True)
+                    out.total.backward()
+                    sae.before_step()
+                    if training.grad_clip_norm is not None:
+                        torch.nn.utils.clip_grad_norm_(sae.parameters(), training.grad_clip_norm)
+                    optimizers[seed].step()
+                    schedules[seed].step()
+                    sae.after_step(out, x)
+                    if i % training.log_every == 0 or i == n_steps - 1:
+                        curves[seed].append(_curve_row(i, training, out, x, sae, optimizers[seed]))
+                if observe is not None and (i % training.log_every == 0 or i == n_steps - 1):
+                    with torch.no_grad():
+                        observe(i, saes)
+                if checkpoints.due(i + 1, n_steps):
+                    checkpoints.save(
+                        i + 1, resumed, saes, optimizers, schedules, curves, provenance
                     )
-                optimizers[seed].zero_grad(set_to_none=True)
-                out.total.backward()
-                sae.before_step()
-                if training.grad_clip_norm is not None:
-                    torch.nn.utils.clip_grad_norm_(sae.parameters(), training.grad_clip_norm)
-                optimizers[seed].step()
-                schedules[seed].step()
-                sae.after_step(out, x)
-                if i % training.log_every == 0 or i == n_steps - 1:
-                    curves[seed].append(_curve_row(i, training, out, x, sae, optimizers[seed]))
-            if observe is not None and (i % training.log_every == 0 or i == n_steps - 1):
-                with torch.no_grad():
-                    observe(i, saes)
-            if checkpoints.due(i + 1, n_steps):
-                checkpoints.save(i + 1, resumed, saes, optimizers, schedules, curves, provenance)
-            fault_point(str(i + 1))
+                fault_point(str(i + 1))
 
-    seconds = time.perf_counter() - started
-    tokens = (n_steps - start) * training.batch_size  # trained by this process
-    log.info(
-        "%s: %d seeds x %d tokens in %.1f s (%.0f tokens/s per seed, %.0f in all)",
-        name,
-        len(saes),
-        tokens,
-        seconds,
-        tokens / seconds,
-        tokens * len(saes) / seconds,
-    )
+        seconds = time.perf_counter() - started
+        tokens = (n_steps - start) * training.batch_size  # trained by this process
+        log.info(
+            "%s: %d seeds x %d tokens in %.1f s (%.0f tokens/s per seed, %.0f in all)",
+            name,
+            len(saes),
+            tokens,
+            seconds,
+            tokens / seconds,
+            tokens * len(saes) / seconds,
+        )
 
-    with atomic_directory(out_dir) as tmp:
-        for seed, sae in saes.items():
-            metadata = {
-                "model_name": acts.metadata.get("model"),
-                "hook_name": acts.metadata.get("hook_point"),
-                "hook_head_index": None,
-                "prepend_bos": False,
-                "context_size": acts.metadata.get("context_length"),
-                "model_from_pretrained_kwargs": {"revision": acts.metadata.get("revision")},
-            }
-            ours = {
-                **identity,
-                "architecture_name": name,
-                "seed": seed,
-                "init_seed": seed,
-                "data_seed": training.data_seed,
-                "tokens_seen": n_steps * training.batch_size,
-                "resumed_from_tokens": resumed.resumed_from_tokens,
-                "input_scale": scale,
-                "precision": "fp32" if amp_dtype is None else "bf16 autocast, fp32 weights",
-                "deterministic_algorithms": training.deterministic,
-                "activations": {
-                    k: acts.metadata.get(k) for k in ("model", "revision", "commit", "hook")
-                },
-            }
-            sae.exported(scale).save(tmp / f"seed{seed}", metadata, ours, provenance)
-            curve = pa.Table.from_pylist(curves[seed])
-            write_parquet(tmp / f"seed{seed}" / "training.parquet", curve, provenance)
-        fault_point(f"{n_steps}:during-output")
-    checkpoints.finished()
+        with atomic_directory(out_dir) as tmp:
+            for seed, sae in saes.items():
+                metadata = {
+                    "model_name": acts.metadata.get("model"),
+                    "hook_name": acts.metadata.get("hook_point"),
+                    "hook_head_index": None,
+                    "prepend_bos": False,
+                    "context_size": acts.metadata.get("context_length"),
+                    "model_from_pretrained_kwargs": {"revision": acts.metadata.get("revision")},
+                }
+                ours = {
+                    **identity,
+                    "architecture_name": name,
+                    "seed": seed,
+                    "init_seed": seed,
+                    "data_seed": training.data_seed,
+                    "tokens_seen": n_steps * training.batch_size,
+                    "resumed_from_tokens": resumed.resumed_from_tokens,
+                    "input_scale": scale,
+                    "precision": "fp32" if amp_dtype is None else "bf16 autocast, fp32 weights",
+                    "deterministic_algorithms": training.deterministic,
+                    "activations": {
+                        k: acts.metadata.get(k) for k in ("model", "revision", "commit", "hook")
+                    },
+                }
+                sae.exported(scale).save(tmp / f"seed{seed}", metadata, ours, provenance)
+                curve = pa.Table.from_pylist(curves[seed])
+                write_parquet(tmp / f"seed{seed}" / "training.parquet", curve, provenance)
+            fault_point(f"{n_steps}:during-output")
+        checkpoints.finished()
 
 
 @contextmanager

@@ -33,7 +33,7 @@ from saedynamics.errors import ConfigError, DataError, TrainingDiverged
 from saedynamics.saes import REGISTRY, load
 from saedynamics.training import lr_multiplier, train_saes
 
-from .conftest import HUB_REPO_ID, hub_config, tiny_neox
+from .conftest import HUB_REPO_ID, tiny_neox
 from .synthetic import indexed_activation_file as synthetic_file
 from .synthetic import record_row_group_reads
 
@@ -377,13 +377,7 @@ def test_token_sample_too_small(tiny_cfg, tmp_path):
     assert not (tmp_path / "t.parquet").exists()
 
 
-def test_extra_columns_entropy_and_gradient(offline_hub, tmp_path):
-    raw = hub_config(tmp_path, offline_hub)
-    cfg = load_config(raw)
-    build_token_sample(
-        cfg.corpus, cfg.tokens, cfg.model, tmp_path / "tokens.parquet", tmp_path / "tokenizer"
-    )
-    download_checkpoint(cfg.model, 2, tmp_path / "ckpt", [])
+def test_extra_columns_entropy_and_gradient(hub_stage, tmp_path):
     acts_cfg = ActivationsConfig(layers=[0], extra_columns=["lm_entropy", "lm_grad"])
     cache_activations(acts_cfg, tmp_path / "ckpt", tmp_path / "tokens.parquet", tmp_path / "acts")
     table = pq.read_table(tmp_path / "acts/layer0/eval.parquet")

@@ -102,3 +102,15 @@ def test_an_operation_without_deterministic_kernel_names_the_key(tmp_path, monke
     assert not torch.are_deterministic_algorithms_enabled()
     with pytest.raises(RuntimeError, match="index_add_cuda_"):  # switch off: torch's own error
         train(tmp_path, deterministic=False)
+
+
+def test_init_and_data_order_streams_are_separate(tmp_path):
+    """A seed's SAE depends on its own init stream and the job's data stream only: not on which
+    other seeds train beside it; another data_seed changes it. Both streams are in cfg.json."""
+    with_1 = load(train(tmp_path, seeds=[0, 1]) / "seed0")
+    with_2 = load(train(tmp_path, seeds=[0, 2]) / "seed0")
+    other_order = load(train(tmp_path, seeds=[0, 1], data_seed=1) / "seed0")
+    assert all(torch.equal(w, with_2.weights()[k]) for k, w in with_1.weights().items())
+    assert not torch.equal(with_1.W_dec, other_order.W_dec)
+    assert (with_1.provenance["init_seed"], with_1.provenance["data_seed"]) == (0, 0)
+    assert other_order.provenance["data_seed"] == 1

@@ -69,7 +69,7 @@ BAD = [
         "training.n_latents: Input should be greater than 0",
     ),
     (lambda c: c.pop("training"), "training: required key is missing"),
-    (lambda c: c.update(study="../escape"), "study: String should match pattern"),
+    (lambda c: c.update(study="../escape"), "study: '../escape' must be lower-case letters"),
     (lambda c: c.update(architectures={}), "architectures must be a non-empty mapping"),
     (lambda c: c["architectures"].update({"Bad Name": {"architecture": "topk"}}), "must match"),
 ]

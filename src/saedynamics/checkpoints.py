@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import fnmatch
 import hashlib
+import json
 import logging
 import math
 import os
@@ -90,9 +91,37 @@ def _snapshot(
         ) from e
 
 
+def refuse_remote_code(directory: Path) -> None:
+    """DataError naming the file when a model directory's config.json or tokenizer_config.json
+    asks for code from its repository (an `auto_map`, or a `model_type` Transformers does not
+    know). saedynamics never runs such code: `trust_remote_code` is always off, and a repository
+    that names its own classes is not loaded with Transformers' stand-ins either."""
+    from transformers import CONFIG_MAPPING
+
+    for name in ("config.json", "tokenizer_config.json"):
+        try:
+            cfg = json.loads((directory / name).read_text())
+        except (OSError, ValueError):
+            continue  # absent or unreadable: the loader names it
+        if not isinstance(cfg, dict):
+            continue
+        if "auto_map" in cfg:
+            classes = cfg["auto_map"].values() if isinstance(cfg["auto_map"], dict) else []
+            why = f"its auto_map names classes of the repository's own code ({', '.join(map(str, classes))})"
+        elif name == "config.json" and cfg.get("model_type") not in CONFIG_MAPPING:
+            why = f"its model_type {cfg.get('model_type')!r} is not a Transformers architecture"
+        else:
+            continue
+        raise DataError(
+            f"{directory / name}: {why}; loading it would run code from the model repository, "
+            "and saedynamics never runs remote code (trust_remote_code is always off)"
+        )
+
+
 def download_tokenizer(model: HubModelConfig, out_dir: Path) -> dict:
     """Copy the tokenizer files of `model.tokenizer_revision` into `out_dir`; return their origin."""
     snapshot = _snapshot(model.repo_id, model.tokenizer_revision, TOKENIZER_FILES, model.cache_dir)
+    refuse_remote_code(snapshot)
     copied = {}
     for name in TOKENIZER_FILES:
         if (snapshot / name).exists():
@@ -134,6 +163,7 @@ def download_checkpoint(
         raise DataError(
             f"{model.repo_id}@{revision} (commit {snapshot.name}) has no config.json or weights"
         )
+    refuse_remote_code(snapshot)
 
     patterns = (
         CONFIG_FILES + TOKENIZER_FILES + (PICKLED if weights[0].suffix == ".bin" else SAFETENSORS)
@@ -342,6 +372,7 @@ def load_model(directory: str | Path, dtype=None, cache_dir: str | None = None):
 
     directory = Path(directory)
     manifest = verify_checkpoint(directory, cache_dir=cache_dir)
+    refuse_remote_code(directory)
     remedy = (
         "rerun the micro_lm rule (snakemake --forcerun micro_lm)"
         if manifest.get("source") == "micro"

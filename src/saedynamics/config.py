@@ -31,7 +31,8 @@ SLUG = r"^[a-z0-9][a-z0-9_.\-]*$"  # names that become path components
 
 
 class Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    # strict: no silent conversions of a wrong type (`n_latents: true` is not 1, "64" is no int)
+    model_config = ConfigDict(extra="forbid", frozen=True, strict=True)
 
 
 # ---- text and tokens -----------------------------------------------------------------------------
@@ -113,6 +114,35 @@ class HubModelConfig(Strict):
     d_model: int | None = Field(default=None, gt=0, description="known for Pythia; else required")
     cache_dir: str | None = Field(default=None, description="HF hub cache; None: HF_HUB_CACHE")
 
+    @field_validator("repo_id")
+    @classmethod
+    def _repo_id(cls, v: str) -> str:
+        # the Hub's own rule; the id also names a folder of the HF cache, so '..' may not escape it
+        if not re.fullmatch(r"([\w.\-]+/)?[\w.\-]+", v) or ".." in v or "--" in v or len(v) > 96:
+            raise ValueError(f"{v!r} is not a Hugging Face repo id (like 'EleutherAI/pythia-70m')")
+        return v
+
+    @field_validator("revision", "tokenizer_revision")
+    @classmethod
+    def _revision(cls, v: str) -> str:
+        if ".." in v or v.startswith("/") or not v.strip():
+            raise ValueError(f"{v!r} is not a git revision (it also names a file of the HF cache)")
+        return v
+
+    @field_validator("revision")
+    @classmethod
+    def _revision_template(cls, v: str) -> str:
+        try:
+            ok = "{step}" in v and bool(v.format(step=0))
+        except (KeyError, IndexError, ValueError):
+            ok = False  # braces other than {step}
+        if not ok:
+            raise ValueError(
+                f"{v!r} must contain {{step}} and no other braces (e.g. 'step{{step}}'), else "
+                "every step would load the same revision"
+            )
+        return v
+
     @model_validator(mode="after")
     def _known_model(self) -> HubModelConfig:
         size = pythia_size(self.repo_id)
@@ -123,13 +153,15 @@ class HubModelConfig(Strict):
             bad = [s for s in self.steps if s not in PYTHIA_STEPS]
             if bad:
                 raise ValueError(
-                    f"steps {bad} are not Pythia revisions; Pythia has step0, step1, 2, 4, ..., 512, "
+                    f"model.steps {bad} are not Pythia revisions; Pythia has step0, step1, 2, 4, ..., 512, "
                     "then every 1000 up to step143000"
                 )
         elif self.num_layers is None or self.d_model is None:
             raise ValueError(
                 f"{self.repo_id} is not a known Pythia model: set model.num_layers and model.d_model"
             )
+        elif any(s < 0 for s in self.steps):
+            raise ValueError(f"model.steps {self.steps}: steps must be >= 0")
         return self
 
 
@@ -168,7 +200,7 @@ class MicroModelConfig(Strict):
         bad = [s for s in self.steps if s not in self.schedule()]
         if bad:
             raise ValueError(
-                f"steps {bad} are not saved by the micro suite; its schedule is {self.schedule()}"
+                f"model.steps {bad} are not saved by the micro suite; its schedule is {self.schedule()}"
             )
         return self
 
@@ -229,7 +261,7 @@ class TrainingConfig(Strict):
     lr_decay_fraction: float = Field(
         default=0.2, ge=0, le=1, description="linear decay to 0 at the end"
     )
-    adam_betas: tuple[float, float] = (0.9, 0.999)
+    adam_betas: tuple[float, float] = Field(default=(0.9, 0.999), strict=False)  # list -> tuple
     grad_clip_norm: float | None = Field(default=1.0, gt=0)
     input_scaling: Literal["expected_norm", "centred", "none"] = Field(
         default="expected_norm",
@@ -272,7 +304,29 @@ class TrainingConfig(Strict):
             raise ValueError(
                 "seeds must hold at least two distinct seeds (seed consistency compares them)"
             )
+        if any(s < 0 for s in v):
+            raise ValueError(f"seeds {v} must be >= 0 (each names a folder seed<s>)")
         return v
+
+    @field_validator("adam_betas")
+    @classmethod
+    def _betas(cls, v: tuple[float, float]) -> tuple[float, float]:
+        if not all(0 <= b < 1 for b in v):
+            raise ValueError(f"adam_betas {list(v)} must both be in [0, 1)")
+        return v
+
+    @model_validator(mode="after")
+    def _schedule(self) -> TrainingConfig:
+        if self.lr_warmup_fraction + self.lr_decay_fraction > 1:
+            raise ValueError(
+                f"training.lr_warmup_fraction {self.lr_warmup_fraction} + lr_decay_fraction "
+                f"{self.lr_decay_fraction} must be <= 1 (the warm-up would overlap the decay)"
+            )
+        if self.batch_size > self.train_tokens:
+            raise ValueError(
+                f"training.batch_size {self.batch_size} must be <= train_tokens {self.train_tokens}"
+            )
+        return self
 
 
 class MetricsConfig(Strict):
@@ -315,9 +369,16 @@ class ValidationConfig(Strict):
     organism_batch: int = Field(default=1024, gt=0)
     seed: int = 0
 
+    @field_validator("organism_seeds")
+    @classmethod
+    def _distinct(cls, v: list[int]) -> list[int]:
+        if len(set(v)) != len(v) or any(s < 0 for s in v):
+            raise ValueError(f"organism_seeds {v} must be distinct seeds >= 0")
+        return v
+
 
 class FiguresConfig(Strict):
-    formats: list[Literal["png", "pdf", "svg"]] = ["png", "pdf"]
+    formats: list[Literal["png", "pdf", "svg"]] = Field(default=["png", "pdf"], min_length=1)
     dpi: int = Field(default=200, gt=0)
 
 
@@ -344,6 +405,22 @@ class StudyConfig(Strict):
     validation: ValidationConfig = ValidationConfig()
     figures: FiguresConfig = FiguresConfig()
     containers: ContainersConfig = ContainersConfig()
+
+    @field_validator("results")
+    @classmethod
+    def _results(cls, v: str) -> str:
+        """Any folder the user names (absolute, relative, outside the checkout: it is their disk);
+        refused is only what would put the results somewhere else than that folder."""
+        if not v:
+            raise ValueError("must name a folder ('' would put the results at the filesystem root)")
+        if v.startswith("~"):
+            raise ValueError(f"{v!r}: '~' is not expanded; write the home folder out")
+        if not re.fullmatch(r"[\w./+@,%=-]+", v):
+            raise ValueError(
+                f"{v!r}: a folder of letters, digits and . / _ - + @ , % = only (Snakemake reads "
+                "braces as wildcards, and the rules pass paths to shell commands unquoted)"
+            )
+        return v
 
     @field_validator("architectures", mode="before")
     @classmethod
@@ -449,14 +526,19 @@ def load_config(source: str | Path | dict, name: str | None = None) -> StudyConf
         path = Path(source)
         name = name or str(path)
         try:
-            raw = yaml.safe_load(path.read_text())
+            raw = yaml.safe_load(path.read_bytes())  # bytes: a bad encoding is a YAMLError too
         except OSError as e:
             raise ConfigError(f"cannot read config file {path}: {e.strerror}") from None
         except yaml.YAMLError as e:
-            raise ConfigError(f"config file {path} is not valid YAML: {e}") from None
+            mark = getattr(e, "problem_mark", None)
+            where = f"line {mark.line + 1}, column {mark.column + 1}: " if mark else ""
+            what = [getattr(e, "context", None), getattr(e, "problem", None)]
+            problem = "; ".join(filter(None, what)) or " ".join(str(e).split())
+            raise ConfigError(f"config file {path} is not valid YAML: {where}{problem}") from None
     if not isinstance(raw, dict):
         raise ConfigError(
-            f"{name}: expected a mapping of keys at the top level, got {type(raw).__name__}"
+            f"{name}: expected a mapping of keys at the top level, got "
+            + ("nothing (the file is empty)" if raw is None else type(raw).__name__)
         )
     try:
         return StudyConfig.model_validate(raw)
@@ -477,14 +559,27 @@ def _format_errors(
             loc = [loc[0], *loc[2:]]
         key = ".".join(filter(None, [prefix, *loc]))
         msg = err["msg"].removeprefix("Value error, ")
-        if err["type"] == "extra_forbidden":
+        if err["type"] == "extra_forbidden" and loc[-1] == "trust_remote_code":
+            msg = (
+                "refused: saedynamics never runs code from a model or dataset repository "
+                "(trust_remote_code is always off); remove the key"
+            )
+        elif err["type"] == "extra_forbidden":
             allowed = _allowed_keys(model, err["loc"][:-1])
             msg = "unknown key" + (f"; allowed keys here: {', '.join(allowed)}" if allowed else "")
         elif err["type"] == "missing":
             msg = "required key is missing"
         elif err["type"] == "union_tag_invalid":
             msg = "model.source must be 'hub' or 'micro'"
-        if msg.startswith(f"{key}.") or msg.startswith(f"{key}:") or not key:
+        elif err["type"] == "string_pattern_mismatch" and err["ctx"]["pattern"] == SLUG:
+            msg = (
+                f"{err['input']!r} must be lower-case letters, digits, '_', '.' or '-', starting "
+                "with a letter or digit (it becomes a folder name)"
+            )
+        elif err["type"] != "value_error" and isinstance(err["input"], (str, int, float)):
+            found = repr(err["input"])  # a wrong type or value: say what was found
+            msg += f" (got {found if len(found) <= 40 else found[:37] + '...'})"
+        if msg.startswith((f"{key}.", f"{key}:", f"{key} ")) or not key:
             line = msg  # the message already names its key (nested validators)
         else:
             line = f"{key}: {msg}"

@@ -18,11 +18,11 @@ from saedynamics.tables import TABLES
 # --configfile on the command line replaces the embedded demo default instead of merging into it
 # (Snakemake deep-merges dicts, which would add the demo's architectures to a study).
 _raw = workflow.config_settings.overwrite_config if workflow.overwrite_configfiles else config
+_name = ", ".join(map(str, workflow.overwrite_configfiles)) or "workflow/configs/demo.yaml"
+if workflow.config_settings.config:
+    _name += " with --config " + " ".join(workflow.config_settings.config_args or [])
 try:
-    CFG = load_config(
-        dict(_raw),
-        name=", ".join(map(str, workflow.overwrite_configfiles)) or "workflow/configs/demo.yaml",
-    )
+    CFG = load_config(dict(_raw), name=_name)
 except ConfigError as e:
     raise WorkflowError(str(e)) from None
 

@@ -66,7 +66,8 @@ from saedynamics.saes import sparse
 class ArchitectureConfig(BaseModel):
     """Hyperparameters every architecture has; subclasses add their own."""
 
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    # strict: no silent conversions of a wrong type (`k: true` is not 1), as the study config
+    model_config = ConfigDict(extra="forbid", frozen=True, strict=True)
 
     architecture: str = Field(description="registered architecture name")
     lr: float | None = Field(
@@ -82,6 +83,7 @@ class ArchitectureConfig(BaseModel):
     )
     adam_betas: tuple[float, float] | None = Field(
         default=None,
+        strict=False,  # YAML and JSON give lists
         description="Adam (beta1, beta2); None: the architecture's default, else training.adam_betas",
     )
 

@@ -74,6 +74,7 @@ class ReLU2023SAE(SAE):
     class Config(L1Config):
         resample_at: tuple[float, ...] = Field(
             default=(0.1, 0.2, 0.3, 0.4),
+            strict=False,  # YAML and JSON give lists
             description="fractions of training at which dead latents are resampled; () disables",
         )
         resample_sample_tokens: int = Field(

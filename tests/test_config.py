@@ -182,3 +182,20 @@ def test_every_architecture_rejects_bad_hyperparameters(tiny_raw, kind):
         assert f"architectures.probe.{field}" in attempt(**{field: bad}), field
     if "k" in REGISTRY[kind].Config.model_fields:  # n_latents is 64 in tiny.yaml
         assert "architectures.probe" in attempt(k=64) and "64" in attempt(k=64)
+
+
+def test_yaml_scientific_notation_is_a_number_where_a_number_is_expected(tmp_path):
+    """PyYAML reads `3e-4` as a string (YAML 1.1 wants a dot); strict types must not refuse it."""
+    text = (REPO / "workflow/configs/tiny.yaml").read_text()
+    text = text.replace("lr: 0.004", "lr: 4e-3").replace(
+        "train_tokens: 16384", "train_tokens: 1.6384e4"
+    )
+    text = text.replace("study: tiny", "study: 1e3")  # a string key keeps its string
+    path = tmp_path / "c.yaml"
+    path.write_text(text)
+    cfg = load_config(path)
+    assert cfg.architectures["topk"].lr == 0.004 and cfg.training.train_tokens == 16384
+    assert isinstance(cfg.training.train_tokens, int) and cfg.study == "1e3"
+    path.write_text(text.replace("n_latents: 64", "n_latents: 6.45e1"))  # not whole: still refused
+    with pytest.raises(ConfigError, match=r"training\.n_latents: .*valid integer \(got 64\.5\)"):
+        load_config(path)

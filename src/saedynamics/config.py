@@ -16,7 +16,6 @@ from typing import Annotated, Any, Literal, get_args, get_origin
 import yaml
 from pydantic import (
     BaseModel,
-    ConfigDict,
     Field,
     SerializeAsAny,
     ValidationError,
@@ -26,13 +25,12 @@ from pydantic import (
 
 from saedynamics.errors import ConfigError
 from saedynamics.saes import REGISTRY, ArchitectureConfig
+from saedynamics.schema import StrictModel
 
 SLUG = r"^[a-z0-9][a-z0-9_.\-]*$"  # names that become path components
 
 
-class Strict(BaseModel):
-    # strict: no silent conversions of a wrong type (`n_latents: true` is not 1, "64" is no int)
-    model_config = ConfigDict(extra="forbid", frozen=True, strict=True)
+Strict = StrictModel  # unknown keys refused, strict types (YAML's 3e-4 read as a number)
 
 
 # ---- text and tokens -----------------------------------------------------------------------------

@@ -53,7 +53,7 @@ from pathlib import Path
 from typing import Any, ClassVar, Literal, NamedTuple
 
 import torch
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import Field, ValidationError, field_validator
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file
 from torch import Tensor, nn
@@ -61,13 +61,12 @@ from torch import Tensor, nn
 from saedynamics.artifacts import atomic_directory, write_json, write_safetensors
 from saedynamics.errors import DataError
 from saedynamics.saes import sparse
+from saedynamics.schema import StrictModel
 
 
-class ArchitectureConfig(BaseModel):
-    """Hyperparameters every architecture has; subclasses add their own."""
-
-    # strict: no silent conversions of a wrong type (`k: true` is not 1), as the study config
-    model_config = ConfigDict(extra="forbid", frozen=True, strict=True)
+class ArchitectureConfig(StrictModel):
+    """Hyperparameters every architecture has; subclasses add their own (strict types, as the
+    study config: `k: true` is not 1, `lr: 3e-4` is a number)."""
 
     architecture: str = Field(description="registered architecture name")
     lr: float | None = Field(

@@ -6,8 +6,9 @@
 Data: trained-like activations from a known dictionary (`--true-latents` unit directions, each
 token a sum of `--true-k` of them with Zipf-distributed frequencies and |N(0,1)| magnitudes, plus
 Gaussian noise), the same arrays for both libraries. Hyperparameters: Adam at the same lr and
-betas, constant lr, gradient clipping at 1, AuxK at 1/32, b_dec starting at 0, no input
-normalisation, batch 4096.
+betas, constant lr, gradient clipping at 1, AuxK at 1/32, b_dec starting at 0, tied init with
+decoder rows of norm 1 (Gao et al., ours; SAELens' default is 0.1, `--saelens-decoder-init-norm`),
+no input normalisation, batch 4096.
 
 saedynamics runs its real trainer (`training.train_saes`: Parquet reader, every seed on the same
 batch, export); SAELens runs its `SAETrainer` on the same batches already in memory (the advantage
@@ -91,6 +92,7 @@ def run_saelens(args, train: torch.Tensor, sparse_activations: bool):
             d_sae=args.latents,
             k=args.k,
             aux_loss_coefficient=1 / 32,
+            decoder_init_norm=args.saelens_decoder_init_norm,
             use_sparse_activations=sparse_activations,
             dtype="float32",
             device=args.device,
@@ -130,6 +132,12 @@ def main() -> None:
     p.add_argument("--true-latents", type=int, default=8192)
     p.add_argument("--true-k", type=int, default=32)
     p.add_argument("--device", default="cpu")
+    p.add_argument(
+        "--saelens-decoder-init-norm",
+        type=float,
+        default=1.0,
+        help="SAELens' decoder row norm at init (its default 0.1; ours, as Gao et al., 1.0)",
+    )
     p.add_argument("--skip-saelens", action="store_true")
     p.add_argument("--with-dense", action="store_true", help="also time our dense path")
     p.add_argument(

@@ -15,13 +15,14 @@ import os
 import shutil
 from pathlib import Path
 
+import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from saedynamics.activations import CHECKSUM_KEY, ActivationFile
+from saedynamics.activations import CHECKSUM_KEY, METADATA_KEY, ActivationFile
 from saedynamics.artifacts import (
     read_json,
     sha256_file,
@@ -57,6 +58,8 @@ MALFORMED = {
     "activation file: row groups differ from the checksum's": "fails naming both",
     "activation file: malformed checksum metadata": "fails at open",
     "activation file without 'act' column": "fails at open",
+    "activation file in format 1 (act as fixed_size_list)": "fails at open: rerun the rule",
+    "activation file: vector layout != its metadata": "fails at open naming the column",
     "activation file of another step/layer": "fails naming both",
     "activation d_model != SAE d_in (measure)": "fails naming the files",
     "SAE d_in != model d_model (splice)": "fails naming the files",
@@ -298,9 +301,11 @@ def test_every_writer_records_a_checksum_and_the_reader_verifies_it(tmp_path, mo
     digest = hashlib.sha256()
     for name in table.column_names:
         values = table.column(name).combine_chunks()
-        if isinstance(values.type, pa.FixedSizeListType):
-            values = values.flatten()
-        digest.update(name.encode() + b"\0" + values.to_numpy().tobytes())
+        if isinstance(values.type, pa.FixedSizeBinaryType):  # a vector: its rows' values
+            data = values.buffers()[1].to_pybytes()[: len(values) * values.type.byte_width]
+        else:
+            data = values.to_numpy().tobytes()
+        digest.update(name.encode() + b"\0" + data)
     assert checksum["row_groups"][3][1] == digest.hexdigest()
     assert not ActivationFile(f.path, verify=False).verified and calls == [1]
 
@@ -378,6 +383,36 @@ def test_inconsistent_checksums_and_schemas_fail_at_open(tmp_path):
     with pytest.raises(DataError, match=f"{no_act}: column 'act' must be"):
         ActivationFile(no_act)
     tried("activation file without 'act' column")
+
+    wrong_width = tmp_path / "wrong-width.parquet"  # metadata: d_model 4; the column: 3 values
+    narrow = pa.array([b"\0" * 6] * table.num_rows, pa.binary(6))
+    pq.write_table(table.set_column(3, pa.field("act", pa.binary(6), False), narrow), wrong_width)
+    with pytest.raises(
+        DataError, match=rf"{wrong_width}: column 'act' must be fixed_size_binary\(8\)"
+    ):
+        ActivationFile(wrong_width)
+    meta = json.loads(footer[METADATA_KEY])
+    mislabelled = tmp_path / "mislabelled.parquet"
+    bad = {**footer, METADATA_KEY: json.dumps({**meta, "vectors": {"act": "float32"}})}
+    pq.write_table(table.replace_schema_metadata(bad), mislabelled)
+    with pytest.raises(DataError, match=f"{mislabelled}: column 'act' must be .* float16"):
+        ActivationFile(mislabelled)
+    tried("activation file: vector layout != its metadata")
+
+
+def test_an_activation_file_of_format_1_asks_for_the_rule_to_rerun(tmp_path):
+    """Format 1 stored act as fixed_size_list<float16>[d_model] (decoded ~10x slower)."""
+    values = pa.array(np.arange(64 * 4, dtype=np.float16))
+    act = pa.FixedSizeListArray.from_arrays(values, type=pa.list_(pa.float16(), 4))
+    idx = pa.array(np.arange(64, dtype=np.int32))
+    meta = {"format_version": 1, "step": 0, "layer": 0, "dtype": "float16"}
+    old = tmp_path / "old.parquet"
+    table = pa.table({"doc_id": idx, "pos": idx, "token_id": idx, "act": act})
+    pq.write_table(table.replace_schema_metadata({METADATA_KEY: json.dumps(meta)}), old)
+    with pytest.raises(DataError, match=f"{old}: written in activation format 1") as error:
+        ActivationFile(old)
+    assert "rerun the activations rule (snakemake --forcerun activations)" in str(error.value)
+    tried("activation file in format 1 (act as fixed_size_list)")
 
 
 # ---- SAEs, and the train / measure / splice stages -----------------------------------------------

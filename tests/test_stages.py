@@ -140,6 +140,15 @@ def hub_activations(hub_stage):
     return cfg, root, stats
 
 
+def stored_vectors(table: pa.Table, column: str, dtype) -> np.ndarray:
+    """A vector column read as any tool can, by the file format's definition (README, Outputs):
+    fixed_size_binary rows holding the row's values little-endian, d_model in the metadata."""
+    array = table.column(column).combine_chunks()
+    return np.frombuffer(array.buffers()[1], np.dtype(dtype).newbyteorder("<")).reshape(
+        len(array), -1
+    )
+
+
 def test_activation_cache_round_trip(hub_activations):
     cfg, root, stats = hub_activations
     from transformers import AutoModelForCausalLM
@@ -155,8 +164,9 @@ def test_activation_cache_round_trip(hub_activations):
         table = pq.read_table(path)
         assert table.num_rows == 16 * 15  # position 0 dropped
         assert table.column("pos").to_numpy().min() == 1
-        stored = np.stack(table.column("act").to_numpy(zero_copy_only=False)).astype(np.float32)
         meta = read_metadata(path)
+        assert meta["d_model"] == 32 and meta["vectors"] == {"act": "float16"}
+        stored = stored_vectors(table, "act", np.float16).astype(np.float32)
         assert (
             meta["layer"] == layer
             and meta["revision"] == "step2"
@@ -381,7 +391,11 @@ def test_extra_columns_entropy_and_gradient(hub_stage, tmp_path):
     acts_cfg = ActivationsConfig(layers=[0], extra_columns=["lm_entropy", "lm_grad"])
     cache_activations(acts_cfg, tmp_path / "ckpt", tmp_path / "tokens.parquet", tmp_path / "acts")
     table = pq.read_table(tmp_path / "acts/layer0/eval.parquet")
-    stored_grad = np.stack(table.column("lm_grad").to_numpy(zero_copy_only=False))
+    assert read_metadata(tmp_path / "acts/layer0/eval.parquet")["vectors"] == {
+        "act": "float16",
+        "lm_grad": "float32",
+    }
+    stored_grad = stored_vectors(table, "lm_grad", np.float32)
     stored_entropy = table.column("lm_entropy").to_numpy()
     # an independent route: gradients w.r.t. hidden_states[1] (block 0's output)
     from transformers import AutoModelForCausalLM

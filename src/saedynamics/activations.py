@@ -1,28 +1,37 @@
 """Activations: hooks -> Parquet shards, and the streaming reader that feeds training.
 
 One forward pass per checkpoint writes `activations/step<N>/layer<L>/{train,eval}.parquet` for every
-configured layer. Schema: doc_id int32, pos int32, token_id int32, act fixed_size_list<float16>[d],
-plus optional extra columns (EXTRA_COLUMNS) when an architecture needs them.
+configured layer. Schema: doc_id int32, pos int32, token_id int32, act fixed_size_binary(2 d),
+plus optional extra columns (EXTRA_COLUMNS) when an architecture needs them: lm_entropy float32,
+lm_grad fixed_size_binary(4 d).
 The hooked activation is the residual stream after block L, the output of `gpt_neox.layers[L]`
 (= TransformerLens blocks.L.hook_resid_post). `output_hidden_states` is not used: its last entry is
 after the final LayerNorm, not the raw residual (spec/measurements.md section 4.3).
 
-File metadata (key "saedynamics", JSON) holds model, revision, commit, layer, hook, dtype, and the
-norm statistics of the stored values (E|x|, E|x|^2, E|x - E x|^2) from which the trainer takes its
-input scale; the eval files also carry the LM's own eval loss at this checkpoint. The stage's
-provenance is beside it, under its own key (artifacts.provenance_metadata).
+Vector columns hold one value per row: the row's d = d_model values, little-endian, as raw bytes
+(float16 for act, float32 for lm_grad), stored plain and uncompressed. Parquet decodes such a column
+at memory speed; a fixed_size_list<float16> (activation format 1) is decoded value by value, ~20x
+slower, since Parquet has no float16 type of its own. The metadata says how to read them: "d_model"
+and "vectors" ({column: element dtype}), e.g. with numpy:
+    np.frombuffer(column.buffers()[1], "<f2").reshape(len(column), d_model)  # an unsliced array
 
-Checksum (footer key "saedynamics.checksum", JSON): the writer records, for every row group in
-file order, its row count and a sha256 over its decoded content: for each column in schema order,
-the column name in UTF-8, a NUL byte, then the values' bytes as stored (little-endian int32 /
-float16 / float32; vectors row after row). It is computed on the writer thread from the very arrays
-handed to Parquet, so it checks the encoding, the disk and the decoding end to end. `ActivationFile`
-verifies it when it opens a file (one decoding pass over every column, on a few threads; a job opens
-its file once), before any compute, and names the first row group that differs; `verify=False`
-skips that for a caller that has just verified or written the file. Files written before checksums
-existed (no such key) are read, with a warning that they cannot be verified; rerunning the
-activations rule adds one. A truncated file fails at open (no footer), a flipped byte in a page
-header when its row group is decoded, a flipped value byte by the checksum.
+File metadata (key "saedynamics", JSON) holds format_version (2), d_model, vectors, model, revision,
+commit, layer, hook, dtype, and the norm statistics of the stored values (E|x|, E|x|^2,
+E|x - E x|^2) from which the trainer takes its input scale; the eval files also carry the LM's own eval loss
+at this checkpoint. The stage's provenance is beside it, under its own key
+(artifacts.provenance_metadata).
+
+Checksum (footer key "saedynamics.checksum", JSON): the writer records, for every row group in file
+order, its row count and a sha256 over its decoded content: for each column in schema order, the
+column name in UTF-8, a NUL byte, then the values' bytes as stored (little-endian int32 / float16 /
+float32; vectors row after row, i.e. their fixed_size_binary values concatenated). It is computed on
+the writer thread from the very arrays handed to Parquet, so it checks the encoding, the disk and
+the decoding end to end. `ActivationFile` verifies it when it opens a file (one decoding pass over
+every column, on a few threads; a job opens its file once), before any compute, and names the first
+row group that differs; `verify=False` skips that for a caller that has just verified or written the
+file. Files written before checksums existed (no such key) are read, with a warning that they cannot
+be verified; rerunning the activations rule adds one. A truncated file fails at open (no footer), a
+flipped byte in a page header when its row group is decoded, a flipped value byte by the checksum.
 
 The reader streams batches in a seeded shuffled order: row groups in a random order, a few at a
 time in a buffer whose rows are shuffled, so memory stays bounded by the buffer, never the file.
@@ -65,24 +74,34 @@ log = logging.getLogger(__name__)
 
 METADATA_KEY = b"saedynamics"
 CHECKSUM_KEY = b"saedynamics.checksum"
-FORMAT_VERSION = 1  # bump when the file layout or its metadata changes
+FORMAT_VERSION = 2  # bump when the file layout or its metadata changes
+# format 1 stored the vector columns as fixed_size_list<float16|float32>[d_model] (slow to decode)
 
 
-def _vector_type(value_type: pa.DataType, d_model: int) -> pa.DataType:
-    # Non-null elements: Parquet then stores no per-value null flags, which reads ~1.5x faster.
-    return pa.list_(pa.field("element", value_type, nullable=False), d_model)
+# Vector columns: the element type of each (the `act` activations are float16, the vector extra
+# columns float32); stored as fixed_size_binary(d_model * itemsize), see the module docstring.
+ACT_DTYPE = "float16"
+EXTRA_VECTOR_DTYPE = "float32"
+
+
+def vector_dtypes(extra_columns=()) -> dict[str, str]:
+    """{column: element dtype} of the vector columns of a file with these extra columns."""
+    out = {"act": ACT_DTYPE}
+    out |= {name: EXTRA_VECTOR_DTYPE for name in extra_columns if EXTRA_COLUMNS[name]["vector"]}
+    return out
 
 
 def schema(d_model: int, extra_columns=()) -> pa.Schema:
+    vectors = vector_dtypes(extra_columns)
     fields = [
         pa.field("doc_id", pa.int32()),
         pa.field("pos", pa.int32()),
         pa.field("token_id", pa.int32()),
-        pa.field("act", _vector_type(pa.float16(), d_model), nullable=False),
     ]
-    for name in extra_columns:
-        if EXTRA_COLUMNS[name]["vector"]:
-            fields.append(pa.field(name, _vector_type(pa.float32(), d_model), nullable=False))
+    for name in ("act", *extra_columns):
+        if name in vectors:  # non-null: Parquet then stores no per-row null flags
+            width = d_model * np.dtype(vectors[name]).itemsize
+            fields.append(pa.field(name, pa.binary(width), nullable=False))
         else:
             fields.append(pa.field(name, pa.float32()))
     return pa.schema(fields)
@@ -93,9 +112,9 @@ def _parquet_options(schema: pa.Schema) -> dict:
 
     Measured on float16 activations: zstd saves ~6% of the bytes but decodes ~1.5x slower,
     dictionary encoding (pyarrow's default) 3x slower still, and min/max statistics of every
-    vector element halve the write speed while no reader filters on them.
+    vector value halve the write speed while no reader filters on them.
     """
-    vectors = [f.name for f in schema if isinstance(f.type, pa.FixedSizeListType)]
+    vectors = [f.name for f in schema if isinstance(f.type, pa.FixedSizeBinaryType)]
     scalars = [f.name for f in schema if f.name not in vectors]
     return {
         "compression": {name: "none" if name in vectors else "zstd" for name in schema.names},
@@ -104,16 +123,33 @@ def _parquet_options(schema: pa.Schema) -> dict:
     }
 
 
+def _value_bytes(array: pa.Array) -> memoryview | np.ndarray:
+    """The bytes of an array's values as stored, without a copy where possible (honours slices)."""
+    if isinstance(array.type, pa.FixedSizeBinaryType):
+        width = array.type.byte_width
+        return memoryview(array.buffers()[1])[
+            array.offset * width : (array.offset + len(array)) * width
+        ]
+    return np.ascontiguousarray(array.to_numpy(zero_copy_only=False)).view(np.uint8)
+
+
+def vector_values(array: pa.Array, dtype: str) -> np.ndarray:
+    """A vector column's values as a read-only [rows, d] array of `dtype`, a view of its buffer."""
+    width = array.type.byte_width
+    little = np.dtype(dtype).newbyteorder("<")
+    values = np.frombuffer(
+        array.buffers()[1], little, len(array) * width // little.itemsize, array.offset * width
+    ).reshape(len(array), width // little.itemsize)
+    return values if little.isnative else values.astype(little.newbyteorder("="))
+
+
 def row_group_digest(table: pa.Table) -> str:
     """sha256 of one row group's content, as defined in the module docstring."""
     digest = hashlib.sha256()
     for name, column in zip(table.column_names, table.columns, strict=True):
         digest.update(name.encode() + b"\0")
         for chunk in column.chunks:
-            if isinstance(chunk.type, pa.FixedSizeListType):
-                chunk = chunk.flatten()  # honours the slice offset
-            values = np.ascontiguousarray(chunk.to_numpy(zero_copy_only=False))
-            digest.update(values.view(np.uint8))
+            digest.update(_value_bytes(chunk))
     return digest.hexdigest()
 
 
@@ -142,7 +178,13 @@ class ActivationWriter:
     ):
         self.path, self.d_model = Path(path), d_model
         self.disk_full_advice = disk_full_advice
-        self.metadata = {"format_version": FORMAT_VERSION, **metadata}
+        self.vectors = vector_dtypes(extra_columns)
+        self.metadata = {
+            "format_version": FORMAT_VERSION,
+            **metadata,
+            "d_model": d_model,
+            "vectors": self.vectors,
+        }
         self.provenance = provenance
         self.row_group_rows = row_group_rows
         self.schema = schema(d_model, extra_columns)
@@ -209,9 +251,12 @@ class ActivationWriter:
         arrays = []
         for field in self.schema:
             values = columns[field.name]
-            if isinstance(field.type, pa.FixedSizeListType):  # zero-copy views of the numpy data
+            if field.name in self.vectors:  # each row's values as one binary: a view, no copy
+                values = np.ascontiguousarray(
+                    values, np.dtype(self.vectors[field.name]).newbyteorder("<")
+                )
                 arrays.append(
-                    pa.FixedSizeListArray.from_arrays(pa.array(values.reshape(-1)), type=field.type)
+                    pa.Array.from_buffers(field.type, len(values), [None, pa.py_buffer(values)])
                 )
             else:
                 arrays.append(pa.array(values, type=field.type))
@@ -327,16 +372,12 @@ class ActivationFile:
         if self.metadata.get("format_version") != FORMAT_VERSION:
             raise DataError(
                 f"{self.path}: written in activation format {self.metadata.get('format_version')}, "
-                f"this saedynamics reads format {FORMAT_VERSION}; rerun the activations rule "
-                "(snakemake --forcerun activations)"
+                f"this saedynamics reads format {FORMAT_VERSION} (vectors stored as one "
+                "fixed_size_binary per row); rerun the activations rule (snakemake --forcerun "
+                "activations)"
             )
         names = self._file.schema_arrow.names
-        act = self._file.schema_arrow.field("act").type if "act" in names else None
-        if not isinstance(act, pa.FixedSizeListType) or act.value_type != pa.float16():
-            raise DataError(
-                f"{self.path}: column 'act' must be fixed_size_list<float16>, found {act}"
-            )
-        self.d_model = act.list_size
+        self.d_model, self._vectors = self._vector_layout(names)
         self.n_rows = self._file.metadata.num_rows
         self.num_row_groups = self._file.num_row_groups
         self._row_group_rows = [
@@ -355,6 +396,33 @@ class ActivationFile:
             )
         elif verify:
             self.verify()
+
+    def _vector_layout(self, names: list[str]) -> tuple[int, dict[str, str]]:
+        """(d_model, {vector column: element dtype}) from the metadata, checked against the schema."""
+        d_model, vectors = self.metadata.get("d_model"), self.metadata.get("vectors")
+        if not isinstance(vectors, dict) or not isinstance(d_model, int) or d_model < 1:
+            raise DataError(
+                f"{self.path}: its metadata lacks d_model or the vector columns' dtypes "
+                f"(d_model {d_model!r}, vectors {vectors!r}); rerun the activations rule "
+                "(snakemake --forcerun activations)"
+            )
+        schema = self._file.schema_arrow
+        for name in ["act", *sorted(set(vectors) - {"act"})]:
+            expected = ACT_DTYPE if name == "act" else EXTRA_VECTOR_DTYPE
+            width = d_model * np.dtype(expected).itemsize
+            kind = schema.field(name).type if name in names else None
+            if (
+                vectors.get(name) != expected
+                or not isinstance(kind, pa.FixedSizeBinaryType)
+                or kind.byte_width != width
+            ):
+                raise DataError(
+                    f"{self.path}: column {name!r} must be fixed_size_binary({width}), each row's "
+                    f"{d_model} values as little-endian {expected} (metadata vectors.{name} "
+                    f"{expected!r}); found {kind} (metadata {vectors.get(name)!r}); rerun the "
+                    "activations rule (snakemake --forcerun activations)"
+                )
+        return d_model, dict(vectors)
 
     def verify(self, threads: int | None = None) -> None:
         """Decode every row group and compare it with the checksum recorded by the writer; raise
@@ -441,7 +509,15 @@ class ActivationFile:
         (measured 1.5x slower); `shuffled` decodes several row groups at once instead.
         """
         table = self._read_table(i, columns)
-        return {name: _to_numpy(table.column(name)) for name in columns}
+        out = {}
+        for name in columns:
+            column = table.column(name)
+            array = column.chunk(0) if column.num_chunks == 1 else column.combine_chunks()
+            if name in self._vectors:
+                out[name] = vector_values(array, self._vectors[name])
+            else:
+                out[name] = array.to_numpy(zero_copy_only=False)
+        return out
 
     def _read_table(self, i: int, columns) -> pa.Table:
         """Row group i as a Table, on this thread's reader; DataError naming it if unreadable."""
@@ -612,21 +688,11 @@ class ActivationFile:
         """Empty arrays of the dtypes and shapes that read_row_group returns."""
         out = {}
         for c in columns:
-            kind = self._file.schema_arrow.field(c).type
-            if isinstance(kind, pa.FixedSizeListType):
-                out[c] = np.empty((0, kind.list_size), kind.value_type.to_pandas_dtype())
+            if c in self._vectors:
+                out[c] = np.empty((0, self.d_model), self._vectors[c])
             else:
-                out[c] = np.empty(0, kind.to_pandas_dtype())
+                out[c] = np.empty(0, self._file.schema_arrow.field(c).type.to_pandas_dtype())
         return out
-
-
-def _to_numpy(column: pa.ChunkedArray) -> np.ndarray:
-    """A column as numpy without copying where pyarrow allows it ([rows, d] for vectors)."""
-    array = column.chunk(0) if column.num_chunks == 1 else column.combine_chunks()
-    if isinstance(array.type, pa.FixedSizeListType):
-        values = array.flatten().to_numpy(zero_copy_only=False)  # flatten() honours slice offsets
-        return values.reshape(-1, array.type.list_size)
-    return array.to_numpy(zero_copy_only=False)
 
 
 def _in_background(items: Iterator, depth: int, name: str) -> Iterator:
@@ -677,7 +743,6 @@ _END = object()  # the end of a finite stream in _in_background
 
 # What Parquet adds to the raw values, as the writer encodes them (measured with pyarrow 26 at
 # d_model 32-512, 240-100k rows; tests/test_resources.py checks the estimate against written files):
-_LEVEL_BYTES = 8  # per row and vector column: its repetition levels (measured 4-5)
 _SCALAR_BYTES = 6  # per row and int32/float32 column: 4, plus a dictionary index (measured <= 5.2)
 _CHUNK_BYTES = 256  # per row group and column: metadata, page headers, checksum entry (~170)
 _FILE_BYTES = 8192  # per file: schema, metadata, provenance (measured 1-3 KB)
@@ -691,8 +756,8 @@ def estimate_activation_bytes(
     columns = schema(d_model, extra_columns)
     per_row = 0
     for field in columns:
-        if isinstance(field.type, pa.FixedSizeListType):
-            per_row += d_model * field.type.value_type.byte_width + _LEVEL_BYTES
+        if isinstance(field.type, pa.FixedSizeBinaryType):  # the values alone: no levels
+            per_row += field.type.byte_width
         else:
             per_row += _SCALAR_BYTES
     row_groups = -(-n_rows // row_group_rows)

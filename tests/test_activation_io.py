@@ -70,6 +70,36 @@ def test_shuffled_order_depends_on_the_seed_only(tmp_path, monkeypatch):
     assert not np.array_equal(first_batches(f.shuffled(96, 6, buffer_row_groups=3), n), expected)
 
 
+def test_batches_kept_stay_intact_while_the_buffers_are_reused(tmp_path):
+    """Every column of a batch is a copy: a float32 one too, not a view of a reused buffer."""
+    n, d = 1000, 4
+    writer = ActivationWriter(tmp_path / "a.parquet", d, {}, 64, ("lm_entropy", "lm_grad"))
+    idx = np.arange(n, dtype=np.int32)
+    rows = torch.arange(n, dtype=torch.float32)
+    writer.append(
+        idx,
+        idx,
+        idx,
+        rows[:, None].expand(n, d),
+        lm_entropy=rows,
+        lm_grad=-rows[:, None].expand(n, d),
+    )
+    writer.close()
+    f = ActivationFile(tmp_path / "a.parquet")
+    columns = ("act", "lm_entropy", "lm_grad")
+    n_batches = 3 * n // 96  # three epochs: every buffer is reused many times
+    expected = reference_order(f, 96, seed=2, buffer_row_groups=3, n_batches=n_batches)
+    for prefetch in (0, 2):
+        stream = f.shuffled(96, 2, columns, buffer_row_groups=3, prefetch=prefetch)
+        kept = [next(stream) for _ in range(n_batches)]
+        stream.close()
+        for batch, ids in zip(kept, torch.from_numpy(expected).float(), strict=True):
+            assert all(v.dtype == torch.float32 for v in batch.values())
+            assert torch.equal(batch["act"], ids[:, None].expand(96, d))
+            assert torch.equal(batch["lm_entropy"], ids)
+            assert torch.equal(batch["lm_grad"], -ids[:, None].expand(96, d))
+
+
 def test_prefetch_reads_a_bounded_number_of_row_groups_ahead(tmp_path, monkeypatch):
     f = indexed_file(tmp_path / "a.parquet", n=2048)  # 32 row groups
     calls = record_row_group_reads(monkeypatch)

@@ -50,6 +50,7 @@ import hashlib
 import itertools
 import json
 import logging
+import mmap
 import os
 import queue
 import shutil
@@ -354,8 +355,9 @@ class ActivationFile:
     def __init__(self, path: str | Path, verify: bool = True):
         self.path = Path(path)
         try:
-            self._source = pa.memory_map(str(self.path))  # shared by all threads' readers
-            self._file = pq.ParquetFile(self._source)
+            with open(self.path, "rb") as file:  # mapped once, read by all threads' readers
+                self._source = pa.py_buffer(mmap.mmap(file.fileno(), 0, access=mmap.ACCESS_READ))
+            self._file = self._reader()
             meta = self._file.metadata.metadata or {}  # file footer key-value metadata
             self.metadata = json.loads(meta[METADATA_KEY])
             checksum = meta.get(CHECKSUM_KEY)
@@ -482,8 +484,18 @@ class ActivationFile:
         the file are mapped once, not once per thread.
         """
         if not hasattr(self._local, "file"):
-            self._local.file = pq.ParquetFile(self._source, metadata=self._file.metadata)
+            self._local.file = self._reader(self._file.metadata)
         return self._local.file
+
+    def _reader(self, metadata: pq.FileMetaData | None = None) -> pq.ParquetFile:
+        """A ParquetFile over the memory map, reading a row group as zero-copy slices of it.
+
+        Not pa.memory_map: Arrow's memory-mapped file advises the kernel of every read (madvise
+        WILLNEED, a walk over the page cache), and pre_buffer caches the column chunks first; for
+        a file mapped in memory both only add work. Measured on 8 MiB row groups of float16: 0.4 ms
+        to decode one this way, 0.7-1.4 ms through pa.memory_map with pre_buffer.
+        """
+        return pq.ParquetFile(pa.BufferReader(self._source), metadata=metadata, pre_buffer=False)
 
     def input_scale(self, scheme: str) -> float:
         """The factor the trainer multiplies inputs by (see TrainingConfig.input_scaling)."""
@@ -572,6 +584,11 @@ class ActivationFile:
         caller's thread. All random draws happen in one fixed sequence, so the batches depend on
         the seed only, never on thread timing.
 
+        The decoding threads put every row straight into its shuffled place in the buffer, so a
+        batch is a contiguous slice of it, and the caller's thread only converts it to float32
+        (a gather per batch would cost it ~3x that). The buffers are reused once their batches
+        are out: each batch is a copy, and memory freshly mapped costs as much as the decoding.
+
         `start_batch = n` starts at batch n of that sequence (a resumed training run): the buffers
         before it are drawn but not read, see `_shuffled_buffers`.
         """
@@ -579,17 +596,22 @@ class ActivationFile:
         if start_batch < 0:
             raise ValueError(f"start_batch must be >= 0, got {start_batch}")
         decode_threads = decode_threads or min(buffer_row_groups, os.cpu_count() or 1)
+        free: queue.SimpleQueue = queue.SimpleQueue()  # buffers whose batches are all out
         buffers = self._shuffled_buffers(
-            batch_size, seed, columns, buffer_row_groups, decode_threads, start_batch
+            batch_size, seed, columns, buffer_row_groups, decode_threads, start_batch, free
         )
         if prefetch:
             buffers = _in_background(buffers, prefetch, name=f"read {self.path.name}")
         with contextlib.closing(buffers):  # closing this generator stops the threads at once
-            for rows, order in buffers:
-                for start in range(0, len(order), batch_size):
-                    index = order[start : start + batch_size]
-                    # one gather and one conversion per batch, the only copies on this thread
-                    yield {c: v.index_select(0, index).float() for c, v in rows.items()}
+            for storage, start, stop in buffers:
+                rows = {c: torch.from_numpy(v) for c, v in storage.items()}
+                for b in range(start, stop, batch_size):
+                    # one conversion (a copy, also of float32) per batch, all this thread does
+                    yield {
+                        c: v[b : b + batch_size].to(torch.float32, copy=True)
+                        for c, v in rows.items()
+                    }
+                free.put(storage)
 
     def _shuffle_plan(
         self, batch_size: int, seed: int, buffer_row_groups: int
@@ -617,8 +639,10 @@ class ActivationFile:
         buffer_row_groups: int,
         decode_threads: int,
         start_batch: int = 0,
-    ) -> Iterator[tuple[dict[str, torch.Tensor], torch.Tensor]]:
-        """(rows, order) per buffer: the batches are rows[order[b : b + batch_size]].
+        free: queue.SimpleQueue | None = None,
+    ) -> Iterator[tuple[dict[str, np.ndarray], int, int]]:
+        """(rows, start, stop) per buffer: the batches are rows[b : b + batch_size] for b in
+        range(start, stop, batch_size), rows in shuffled order. `free`: buffers to reuse.
 
         The buffers that lie wholly before batch `start_batch` are skipped without decoding them:
         their random draws are made and only the numbers of the rows they leave over are followed,
@@ -636,16 +660,25 @@ class ActivationFile:
             first = next(plan)
         leftover = self._read_rows(leftover_ids, columns)
         skip = start_batch * batch_size  # in the first buffer read
+        # the most rows a buffer holds: a leftover (less than a batch) and its largest row groups
+        largest = sorted(self._row_group_rows)[-buffer_row_groups:]
+        capacity = batch_size - 1 + sum(largest)
+        free = free if free is not None else queue.SimpleQueue()
         with ThreadPoolExecutor(
             decode_threads, thread_name_prefix=f"decode {self.path.name}"
         ) as pool:
             for groups, perm, n_full in itertools.chain([first], plan):
-                rows = self._read_buffer(groups, columns, leftover, pool)
-                leftover = {c: v[perm[n_full:]] for c, v in rows.items()}
-                yield (
-                    {c: torch.from_numpy(v) for c, v in rows.items()},
-                    torch.from_numpy(perm[skip:n_full]),
-                )
+                try:
+                    storage = free.get_nowait()
+                except queue.Empty:
+                    storage = {
+                        c: np.empty((capacity, *v.shape[1:]), v.dtype)
+                        for c, v in self._no_rows(columns).items()
+                    }
+                rows = self._read_buffer(groups, columns, leftover, perm, storage, pool)
+                # copied now: the buffer may be reused as soon as its batches are out
+                leftover = {c: v[n_full:].copy() for c, v in rows.items()}
+                yield storage, skip, n_full
                 skip = 0
 
     def _read_rows(self, ids: np.ndarray, columns) -> dict[str, np.ndarray]:
@@ -663,22 +696,25 @@ class ActivationFile:
                 rows[c][here] = part[c][ids[here] - self._row_starts[g]]
         return rows
 
-    def _read_buffer(self, groups, columns, leftover, pool) -> dict[str, np.ndarray]:
-        """`leftover`, then the row groups, in one array per column.
+    def _read_buffer(self, groups, columns, leftover, perm, storage, pool) -> dict[str, np.ndarray]:
+        """`leftover`, then the row groups, shuffled by `perm` into `storage`: row perm[j] at j.
 
-        The row groups are decoded in parallel, each thread copying its rows into place while they
-        are still in its cache (a concatenate afterwards would be one more pass over the buffer).
+        The row groups are decoded in parallel, each thread putting its rows into place while they
+        are still in its cache: the buffer is written once, and a batch is a slice of it.
         """
         sizes = [self._row_group_rows[i] for i in groups]
         offsets = np.cumsum([len(leftover[columns[0]]), *sizes])
-        rows = {c: np.empty((offsets[-1], *v.shape[1:]), v.dtype) for c, v in leftover.items()}
+        place = np.empty_like(perm)  # place[i]: where row i goes (the inverse permutation)
+        place[perm] = np.arange(len(perm))
+        rows = {c: v[: offsets[-1]] for c, v in storage.items()}
         for c, v in leftover.items():
-            rows[c][: offsets[0]] = v
+            _as_records(rows[c])[place[: offsets[0]]] = _as_records(v)
 
         def decode(k: int) -> None:
             part = self.read_row_group(groups[k], columns)
+            here = place[offsets[k] : offsets[k + 1]]
             for c in columns:
-                rows[c][offsets[k] : offsets[k + 1]] = part[c]
+                _as_records(rows[c])[here] = _as_records(part[c])
 
         for _ in pool.map(decode, range(len(groups))):  # in order: the first error is raised
             pass
@@ -693,6 +729,12 @@ class ActivationFile:
             else:
                 out[c] = np.empty(0, self._file.schema_arrow.field(c).type.to_pandas_dtype())
         return out
+
+
+def _as_records(a: np.ndarray) -> np.ndarray:
+    """A C-contiguous array as a 1-d array of opaque records, one per row: numpy then moves rows
+    with one memcpy each (~1.7x faster than element by element for 1 KiB rows)."""
+    return a.view(np.dtype((np.void, a.itemsize * int(np.prod(a.shape[1:]))))).reshape(len(a))
 
 
 def _in_background(items: Iterator, depth: int, name: str) -> Iterator:

@@ -108,12 +108,18 @@ def indexed_activation_file(path, n=1000, d=4, row_group=64) -> ActivationFile:
 
 
 def record_row_group_reads(monkeypatch) -> list[int]:
-    """The indices of the row groups ActivationFile reads from now on, in order."""
+    """The indices of the row groups ActivationFile reads from now on, in order (whole, or in
+    chunks as `shuffled` reads them)."""
     reads: list[int] = []
-    original = ActivationFile.read_row_group
+    whole, chunked = ActivationFile.read_row_group, ActivationFile.iter_row_group
     monkeypatch.setattr(
         ActivationFile,
         "read_row_group",
-        lambda self, i, c=("act",): reads.append(i) or original(self, i, c),
+        lambda self, i, c=("act",): reads.append(i) or whole(self, i, c),
+    )
+    monkeypatch.setattr(
+        ActivationFile,
+        "iter_row_group",
+        lambda self, i, c=("act",), **kw: reads.append(i) or chunked(self, i, c, **kw),
     )
     return reads

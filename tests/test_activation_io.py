@@ -15,6 +15,7 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 
+from saedynamics import activations
 from saedynamics.activations import ActivationFile, ActivationWriter
 from saedynamics.errors import DataError
 
@@ -57,21 +58,27 @@ def test_shuffled_order_depends_on_the_seed_only(tmp_path, monkeypatch):
             f.shuffled(96, 5, buffer_row_groups=3, prefetch=prefetch, decode_threads=threads), n
         )
         assert np.array_equal(got, expected), (prefetch, threads)
+    # row groups decoded in chunks (of 5 rows here, which do not divide them) change nothing
+    monkeypatch.setattr(activations, "DECODE_CHUNK_BYTES", 5 * 4 * 2)
+    got = first_batches(f.shuffled(96, 5, buffer_row_groups=3, prefetch=1, decode_threads=2), n)
+    assert np.array_equal(got, expected)
     # decoding threads that finish in a random order change nothing
-    original = ActivationFile.read_row_group
+    original = ActivationFile.iter_row_group
 
-    def slow_read(self, i, columns=("act",)):
-        time.sleep(random.random() * 0.01)
-        return original(self, i, columns)
+    def slow_read(self, i, columns=("act",), **options):
+        for chunk in original(self, i, columns, **options):
+            time.sleep(random.random() * 0.005)
+            yield chunk
 
-    monkeypatch.setattr(ActivationFile, "read_row_group", slow_read)
+    monkeypatch.setattr(ActivationFile, "iter_row_group", slow_read)
     got = first_batches(f.shuffled(96, 5, buffer_row_groups=3, prefetch=2, decode_threads=3), n)
     assert np.array_equal(got, expected)
     assert not np.array_equal(first_batches(f.shuffled(96, 6, buffer_row_groups=3), n), expected)
 
 
-def test_batches_kept_stay_intact_while_the_buffers_are_reused(tmp_path):
+def test_batches_kept_stay_intact_while_the_buffers_are_reused(tmp_path, monkeypatch):
     """Every column of a batch is a copy: a float32 one too, not a view of a reused buffer."""
+    monkeypatch.setattr(activations, "DECODE_CHUNK_BYTES", 100)  # 3 rows of 28 bytes a chunk
     n, d = 1000, 4
     writer = ActivationWriter(tmp_path / "a.parquet", d, {}, 64, ("lm_entropy", "lm_grad"))
     idx = np.arange(n, dtype=np.int32)

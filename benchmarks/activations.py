@@ -23,8 +23,10 @@ is stored twice: as an activation Parquet file (`ActivationWriter`) and as a `.n
 order: blocks of `row_group_rows` rows in a random order, `buffer_row_groups` of them at a time,
 the rows of a buffer (plus the previous leftover) permuted. The memmap baseline is the fair best
 case of that pattern for a memmap: it gathers each batch straight from the mapped pages (one
-`index_select` and one float conversion, exactly the work `shuffled` leaves to its consumer), so
-the ratio prices Parquet decoding alone. Both files are mapped once and read for an epoch before
+`index_select` and one float conversion per batch, no buffer, no thread). `shuffled` decodes a
+buffer's row groups on background threads, copying every row to its shuffled place, and leaves its
+consumer one float conversion per batch; so the ratio prices the decoding and that copy, less
+whatever the background threads overlap. Both files are mapped once and read for an epoch before
 timing, so both come from the page cache with their pages mapped (a cold disk would slow both
 alike: Parquet stores the same bytes). The consumer does no work: all of the reader's decoding
 shows, none of it hides behind a trainer's compute.

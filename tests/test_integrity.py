@@ -401,7 +401,7 @@ def test_inconsistent_checksums_and_schemas_fail_at_open(tmp_path):
 
 
 def test_an_activation_file_of_format_1_asks_for_the_rule_to_rerun(tmp_path):
-    """Format 1 stored act as fixed_size_list<float16>[d_model] (decoded ~10x slower)."""
+    """Format 1 stored act as fixed_size_list<float16>[d_model] (decoded ~20x slower)."""
     values = pa.array(np.arange(64 * 4, dtype=np.float16))
     act = pa.FixedSizeListArray.from_arrays(values, type=pa.list_(pa.float16(), 4))
     idx = pa.array(np.arange(64, dtype=np.int32))

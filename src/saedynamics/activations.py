@@ -17,8 +17,8 @@ and "vectors" ({column: element dtype}), e.g. with numpy:
 
 File metadata (key "saedynamics", JSON) holds format_version (2), d_model, vectors, model, revision,
 commit, layer, hook, dtype, and the norm statistics of the stored values (E|x|, E|x|^2,
-E|x - E x|^2) from which the trainer takes its input scale; the eval files also carry the LM's own eval loss
-at this checkpoint. The stage's provenance is beside it, under its own key
+E|x - E x|^2) from which the trainer takes its input scale; the eval files also carry the LM's own
+eval loss at this checkpoint. The stage's provenance is beside it, under its own key
 (artifacts.provenance_metadata).
 
 Checksum (footer key "saedynamics.checksum", JSON): the writer records, for every row group in file
@@ -29,9 +29,10 @@ the writer thread from the very arrays handed to Parquet, so it checks the encod
 the decoding end to end. `ActivationFile` verifies it when it opens a file (one decoding pass over
 every column, on a few threads; a job opens its file once), before any compute, and names the first
 row group that differs; `verify=False` skips that for a caller that has just verified or written the
-file. Files written before checksums existed (no such key) are read, with a warning that they cannot
-be verified; rerunning the activations rule adds one. A truncated file fails at open (no footer), a
-flipped byte in a page header when its row group is decoded, a flipped value byte by the checksum.
+file. A file without that key is read, with a warning that it cannot be verified (files from before
+checksums existed are of format 1, refused anyway); rerunning the activations rule adds one. A
+truncated file fails at open (no footer), a flipped byte in a page header when its row group is
+decoded, a flipped value byte by the checksum.
 
 The reader streams batches in a seeded shuffled order: row groups in a random order, a few at a
 time in a buffer whose rows are shuffled, so memory stays bounded by the buffer, never the file.
@@ -403,7 +404,7 @@ class ActivationFile:
             self.verify()
 
     def _vector_layout(self, names: list[str]) -> tuple[int, dict[str, str]]:
-        """(d_model, {vector column: element dtype}) from the metadata, checked against the schema."""
+        """(d_model, {vector column: element dtype}) from the metadata, checked with the schema."""
         d_model, vectors = self.metadata.get("d_model"), self.metadata.get("vectors")
         if not isinstance(vectors, dict) or not isinstance(d_model, int) or d_model < 1:
             raise DataError(

@@ -145,6 +145,39 @@ def hub_config(tmp_path: Path, hub_cache: Path) -> dict:
 
 
 @pytest.fixture()
+def hub_copy(hub_cache, tmp_path, monkeypatch) -> Path:
+    """A private copy of the local HF cache (a test may change it), used as the default cache."""
+    import huggingface_hub.constants as constants
+
+    cache = tmp_path / "hf-hub"
+    shutil.copytree(hub_cache, cache)
+    monkeypatch.setenv("HF_HUB_CACHE", str(cache))
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(cache))
+    return cache
+
+
+def hub_model(hub_cache: Path, steps=(0, 1, 2)):
+    """The model config of the local test repo in HF cache `hub_cache`."""
+    from saedynamics.config import HubModelConfig
+
+    return HubModelConfig(
+        source="hub",
+        repo_id=HUB_REPO_ID,
+        steps=list(steps),
+        num_layers=2,
+        d_model=32,
+        tokenizer_revision="step2",
+        cache_dir=str(hub_cache),
+    )
+
+
+def snapshot_of(cache: Path, step: int) -> Path:
+    """The snapshot folder of the test repo's revision step<step> in HF cache `cache`."""
+    repo = cache / ("models--" + HUB_REPO_ID.replace("/", "--"))
+    return repo / "snapshots" / (repo / "refs" / f"step{step}").read_text()
+
+
+@pytest.fixture()
 def hub_stage(offline_hub, tmp_path):
     """A hub study's raw config, its token sample and checkpoint step2, under tmp_path."""
     from saedynamics.checkpoints import download_checkpoint

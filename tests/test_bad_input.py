@@ -30,9 +30,7 @@ from __future__ import annotations
 
 import copy
 import json
-import logging
 import os
-import shutil
 import subprocess
 import sys
 from collections import Counter
@@ -48,7 +46,7 @@ from saedynamics.cli import main
 from saedynamics.config import HubModelConfig, load_config
 from saedynamics.errors import ConfigError, DataError
 
-from .conftest import HUB_REPO_ID, REPO, copy_workflow, hub_config
+from .conftest import REPO, copy_workflow, hub_config, snapshot_of
 
 TINY = yaml.safe_load((REPO / "workflow/configs/tiny.yaml").read_text())
 DELETE = object()  # a change that removes the key
@@ -425,15 +423,6 @@ def assert_short(message: str) -> None:
     assert len(lines) <= 6 and all(len(line) <= 300 for line in lines), message
 
 
-@pytest.fixture(autouse=True)
-def _keep_logging():
-    """cli.main points the root logger at the (captured) stderr of its test: undo that after."""
-    root = logging.getLogger()
-    handlers, level = root.handlers[:], root.level
-    yield
-    root.handlers[:], root.level = handlers, level
-
-
 def test_every_category_has_cases():
     for category, n in CATEGORIES.items():
         print(f"{category}: {n} cases")
@@ -574,23 +563,6 @@ def test_every_case_through_the_real_entry_points(tmp_path):
 
 
 # ---- a Hub checkpoint that needs remote code ------------------------------------------------------
-
-
-@pytest.fixture()
-def hub_copy(hub_cache, tmp_path, monkeypatch) -> Path:
-    """A private copy of the local HF cache (tests here change it), used as the default cache."""
-    import huggingface_hub.constants as constants
-
-    cache = tmp_path / "hf-hub"
-    shutil.copytree(hub_cache, cache)
-    monkeypatch.setenv("HF_HUB_CACHE", str(cache))
-    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(cache))
-    return cache
-
-
-def snapshot_of(cache: Path, step: int) -> Path:
-    repo = cache / ("models--" + HUB_REPO_ID.replace("/", "--"))
-    return repo / "snapshots" / (repo / "refs" / f"step{step}").read_text()
 
 
 def edit_json(path: Path, **changes) -> None:

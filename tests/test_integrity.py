@@ -30,12 +30,12 @@ from saedynamics.artifacts import (
 )
 from saedynamics.checkpoints import download_checkpoint, load_model, verify_checkpoint
 from saedynamics.cli import main
-from saedynamics.config import HubModelConfig, load_config
+from saedynamics.config import load_config
 from saedynamics.corpus import build_token_sample
 from saedynamics.errors import DataError
 from saedynamics.saes import load
 
-from .conftest import HUB_REPO_ID, cli_error, hub_config
+from .conftest import cli_error, hub_config, hub_model, snapshot_of
 from .synthetic import indexed_activation_file, make_sae
 
 MALFORMED = {
@@ -85,35 +85,6 @@ def flip(path: Path, offset: int, n: int = 8) -> None:
 
 
 # ---- checkpoints ---------------------------------------------------------------------------------
-
-
-@pytest.fixture()
-def hub_copy(hub_cache, tmp_path, monkeypatch) -> Path:
-    """A private copy of the local HF cache (tests here corrupt it), used as the default cache."""
-    import huggingface_hub.constants as constants
-
-    cache = tmp_path / "hf-hub"
-    shutil.copytree(hub_cache, cache)
-    monkeypatch.setenv("HF_HUB_CACHE", str(cache))
-    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(cache))
-    return cache
-
-
-def hub_model(cache: Path) -> HubModelConfig:
-    return HubModelConfig(
-        source="hub",
-        repo_id=HUB_REPO_ID,
-        steps=[0, 1, 2],
-        num_layers=2,
-        d_model=32,
-        tokenizer_revision="step2",
-        cache_dir=str(cache),
-    )
-
-
-def snapshot_of(cache: Path, step: int) -> Path:
-    repo = cache / ("models--" + HUB_REPO_ID.replace("/", "--"))
-    return repo / "snapshots" / (repo / "refs" / f"step{step}").read_text()
 
 
 def digests(directory: Path) -> dict[str, str]:

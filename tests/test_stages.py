@@ -23,7 +23,6 @@ from saedynamics.cli import main
 from saedynamics.config import (
     ActivationsConfig,
     CorpusConfig,
-    HubModelConfig,
     TokensConfig,
     TrainingConfig,
     load_config,
@@ -33,7 +32,7 @@ from saedynamics.errors import ConfigError, DataError, TrainingDiverged
 from saedynamics.saes import REGISTRY, load
 from saedynamics.training import lr_multiplier, train_saes
 
-from .conftest import HUB_REPO_ID, tiny_neox
+from .conftest import HUB_REPO_ID, hub_model, tiny_neox
 from .synthetic import indexed_activation_file as synthetic_file
 from .synthetic import record_row_group_reads
 
@@ -73,18 +72,6 @@ def test_files_corpus_and_a_wrong_text_field(tmp_path):
 
 
 # ---- the hub path, offline ------------------------------------------------------------------------------
-
-
-def hub_model(hub_cache, steps=(0, 1, 2)) -> HubModelConfig:
-    return HubModelConfig(
-        source="hub",
-        repo_id=HUB_REPO_ID,
-        steps=list(steps),
-        num_layers=2,
-        d_model=32,
-        tokenizer_revision="step2",
-        cache_dir=str(hub_cache),
-    )
 
 
 def test_hub_checkpoints_download_offline(offline_hub, tmp_path):

@@ -30,13 +30,10 @@ from saedynamics.schema import StrictModel
 SLUG = r"^[a-z0-9][a-z0-9_.\-]*$"  # names that become path components
 
 
-Strict = StrictModel  # unknown keys refused, strict types (YAML's 3e-4 read as a number)
-
-
 # ---- text and tokens -----------------------------------------------------------------------------
 
 
-class CorpusConfig(Strict):
+class CorpusConfig(StrictModel):
     """Where the text comes from. Everything goes through the `datasets` library."""
 
     source: Literal["pydoc", "hub", "files"] = Field(
@@ -62,7 +59,7 @@ class CorpusConfig(Strict):
         return self
 
 
-class TokensConfig(Strict):
+class TokensConfig(StrictModel):
     """The fixed token sample: context windows drawn once per study, reused for every checkpoint."""
 
     context_length: int = Field(default=128, ge=2, le=8192)
@@ -96,7 +93,7 @@ def pythia_size(repo_id: str) -> str | None:
     return m.group(1) if m and m.group(1) in PYTHIA else None
 
 
-class HubModelConfig(Strict):
+class HubModelConfig(StrictModel):
     """Checkpoints of a model on the Hugging Face Hub, one revision per training step."""
 
     source: Literal["hub"]
@@ -163,7 +160,7 @@ class HubModelConfig(Strict):
         return self
 
 
-class MicroModelConfig(Strict):
+class MicroModelConfig(StrictModel):
     """A tiny GPT-NeoX (the Pythia architecture) trained here: the offline miniature of the study."""
 
     source: Literal["micro"]
@@ -226,7 +223,7 @@ EXTRA_COLUMNS = {
 }
 
 
-class ActivationsConfig(Strict):
+class ActivationsConfig(StrictModel):
     layers: list[int] = Field(description="residual stream after block L (hook gpt_neox.layers[L])")
     extra_columns: list[Literal["lm_entropy", "lm_grad"]] = Field(
         default=[],
@@ -242,7 +239,7 @@ class ActivationsConfig(Strict):
     device: Literal["auto", "cpu", "cuda"] = "auto"
 
 
-class TrainingConfig(Strict):
+class TrainingConfig(StrictModel):
     """Settings every architecture shares; each architecture adds its own (see `architectures`)."""
 
     n_latents: int = Field(gt=0, description="dictionary size d_sae")
@@ -327,7 +324,7 @@ class TrainingConfig(Strict):
         return self
 
 
-class MetricsConfig(Strict):
+class MetricsConfig(StrictModel):
     batch_size: int = Field(default=4096, gt=0)
     shared_threshold: float = Field(default=0.7, gt=0, le=1, description="Paulo & Belrose: 0.7")
     null_draws: int = Field(
@@ -343,7 +340,7 @@ class MetricsConfig(Strict):
     device: Literal["auto", "cpu", "cuda"] = "auto"
 
 
-class ValidationConfig(Strict):
+class ValidationConfig(StrictModel):
     """The metrics against known ground truth, on toy models (toy.py), at every run."""
 
     # Toy models of superposition (Elhage et al. 2022; Bereska et al. 2025 section 5.1)
@@ -375,12 +372,12 @@ class ValidationConfig(Strict):
         return v
 
 
-class FiguresConfig(Strict):
+class FiguresConfig(StrictModel):
     formats: list[Literal["png", "pdf", "svg"]] = Field(default=["png", "pdf"], min_length=1)
     dpi: int = Field(default=200, gt=0)
 
 
-class ContainersConfig(Strict):
+class ContainersConfig(StrictModel):
     main: str = Field(
         default="containers/saedynamics-0.1.0.sif",
         description="image for every rule with --use-apptainer (a .sif path, docker:// or oras://)",
@@ -390,7 +387,7 @@ class ContainersConfig(Strict):
 # ---- the study -----------------------------------------------------------------------------------
 
 
-class StudyConfig(Strict):
+class StudyConfig(StrictModel):
     study: str = Field(pattern=SLUG, description="results go to <results>/<study>/")
     results: str = "results"
     corpus: CorpusConfig = CorpusConfig()

@@ -8,6 +8,7 @@ with a fraction of rows (default 20%) replaced by fresh random rows that have no
 SciPy is timed as the cosine matrix build (float64, what the dense path needs) plus
 `linear_sum_assignment(cos, maximize=True)`; ours as one call of `match` (after one warm-up call on
 a small pair: thread pools and kernels start once per process). Prints one table.
+`--candidate-dtype float32` times the candidate product a CPU without bf16 instructions gets.
 """
 
 from __future__ import annotations
@@ -18,9 +19,11 @@ import time
 from pathlib import Path
 
 import numpy as np
+import torch
 from scipy.optimize import linear_sum_assignment
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))  # runs without installing
+from saedynamics.metrics import consistency  # noqa: E402
 from saedynamics.metrics.consistency import match, unit_rows  # noqa: E402
 
 
@@ -58,9 +61,20 @@ def main():
     parser.add_argument("--fresh", type=float, default=0.2, help="rows replaced by fresh ones")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--scipy-max", type=int, default=None, help="skip SciPy above this F")
+    parser.add_argument(
+        "--candidate-dtype",
+        choices=["auto", "bfloat16", "float32"],
+        default="auto",
+        help="the candidate product's dtype (auto: bfloat16 where the CPU has bf16 instructions)",
+    )
     args = parser.parse_args()
+    if args.candidate_dtype != "auto":  # what a CPU without (or with) bf16 instructions would use
+        consistency.candidate_dtype = lambda: getattr(torch, args.candidate_dtype)
 
-    print(f"trained-like pairs: d={args.d}, {args.fresh:.0%} fresh rows, seed {args.seed}")
+    print(
+        f"trained-like pairs: d={args.d}, {args.fresh:.0%} fresh rows, seed {args.seed}; "
+        f"candidate product in {consistency.candidate_dtype()}, {torch.get_num_threads()} threads"
+    )
     header = (
         f"{'F':>6} {'ours s':>8} {'scipy s (cos + solve)':>24} {'speedup':>8} "
         f"{'MCC ours':>10} {'MCC scipy':>10} {'difference':>11} {'same partners':>14}"

@@ -4,15 +4,19 @@ from __future__ import annotations
 
 import itertools
 import math
+from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 from scipy.optimize import minimize_scalar
 
+from saedynamics.metrics import consistency
 from saedynamics.metrics.consistency import (
     DENSE_BELOW,
+    candidate_dtype,
     compare,
+    cosine_error,
     match,
     match_dense,
     match_sparse,
@@ -104,7 +108,7 @@ def test_sparse_matching_equals_dense_on_a_noisy_permutation():
 
 
 @pytest.mark.parametrize("candidates", [2, 8, 64])
-def test_sparse_matching_equals_dense_on_random_dictionaries(candidates):
+def test_sparse_matching_equals_dense_on_random_dictionaries(candidates, candidate_product):
     # no structure, many near-ties: a few candidates per row miss optimal pairs
     rng = np.random.default_rng(candidates)
     a, b = rng.normal(size=(800, 8)), rng.normal(size=(800, 8))
@@ -113,7 +117,7 @@ def test_sparse_matching_equals_dense_on_random_dictionaries(candidates):
         assert stats.added > 0 and stats.rounds > 1  # the certificate had to act
 
 
-def test_sparse_matching_certificate_repairs_a_crowded_candidate_graph():
+def test_sparse_matching_certificate_repairs_a_crowded_candidate_graph(candidate_product):
     # 40 rows of a all point (almost) at one row of b and keep only that candidate: the candidate
     # graph has no full matching (fallback pairs complete it) and its optimum is not the full one
     rng = np.random.default_rng(11)
@@ -136,6 +140,68 @@ def test_sparse_matching_rectangular_and_zero_rows():
     a[:50], b[-80:] = 0, 0
     assert_same_optimum(a, b)
     assert_same_optimum(b, a)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_cosine_error_bounds_the_candidate_product(dtype):
+    # the candidates' cosines come from a low-precision product; its error bound is what keeps the
+    # certificate exact. Rows with equal entries round alike: their errors add up, the worst case
+    rng = np.random.default_rng(13)
+    for d in (3, 8, 64, 100, 512):
+        worst = 0.0
+        for scale in np.linspace(0.5, 1.0, 100):
+            v = np.full(d, d**-0.5)
+            v[0] *= scale
+            rows = torch.from_numpy(unit_rows(np.stack([v, rng.normal(size=d)])).astype(np.float32))
+            product = (rows.to(dtype) @ rows.to(dtype).T).double().numpy()
+            worst = max(worst, np.abs(product - unit_rows(rows) @ unit_rows(rows).T).max())
+        assert worst <= cosine_error(d, dtype)
+        if dtype == torch.bfloat16 and d < 512:  # 1/sqrt(d) not a power of two: nearly reached
+            assert worst > 0.5 * cosine_error(d, dtype)
+
+
+@pytest.fixture(params=[torch.bfloat16, torch.float32])
+def candidate_product(request, monkeypatch):
+    """Both candidate products the sparse matching can use, whatever this CPU picks."""
+    monkeypatch.setattr(consistency, "candidate_dtype", lambda: request.param)
+    return request.param
+
+
+def test_candidate_dtype_is_bfloat16_only_with_bf16_instructions():
+    cpuinfo = Path("/proc/cpuinfo")
+    flags = cpuinfo.read_text() if cpuinfo.exists() else ""
+    fast = any(f in flags.split() for f in ("avx512_bf16", "amx_bf16", "bf16"))
+    assert candidate_dtype() == (torch.bfloat16 if fast else torch.float32)
+
+
+def test_sparse_matching_is_exact_where_bfloat16_cannot_tell_cosines_apart(candidate_product):
+    # 600 pairs of rows of a, and of b, all four near one direction: cosines within ~2e-5 of 1,
+    # which bfloat16 rounds to 1 alike. With one candidate a row keeps an arbitrary partner of its
+    # block, and only the certificate (float32 rescans, exact costs) finds each block's best pairing
+    rng = np.random.default_rng(14)
+    centres = np.repeat(rng.normal(size=(600, 64)), 2, axis=0)
+    a = centres + 0.003 * rng.normal(size=centres.shape)
+    b = (centres + 0.003 * rng.normal(size=centres.shape))[rng.permutation(1200)]
+    stats = assert_same_optimum(a, b, candidates=1, same_partner=True)
+    assert stats.added > 50 and stats.rounds > 1
+
+
+def test_candidate_bound_covers_every_pair_left_out(candidate_product):
+    # the certificate's premise: a pair left out of the candidate graph has an exact cosine <=
+    # bound[i]. Rows come in near-copies (two candidates each, the next cosine is the bound); a
+    # low-precision product ranks near-equal cosines wrongly, so without its error bound (the
+    # second check) the premise fails for many rows with bfloat16
+    rng = np.random.default_rng(15)
+    centres = np.repeat(rng.normal(size=(600, 64)), 2, axis=0)
+    ua = unit_rows(centres + 0.003 * rng.normal(size=centres.shape))
+    ub = unit_rows(centres + 0.003 * rng.normal(size=centres.shape))
+    rows, cols, bound = consistency._top_candidates(ua.astype(np.float32), ub.astype(np.float32), 4)
+    cos = ua @ ub.T
+    cos[rows, cols] = -np.inf
+    left_out_best = cos.max(axis=1)
+    assert (left_out_best <= bound).all()
+    if candidate_product == torch.bfloat16:
+        assert (left_out_best > bound - cosine_error(64, torch.bfloat16)).sum() > 100
 
 
 def test_pw_mcc_averages_all_pairs():

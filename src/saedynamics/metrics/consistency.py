@@ -21,6 +21,7 @@ import functools
 import itertools
 import re
 import warnings
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -119,14 +120,16 @@ def match_sparse(
     `candidates` changes the speed, never the result. Matched cosines are recomputed in float64.
     Any F up to MAX_ROWS, rectangular too; all-zero rows are fine (cosine 0 with everything).
     """
-    return _match_sparse(unit_rows(a), unit_rows(b), candidates)
+    threads = torch.get_num_threads()  # for the one large product; the rest runs on one thread:
+    with _torch_threads(1):  # OpenMP threads of small ops wait on each other when cores are busy
+        return _match_sparse(unit_rows(a), unit_rows(b), candidates, threads)
 
 
-def _match_sparse(ua: np.ndarray, ub: np.ndarray, candidates: int):
+def _match_sparse(ua: np.ndarray, ub: np.ndarray, candidates: int, threads: int):
     """match_sparse of unit rows. The rows solved for: the side with fewer (or fewer zero) rows."""
     zero_a, zero_b = ~ua.any(axis=1), ~ub.any(axis=1)
     if len(ua) > len(ub) or (len(ua) == len(ub) and zero_b.sum() > zero_a.sum()):
-        partner_b, _, stats = _match_sparse(ub, ua, candidates)  # rows: the smaller side
+        partner_b, _, stats = _match_sparse(ub, ua, candidates, threads)  # rows: the smaller side
         partner = np.full(len(ua), -1, dtype=np.int64)
         partner[partner_b[partner_b >= 0]] = np.flatnonzero(partner_b >= 0)
     else:
@@ -134,7 +137,9 @@ def _match_sparse(ua: np.ndarray, ub: np.ndarray, candidates: int):
         # square: match the others, then give them columns left over (ties would slow the solver)
         live = np.flatnonzero(~zero_a)
         partner = np.full(len(ua), -1, dtype=np.int64)
-        partner[live], stats = _solve_certified(ua[live] if zero_a.any() else ua, ub, candidates)
+        partner[live], stats = _solve_certified(
+            ua[live] if zero_a.any() else ua, ub, candidates, threads
+        )
         free = np.setdiff1d(np.arange(len(ub)), partner[live])
         partner[zero_a] = free[: zero_a.sum()]
     cosine = np.full(len(ua), np.nan)
@@ -143,7 +148,7 @@ def _match_sparse(ua: np.ndarray, ub: np.ndarray, candidates: int):
     return partner, cosine, stats
 
 
-def _solve_certified(ua: np.ndarray, ub: np.ndarray, candidates: int):
+def _solve_certified(ua: np.ndarray, ub: np.ndarray, candidates: int, threads: int):
     """Optimal partner of every row of ua (len(ua) <= len(ub)) and the stats."""
     m, n = len(ua), len(ub)
     ua32, ub32 = ua.astype(np.float32), ub.astype(np.float32)
@@ -152,7 +157,7 @@ def _solve_certified(ua: np.ndarray, ub: np.ndarray, candidates: int):
         raise ValueError(f"match_sparse takes at most {MAX_ROWS} rows a side, not {n}")
     if m == 0:
         return np.empty(0, dtype=np.int64), stats
-    rows, cols, bound = _top_candidates(ua32, ub32, stats.candidates)
+    rows, cols, bound = _top_candidates(ua32, ub32, stats.candidates, threads)
     rows, cols = _make_feasible(ua32, ub32, rows, cols, stats.candidates)
     graph = _Graph(m, n)
     graph.add(rows, cols, _costs(ua, ub, rows, cols))
@@ -256,13 +261,14 @@ def _costs(ua: np.ndarray, ub: np.ndarray, rows: np.ndarray, cols: np.ndarray) -
     return np.rint((2.0 - _cosines(ua, ub, rows, cols)) * COST_SCALE)
 
 
-def _top_candidates(ua32: np.ndarray, ub32: np.ndarray, c: int):
+def _top_candidates(ua32: np.ndarray, ub32: np.ndarray, c: int, threads: int = 1):
     """Candidate pairs from blocks of rows of the cosine matrix, in `candidate_dtype()`.
 
     Row i keeps those of its c largest cosines within NEAR_BEST of its largest: a latent with a
     clear partner needs one candidate, a contested one many. Returns (rows, cols, bound): every
     pair left out has a cosine <= bound[i] (the certificate's row bound; the product's rounding
-    error, `cosine_error`, is included, so it bounds the exact cosine).
+    error, `cosine_error`, is included, so it bounds the exact cosine). The product runs on
+    `threads` threads.
     """
     m, n = len(ua32), len(ub32)
     c = min(c, n)
@@ -277,7 +283,8 @@ def _top_candidates(ua32: np.ndarray, ub32: np.ndarray, c: int):
     for s in range(0, m, BLOCK_ROWS):
         size = min(BLOCK_ROWS, m - s)
         cos = block[:size]
-        torch.mm(ua_low[s : s + size], ub_low.T, out=cos[:, :n])
+        with _torch_threads(threads):
+            torch.mm(ua_low[s : s + size], ub_low.T, out=cos[:, :n])
         val, col = _top_k_chunked(cos, few)
         top_val[s : s + size, :few], top_col[s : s + size, :few] = val.float(), col
         # rows whose `few` best are all near their best are contested: take their c best
@@ -326,6 +333,16 @@ def _top_k_chunked(cos: Tensor, k: int) -> tuple[Tensor, Tensor]:
     values = chunks.gather(1, best[:, :, None].expand(-1, -1, CHUNK)).reshape(rows, -1)
     val, at = torch.topk(values, k, dim=1)
     return val, best.gather(1, at // CHUNK) * CHUNK + at % CHUNK
+
+
+@contextmanager
+def _torch_threads(n: int):
+    before = torch.get_num_threads()
+    torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
 
 
 def _solve_sparse(graph: _Graph) -> np.ndarray:

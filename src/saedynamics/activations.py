@@ -36,6 +36,12 @@ decoded, a flipped value byte by the checksum.
 
 The reader streams batches in a seeded shuffled order: row groups in a random order, a few at a
 time in a buffer whose rows are shuffled, so memory stays bounded by the buffer, never the file.
+The file is memory-mapped; the vector columns are not decoded by pyarrow but copied straight out of
+the mapped data pages into their shuffled places: in a page of a column stored plain, uncompressed
+and without null flags, the values follow the page header as they are (`parquet_pages` parses the
+headers, and says None for any other layout: such a column, e.g. a file written by other means, is
+read through pyarrow). Scalar columns are read through pyarrow; `verify` decodes every column with
+pyarrow, independently of the in-place reads.
 
 Both directions keep up by overlapping work (benchmarks/activations.py measures it): the writer
 encodes Parquet on a background thread while the next forward pass runs, the reader decodes the
@@ -505,7 +511,9 @@ class ActivationFile:
         return self._local.file
 
     def _reader(self, metadata: pq.FileMetaData | None = None) -> pq.ParquetFile:
-        """A ParquetFile over the memory map, reading a row group as zero-copy slices of it.
+        """A ParquetFile over the memory map, for the scalar columns, `verify`, and vector columns
+        that cannot be read in place (`_page_layout`). It reads the pages as zero-copy slices of
+        the map, then decodes each into a buffer of its own.
 
         Not pa.memory_map: Arrow's memory-mapped file advises the kernel of every read (madvise
         WILLNEED, a walk over the page cache), and pre_buffer caches the column chunks first; for
@@ -798,8 +806,9 @@ class ActivationFile:
     def _read_buffer(self, groups, columns, leftover, perm, storage, pool) -> dict[str, np.ndarray]:
         """`leftover`, then the row groups, shuffled by `perm` into `storage`: row perm[j] at j.
 
-        The row groups are decoded in parallel, each thread putting its rows into place while they
-        are still in its cache (`iter_row_group`): the buffer is written once, a batch is a slice.
+        The row groups are read in parallel, each thread putting its rows into place (from the
+        mapped pages for vectors read in place, else while pyarrow's decoded chunk is still in its
+        cache: `iter_row_group`): the buffer is written once, a batch is a slice.
         """
         sizes = [self._row_group_rows[i] for i in groups]
         offsets = np.cumsum([len(leftover[columns[0]]), *sizes])

@@ -16,8 +16,10 @@ import pytest
 import torch
 
 from saedynamics import activations
+from saedynamics import parquet_pages as pages
 from saedynamics.activations import ActivationFile, ActivationWriter
 from saedynamics.errors import DataError
+from saedynamics.parquet_pages import CompactReader, CorruptPage
 
 from .synthetic import indexed_activation_file as indexed_file
 from .synthetic import record_row_group_reads
@@ -188,3 +190,271 @@ def test_writer_refuses_what_float16_cannot_hold(tmp_path, bad):
         writer.append(idx, idx, idx, act)
     writer.abort()
     assert list(tmp_path.iterdir()) == []
+
+
+# ---- vector pages read in place (parquet_pages) -----------------------------------------------------
+
+
+def test_compact_reader_decodes_hand_built_bytes():
+    """Thrift compact protocol, expected values worked out by hand."""
+    # varints: 300 = 0b10_0101100 -> 0xAC 0x02; 624485 = 0b100110_0001110_1100101 -> E5 8E 26
+    assert CompactReader(b"\xac\x02", 0, 2).varint() == 300
+    assert CompactReader(b"\xe5\x8e\x26", 0, 3).varint() == 624485
+    # zigzag: 0 -> 0, -1 -> 1, 1 -> 2, -2 -> 3, ..., -64 -> 127, 300 -> 600 (0xD8 0x04)
+    assert [CompactReader(bytes([b]), 0, 1).zigzag() for b in (0, 1, 2, 3, 127)] == [
+        0,
+        -1,
+        1,
+        -2,
+        -64,
+    ]
+    assert CompactReader(b"\xd8\x04", 0, 2).zigzag() == 300
+    assert CompactReader(b"\xd7\x04", 0, 2).zigzag() == -300  # 599
+    struct = bytes(
+        [
+            0x15, 0x03,  # field 1 (delta 1), i32: zigzag 3 = -2
+            0x2C,  # field 3 (delta 2), a struct, skipped:
+            0x18, 0x02, *b"ab",  # its field 1, binary of 2 bytes
+            0x19, 0x35, 0x02, 0x04, 0x06,  # its field 2, list of 3 i32 (1, 2, 3)
+            0x1C, 0x1A, 0x21, 0x01, 0x02, 0x00,  # field 3: struct{field 1: set of 2 bools}
+            0x00,  # its end
+            0x11,  # field 4 (delta 1), bool true: the value is the type
+            0x06, 0x28, 0xD7, 0x04,  # delta 0: i64, id zigzag 40 = 20 in full, -300
+            0x17, *b"12345678",  # field 21 (delta 1), a double, skipped
+            0x1B, 0x02, 0x85, 0x01, *b"x", 0x02, 0x01, *b"y", 0x04,  # field 22, map<binary, i32>
+            0x19, 0xF5, 0x10, *[0x02] * 16,  # field 23, a list of 16 i32: size 15 means "follows"
+            0x15, 0x0E,  # field 24, i32 7
+            0x00,  # the end
+        ]
+    )  # fmt: skip
+    reader = CompactReader(struct, 0, len(struct))
+    got = {}
+    for field, kind in reader.fields():
+        if kind in (pages.TRUE, pages.FALSE):
+            got[field] = reader.boolean(kind)
+        elif field in (1, 20, 24):
+            got[field] = reader.integer(kind)
+        else:
+            reader.skip(kind)
+    assert got == {1: -2, 4: True, 20: -300, 24: 7}
+    assert reader.pos == len(struct)
+
+
+@pytest.mark.parametrize(
+    "data",
+    [
+        b"\x15\x80\x80",  # field 1, an i32 whose varint is cut short
+        b"\x15" + b"\xff" * 11,  # field 1, an i32 whose varint runs past 64 bits
+        b"\x19\x35\x02",  # a list of 3 elements, 1 there
+        b"\x19\xf5\xff\xff\xff\xff\x0f",  # a list of 2^32 elements
+        b"\x18\x7f",  # a binary of 127 bytes, none there
+        b"\x1d",  # type 13 does not exist
+        b"\x1c" * 100,  # structs nested 100 deep
+    ],
+)
+def test_compact_reader_refuses_corrupt_bytes(data):
+    reader = CompactReader(data, 0, len(data))
+    with pytest.raises(CorruptPage):
+        for _, kind in reader.fields():
+            reader.skip(kind)
+
+
+def written_file(
+    path, monkeypatch, n=1000, d=4, row_group=64, extras=(), **options
+) -> ActivationFile:
+    """An activation file through ActivationWriter, its Parquet options changed by `options`
+    (e.g. data_page_size); act[:, 0] is the row index, the rest random."""
+    original = activations._parquet_options
+    with monkeypatch.context() as m:
+        m.setattr(activations, "_parquet_options", lambda schema: original(schema) | options)
+        writer = ActivationWriter(path, d, {}, row_group, extras)
+        rng = np.random.default_rng(n + d)
+        act = torch.from_numpy(rng.standard_normal((n, d)).astype(np.float32))
+        act[:, 0] = torch.arange(n)
+        columns = {}
+        if "lm_entropy" in extras:
+            columns["lm_entropy"] = act[:, 1]
+        if "lm_grad" in extras:
+            columns["lm_grad"] = torch.from_numpy(rng.standard_normal((n, d)).astype(np.float32))
+        idx = np.arange(n, dtype=np.int32)
+        writer.append(idx, idx, idx, act, **columns)
+        writer.close()
+    return ActivationFile(path)
+
+
+def read_both_ways(f: ActivationFile, i: int, columns) -> tuple[dict, dict, dict]:
+    """Row group i read in place (whole and in chunks) and through pyarrow."""
+    whole = f.read_row_group(i, columns)
+    chunked = list(f.iter_row_group(i, columns, chunk_bytes=300))
+    chunked = {c: np.concatenate([part[c] for part in chunked]) for c in columns}
+    f._read_pages = False
+    try:
+        reference = f.read_row_group(i, columns)
+    finally:
+        f._read_pages = True
+    return whole, chunked, reference
+
+
+def same_bytes(a: np.ndarray, b: np.ndarray) -> bool:
+    return a.dtype == b.dtype and a.shape == b.shape and a.tobytes() == b.tobytes()
+
+
+@pytest.mark.parametrize(
+    ("n", "d", "row_group", "options"),
+    [
+        (1000, 4, 64, {}),
+        (3000, 48, 1000, {}),
+        (5000, 512, 2048, {}),  # 1 KiB rows: a row group in 1 MiB pages of 1024 rows
+        (700, 16, 256, {"data_page_size": 256, "write_batch_size": 7}),  # many pages each
+        (700, 16, 256, {"data_page_version": "2.0", "data_page_size": 300, "write_batch_size": 5}),
+    ],
+)
+def test_vectors_read_in_place_are_pyarrows_bytes(tmp_path, monkeypatch, n, d, row_group, options):
+    f = written_file(tmp_path / "a.parquet", monkeypatch, n, d, row_group, **options)
+    several_pages = False
+    for i in range(f.num_row_groups):
+        layout = f._page_layout(i, "act")
+        assert layout is not None  # read in place, not through pyarrow
+        several_pages |= len(layout.offsets) > 1
+        whole, chunked, reference = read_both_ways(f, i, ("act", "doc_id"))
+        for got in (whole, chunked):
+            assert all(same_bytes(got[c], reference[c]) for c in ("act", "doc_id"))
+        if len(layout.offsets) == 1:  # one page: a view of the mapped file, no copy
+            assert np.shares_memory(whole["act"], f._bytes) and not whole["act"].flags.writeable
+    assert several_pages == (d == 512 or bool(options))
+
+
+def test_vector_columns_of_other_widths_are_read_in_place(tmp_path, monkeypatch):
+    """lm_grad (float32) beside act (float16): their pages end at different rows."""
+    columns = ("act", "lm_entropy", "lm_grad", "pos")
+    f = written_file(
+        tmp_path / "a.parquet",
+        monkeypatch,
+        800,
+        8,
+        200,
+        ("lm_entropy", "lm_grad"),
+        data_page_size=512,
+        write_batch_size=9,
+    )
+    act, grad = f._page_layout(0, "act"), f._page_layout(0, "lm_grad")
+    assert act is not None and grad is not None
+    assert not np.array_equal(act.starts, grad.starts)
+    assert f._page_layout(0, "lm_entropy") is None  # a scalar: zstd, dictionary
+    for i in range(f.num_row_groups):
+        whole, chunked, reference = read_both_ways(f, i, columns)
+        assert reference["lm_grad"].dtype == np.float32
+        assert all(same_bytes(whole[c], reference[c]) for c in columns)
+        assert all(same_bytes(chunked[c], reference[c]) for c in columns)
+
+
+@pytest.mark.parametrize(
+    "options",
+    [
+        {"compression": "zstd"},
+        {"use_dictionary": True},
+        {"data_page_size": 64, "write_batch_size": 3, "compression": "snappy"},
+    ],
+)
+def test_other_encodings_fall_back_to_pyarrow_with_the_same_batches(tmp_path, monkeypatch, options):
+    plain = written_file(tmp_path / "plain.parquet", monkeypatch)
+    other = written_file(tmp_path / "other.parquet", monkeypatch, **options)
+    assert all(other._page_layout(i, "act") is None for i in range(other.num_row_groups))
+    assert other.read_row_group(3)["act"].tobytes() == plain.read_row_group(3)["act"].tobytes()
+    n = 3 * 1000 // 96
+    a = plain.shuffled(96, seed=1, buffer_row_groups=3)
+    b = other.shuffled(96, seed=1, buffer_row_groups=3)
+    for _ in range(n):
+        assert torch.equal(next(a)["act"], next(b)["act"])
+    a.close()
+    b.close()
+
+
+def corrupt_copy(f: ActivationFile, path, offset: int, value: int):
+    data = bytearray(f.path.read_bytes())
+    data[offset] = value
+    path.write_bytes(bytes(data))
+    return ActivationFile(path, verify=False)
+
+
+def read_or_error(f: ActivationFile, i: int, read_pages: bool) -> bytes | DataError:
+    f._read_pages = read_pages
+    try:
+        return f.read_row_group(i)["act"].tobytes()
+    except DataError as e:
+        return e
+    finally:
+        f._read_pages = True
+
+
+def test_a_corrupt_page_header_is_a_data_error_naming_the_file(tmp_path, monkeypatch):
+    """Every byte of two page headers flipped or replaced: a DataError naming the file and row
+    group, or (a byte that does not matter, or one that makes the header one that is not read
+    in place) what pyarrow reads; never another error. The checksum at open catches the rest
+    (pyarrow skips a page of an unknown type, for one)."""
+    f = written_file(tmp_path / "a.parquet", monkeypatch, data_page_size=128, write_batch_size=5)
+    layout = f._page_layout(5, "act")
+    chunk = f._file.metadata.row_group(5).column(f.columns.index("act"))
+    header = range(chunk.data_page_offset, layout.offsets[0])  # the first page's header
+    second = range(layout.offsets[0] + 20 * 8, layout.offsets[1])  # the second's
+    assert len(header) == len(second) > 10
+    rng = np.random.default_rng(0)
+    errors = 0
+    for offset in [*header, *second]:
+        for value in (f._bytes[offset] ^ 0xFF, f._bytes[offset] ^ 0x01, rng.integers(256)):
+            bad = corrupt_copy(f, tmp_path / "bad.parquet", offset, int(value))
+            fast, slow = read_or_error(bad, 5, True), read_or_error(bad, 5, False)
+            if isinstance(fast, DataError):
+                assert f"{bad.path}: row group 5 is unreadable" in str(fast)
+                errors += 1
+            elif bad._page_layout(5, "act") is None:
+                assert fast == slow, (offset, value)
+            else:  # read in place: a field that does not matter here (a level encoding)
+                assert fast == f.read_row_group(5)["act"].tobytes(), (offset, value)
+            del bad
+    assert errors > len(header) + len(second)  # most do matter
+    # in the fast path itself (pyarrow is never asked), from the reader thread
+    bad = corrupt_copy(f, tmp_path / "bad.parquet", layout.offsets[1] - 3, 0xFF)
+    assert bytes(bad._bytes[layout.offsets[1] - 3 : layout.offsets[1]]) == b"\xff\x00\x00"
+    monkeypatch.setattr(ActivationFile, "_parquet", None)  # a TypeError if pyarrow were asked
+    stream = bad.shuffled(64, seed=0, prefetch=2)
+    with pytest.raises(DataError, match=f"{bad.path}: row group 5 is unreadable"):
+        for _ in range(1000 // 64 + 1):  # one epoch reaches every row group
+            next(stream)
+    assert not reader_threads(bad.path)
+
+
+def test_shuffled_batches_are_the_same_with_pages_read_in_place_or_not(tmp_path, monkeypatch):
+    columns = ("act", "lm_entropy", "lm_grad")
+    f = written_file(
+        tmp_path / "a.parquet",
+        monkeypatch,
+        1000,
+        8,
+        64,
+        ("lm_entropy", "lm_grad"),
+        data_page_size=300,
+        write_batch_size=7,
+    )
+    calls = []
+    original = activations.plain_pages
+    monkeypatch.setattr(
+        activations, "plain_pages", lambda *args: calls.append(1) or original(*args)
+    )
+    n = 2 * 1000 // 96
+    streams = {}
+    for read_pages in (True, False):
+        f._read_pages = read_pages
+        f._pages.clear()
+        stream = f.shuffled(96, 3, columns, buffer_row_groups=3, decode_threads=2)
+        streams[read_pages] = [next(stream) for _ in range(n)]
+        stream.close()
+        for start in (5, 11):  # resumed at a batch inside a buffer, and at one that starts one
+            resumed = f.shuffled(96, 3, columns, buffer_row_groups=3, start_batch=start)
+            for expected in streams[read_pages][start : start + 4]:
+                assert all(torch.equal(v, expected[c]) for c, v in next(resumed).items())
+            resumed.close()
+        assert bool(calls) == read_pages
+        calls.clear()
+    for fast, slow in zip(streams[True], streams[False], strict=True):
+        assert all(torch.equal(fast[c], slow[c]) for c in columns)

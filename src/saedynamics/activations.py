@@ -36,6 +36,12 @@ decoded, a flipped value byte by the checksum.
 
 The reader streams batches in a seeded shuffled order: row groups in a random order, a few at a
 time in a buffer whose rows are shuffled, so memory stays bounded by the buffer, never the file.
+The file is memory-mapped; the vector columns are not decoded by pyarrow but copied straight out of
+the mapped data pages into their shuffled places: in a page of a column stored plain, uncompressed
+and without null flags, the values follow the page header as they are (`parquet_pages` parses the
+headers, and says None for any other layout: such a column, e.g. a file written by other means, is
+read through pyarrow). Scalar columns are read through pyarrow; `verify` decodes every column with
+pyarrow, independently of the in-place reads.
 
 Both directions keep up by overlapping work (benchmarks/activations.py measures it): the writer
 encodes Parquet on a background thread while the next forward pass runs, the reader decodes the
@@ -71,13 +77,15 @@ from tqdm import tqdm
 from saedynamics.artifacts import MANIFEST, atomic_file, provenance_metadata, read_json
 from saedynamics.config import EXTRA_COLUMNS, ActivationsConfig
 from saedynamics.errors import DataError, ResourceError
+from saedynamics.parquet_pages import CorruptPage, plain_pages
 
 log = logging.getLogger(__name__)
 
 METADATA_KEY = b"saedynamics"
 CHECKSUM_KEY = b"saedynamics.checksum"
 # `shuffled` decodes row groups in chunks of this size and copies each on while it is still in the
-# decoding thread's cache: with two decoding threads ~15% less CPU than whole row groups of 8 MiB
+# decoding thread's cache: with two decoding threads ~15% less CPU than whole row groups of 8 MiB.
+# Vectors read in place from the file's pages are not decoded: for them the size hardly matters
 DECODE_CHUNK_BYTES = 1 << 20
 FORMAT_VERSION = 2  # bump when the file layout or its metadata changes
 # format 1 stored the vector columns as fixed_size_list<float16|float32>[d_model] (slow to decode)
@@ -141,10 +149,16 @@ def _value_bytes(array: pa.Array) -> memoryview | np.ndarray:
 def vector_values(array: pa.Array, dtype: str) -> np.ndarray:
     """A vector column's values as a read-only [rows, d] array of `dtype`, a view of its buffer."""
     width = array.type.byte_width
+    return _vectors_at(array.buffers()[1], array.offset * width, len(array), width, dtype)
+
+
+def _vectors_at(buffer, offset: int, rows: int, width: int, dtype: str) -> np.ndarray:
+    """`rows` vectors of `width` bytes each, stored as little-endian `dtype` from byte `offset` of
+    `buffer`, as a read-only [rows, d] array: a view (a byteswapped copy on a big-endian host)."""
     little = np.dtype(dtype).newbyteorder("<")
-    values = np.frombuffer(
-        array.buffers()[1], little, len(array) * width // little.itemsize, array.offset * width
-    ).reshape(len(array), width // little.itemsize)
+    values = np.frombuffer(buffer, little, rows * width // little.itemsize, offset).reshape(
+        rows, width // little.itemsize
+    )
     return values if little.isnative else values.astype(little.newbyteorder("="))
 
 
@@ -361,6 +375,7 @@ class ActivationFile:
         try:
             with open(self.path, "rb") as file:  # mapped once, read by all threads' readers
                 self._source = pa.py_buffer(mmap.mmap(file.fileno(), 0, access=mmap.ACCESS_READ))
+            self._bytes = np.frombuffer(self._source, np.uint8)  # the same map, to parse pages
             self._file = self._reader()
             meta = self._file.metadata.metadata or {}  # file footer key-value metadata
             self.metadata = json.loads(meta[METADATA_KEY])
@@ -391,6 +406,10 @@ class ActivationFile:
         ]
         self._row_starts = np.cumsum([0, *self._row_group_rows])  # global row number of each
         self.columns = names
+        leaves = self._file.metadata.schema
+        self._leaf = {leaves.column(j).path: j for j in range(len(leaves))}  # Parquet's columns
+        self._pages: dict[tuple[int, str], _Pages | None] = {}  # see _page_layout
+        self._read_pages = True  # False: every column through pyarrow (the tests compare both)
         self._local = threading.local()  # a ParquetFile per decoding thread (see _parquet)
         self._local.file = self._file
         self.verified = False
@@ -492,7 +511,9 @@ class ActivationFile:
         return self._local.file
 
     def _reader(self, metadata: pq.FileMetaData | None = None) -> pq.ParquetFile:
-        """A ParquetFile over the memory map, reading a row group as zero-copy slices of it.
+        """A ParquetFile over the memory map, for the scalar columns, `verify`, and vector columns
+        that cannot be read in place (`_page_layout`). It reads the pages as zero-copy slices of
+        the map, then decodes each into a buffer of its own.
 
         Not pa.memory_map: Arrow's memory-mapped file advises the kernel of every read (madvise
         WILLNEED, a walk over the page cache), and pre_buffer caches the column chunks first; for
@@ -521,21 +542,36 @@ class ActivationFile:
     def read_row_group(self, i: int, columns=("act",)) -> dict[str, np.ndarray]:
         """One row group as arrays ([rows, d] for vector columns), read-only views where possible.
 
-        No Arrow threads: they parallelise over columns, and with one column only add hand-offs
-        (measured 1.5x slower); `shuffled` decodes several row groups at once instead.
+        Vector columns whose values lie in the file as they are (`_page_layout`) are views of the
+        mapped file if they fill one data page, else copies of their pages. No Arrow threads:
+        they parallelise over columns, and with one column only add hand-offs (measured 1.5x
+        slower); `shuffled` decodes several row groups at once instead.
         """
-        return self._arrays(self._read_table(i, columns), columns)
+        pages = self._vector_pages(i, columns)
+        if not pages:
+            return self._arrays(self._read_table(i, columns), columns)
+        parts = list(self._iter_pages(i, columns, pages, self._row_group_rows[i]))
+        if len(parts) == 1:
+            return parts[0]
+        if not parts:
+            return self._no_rows(columns)
+        return {c: np.concatenate([part[c] for part in parts]) for c in columns}
 
     def iter_row_group(
         self, i: int, columns=("act",), chunk_bytes: int | None = None
     ) -> Iterator[dict[str, np.ndarray]]:
         """Row group i as read_row_group's arrays, in consecutive chunks of about `chunk_bytes`
-        (default DECODE_CHUNK_BYTES)."""
+        (default DECODE_CHUNK_BYTES). Vector columns stored as they are (`_page_layout`) come as
+        read-only views of the mapped file, no copy made; their chunks end where pages end."""
         chunk_bytes = chunk_bytes or DECODE_CHUNK_BYTES
         row_bytes = sum(
             v.itemsize * int(np.prod(v.shape[1:])) for v in self._no_rows(columns).values()
         )
         rows = max(1, chunk_bytes // row_bytes)
+        pages = self._vector_pages(i, columns)
+        if pages:
+            yield from self._iter_pages(i, columns, pages, rows)
+            return
         try:
             chunks = self._parquet().iter_batches(
                 rows, row_groups=[i], columns=list(columns), use_threads=False
@@ -544,6 +580,48 @@ class ActivationFile:
                 yield self._arrays(chunk, columns)
         except (OSError, pa.ArrowException) as e:  # ArrowException: also absurd sizes in a header
             raise self._unreadable(i, e) from None
+
+    def _vector_pages(self, i: int, columns) -> dict[str, _Pages]:
+        """{column: its pages} for the vector columns of row group i that can be read in place."""
+        if not self._read_pages:
+            return {}
+        try:
+            pages = {c: self._page_layout(i, c) for c in columns if c in self._vectors}
+        except CorruptPage as e:
+            raise self._unreadable(i, e) from None
+        return {c: p for c, p in pages.items() if p is not None}
+
+    def _page_layout(self, i: int, name: str) -> _Pages | None:
+        """Where row group i's values of column `name` lie in the mapped file, if they are stored
+        as they are (parquet_pages.plain_pages: as the writer stores vectors); None: read them
+        through pyarrow. Parsed once per row group and column (its few page headers)."""
+        key = (i, name)
+        if key not in self._pages:
+            j = self._leaf[name]
+            chunk = self._file.metadata.row_group(i).column(j)
+            column = self._file.metadata.schema.column(j)
+            pages = plain_pages(self._bytes, chunk, column, len(self._bytes))
+            if pages is not None and sum(rows for _, rows in pages) != self._row_group_rows[i]:
+                pages = None
+            self._pages[key] = None if pages is None else _Pages(pages, column.length)
+        return self._pages[key]
+
+    def _iter_pages(self, i, columns, pages: dict[str, _Pages], chunk_rows: int):
+        """Row group i in chunks of at most `chunk_rows` rows: the columns in `pages` as views of
+        the mapped file (a chunk never straddles a page of any), the others read with pyarrow
+        (whole: they are a few bytes a row) and sliced."""
+        rest = [c for c in columns if c not in pages]
+        others = self._arrays(self._read_table(i, rest), rest) if rest else {}
+        bounds = np.unique(np.concatenate([p.starts for p in pages.values()])).tolist()
+        for page_start, page_stop in itertools.pairwise(bounds):
+            for start in range(page_start, page_stop, chunk_rows):
+                stop = min(start + chunk_rows, page_stop)
+                yield {
+                    c: pages[c].rows(self._source, start, stop, self._vectors[c])
+                    if c in pages
+                    else others[c][start:stop]
+                    for c in columns
+                }
 
     def _arrays(self, table: pa.Table | pa.RecordBatch, columns) -> dict[str, np.ndarray]:
         out = {}
@@ -728,8 +806,9 @@ class ActivationFile:
     def _read_buffer(self, groups, columns, leftover, perm, storage, pool) -> dict[str, np.ndarray]:
         """`leftover`, then the row groups, shuffled by `perm` into `storage`: row perm[j] at j.
 
-        The row groups are decoded in parallel, each thread putting its rows into place while they
-        are still in its cache (`iter_row_group`): the buffer is written once, a batch is a slice.
+        The row groups are read in parallel, each thread putting its rows into place (from the
+        mapped pages for vectors read in place, else while pyarrow's decoded chunk is still in its
+        cache: `iter_row_group`): the buffer is written once, a batch is a slice.
         """
         sizes = [self._row_group_rows[i] for i in groups]
         offsets = np.cumsum([len(leftover[columns[0]]), *sizes])
@@ -760,6 +839,24 @@ class ActivationFile:
             else:
                 out[c] = np.empty(0, self._file.schema_arrow.field(c).type.to_pandas_dtype())
         return out
+
+
+class _Pages:
+    """The data pages of a column chunk whose values are stored as they are: page k holds rows
+    starts[k] to starts[k + 1] of its row group, from byte offsets[k] of the file."""
+
+    def __init__(self, pages: list[tuple[int, int]], width: int):
+        self.offsets = [offset for offset, _ in pages]
+        self.starts = np.cumsum([0, *(rows for _, rows in pages)])
+        self.width = width
+
+    def rows(self, source, start: int, stop: int, dtype: str) -> np.ndarray:
+        """Rows start to stop (in one page) as a read-only [rows, d] array of `dtype`, a view."""
+        k = int(np.searchsorted(self.starts, start, side="right")) - 1
+        if stop > self.starts[k + 1]:
+            raise AssertionError(f"rows {start} to {stop} straddle pages at {self.starts}")
+        offset = self.offsets[k] + (start - int(self.starts[k])) * self.width
+        return _vectors_at(source, offset, stop - start, self.width, dtype)
 
 
 def _as_records(a: np.ndarray) -> np.ndarray:

@@ -390,8 +390,7 @@ def read_or_error(f: ActivationFile, i: int, read_pages: bool) -> bytes | DataEr
 def test_a_corrupt_page_header_is_a_data_error_naming_the_file(tmp_path, monkeypatch):
     """Every byte of two page headers flipped or replaced: a DataError naming the file and row
     group, or (a byte that does not matter, or one that makes the header one that is not read
-    in place) what pyarrow reads; never another error. The checksum at open catches the rest
-    (pyarrow skips a page of an unknown type, for one)."""
+    in place) what pyarrow reads; never another error. The checksum at open catches the rest."""
     f = written_file(tmp_path / "a.parquet", monkeypatch, data_page_size=128, write_batch_size=5)
     layout = f._page_layout(5, "act")
     chunk = f._file.metadata.row_group(5).column(f.columns.index("act"))
@@ -422,6 +421,25 @@ def test_a_corrupt_page_header_is_a_data_error_naming_the_file(tmp_path, monkeyp
         for _ in range(1000 // 64 + 1):  # one epoch reaches every row group
             next(stream)
     assert not reader_threads(bad.path)
+
+
+def test_a_page_of_unknown_type_is_a_data_error_not_missing_rows(tmp_path, monkeypatch):
+    # pyarrow skips a data page whose header names an unknown page type and returns the row group
+    # short of its rows; the reader counts them against the footer (with verify=False too)
+    f = written_file(tmp_path / "a.parquet", monkeypatch, data_page_size=128, write_batch_size=5)
+    chunk = f._file.metadata.row_group(5).column(f.columns.index("act"))
+    first = chunk.data_page_offset
+    # PageHeader field 1 (type, an i32): header byte 0x15, then the zigzag varint of the type
+    assert bytes(f._bytes[first : first + 2]) == b"\x15\x00"  # DATA_PAGE
+    bad = corrupt_copy(f, tmp_path / "bad.parquet", first + 1, 2 * 9)  # page type 9: no such type
+    assert bad._page_layout(5, "act") is None  # read through pyarrow
+    for read in (
+        lambda: bad.read_row_group(5),
+        lambda: list(bad.iter_row_group(5, chunk_bytes=64)),
+        lambda: next(bad.shuffled(1000, seed=0, buffer_row_groups=16)),
+    ):
+        with pytest.raises(DataError, match=f"{bad.path}: row group 5 is unreadable.*rows decoded"):
+            read()
 
 
 def test_shuffled_batches_are_the_same_with_pages_read_in_place_or_not(tmp_path, monkeypatch):

@@ -572,14 +572,17 @@ class ActivationFile:
         if pages:
             yield from self._iter_pages(i, columns, pages, rows)
             return
+        n_read = 0
         try:
             chunks = self._parquet().iter_batches(
                 rows, row_groups=[i], columns=list(columns), use_threads=False
             )
             for chunk in chunks:
+                n_read += chunk.num_rows
                 yield self._arrays(chunk, columns)
         except (OSError, pa.ArrowException) as e:  # ArrowException: also absurd sizes in a header
             raise self._unreadable(i, e) from None
+        self._check_rows(i, n_read)
 
     def _vector_pages(self, i: int, columns) -> dict[str, _Pages]:
         """{column: its pages} for the vector columns of row group i that can be read in place."""
@@ -638,9 +641,20 @@ class ActivationFile:
     def _read_table(self, i: int, columns) -> pa.Table:
         """Row group i as a Table, on this thread's reader; DataError naming it if unreadable."""
         try:
-            return self._parquet().read_row_group(i, columns=list(columns), use_threads=False)
+            table = self._parquet().read_row_group(i, columns=list(columns), use_threads=False)
         except (OSError, pa.ArrowException) as e:  # ArrowException: also absurd sizes in a header
             raise self._unreadable(i, e) from None
+        self._check_rows(i, table.num_rows)
+        return table
+
+    def _check_rows(self, i: int, n_read: int) -> None:
+        """pyarrow skips a data page whose header has an unknown page type, without an error: a
+        row group that decodes to fewer rows than the footer records is corrupt."""
+        if n_read != self._row_group_rows[i]:
+            raise self._unreadable(
+                i,
+                ValueError(f"{n_read} rows decoded, the footer records {self._row_group_rows[i]}"),
+            )
 
     def _unreadable(self, i: int, e: Exception) -> DataError:
         return DataError(

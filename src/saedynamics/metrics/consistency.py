@@ -267,8 +267,8 @@ def _top_candidates(ua32: np.ndarray, ub32: np.ndarray, c: int, threads: int = 1
     Row i keeps those of its c largest cosines within NEAR_BEST of its largest: a latent with a
     clear partner needs one candidate, a contested one many. Returns (rows, cols, bound): every
     pair left out has a cosine <= bound[i] (the certificate's row bound; the product's rounding
-    error, `cosine_error`, is included, so it bounds the exact cosine). The product runs on
-    `threads` threads.
+    error, `cosine_error`, is included, so it bounds the exact cosine). The product and its
+    first scan run on `threads` threads.
     """
     m, n = len(ua32), len(ub32)
     c = min(c, n)
@@ -283,9 +283,9 @@ def _top_candidates(ua32: np.ndarray, ub32: np.ndarray, c: int, threads: int = 1
     for s in range(0, m, BLOCK_ROWS):
         size = min(BLOCK_ROWS, m - s)
         cos = block[:size]
-        with _torch_threads(threads):
+        with _torch_threads(threads):  # the product and its first scan: most of the time
             torch.mm(ua_low[s : s + size], ub_low.T, out=cos[:, :n])
-        val, col = _top_k_chunked(cos, few)
+            val, col = _top_k_chunked(cos, few)
         top_val[s : s + size, :few], top_col[s : s + size, :few] = val.float(), col
         # rows whose `few` best are all near their best are contested: take their c best
         contested = torch.nonzero(val[:, -1] >= val[:, 0] - NEAR_BEST)[:, 0]

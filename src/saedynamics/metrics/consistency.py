@@ -307,7 +307,13 @@ def cosine_error(d: int, dtype: torch.dtype) -> float:
     u |result| <= u (1 + 3u). Hence 3u(1 + 2u) + d * 2^-23 (float32 row norms' error included).
     """
     u = {torch.bfloat16: 2.0**-8, torch.float32: 2.0**-24}[dtype]
-    return 3 * u * (1 + 2 * u) + (d + 4) * 2.0**-23
+    return 3 * u * (1 + 2 * u) + _float32_dot_error(d)
+
+
+def _float32_dot_error(d: int) -> float:
+    """A bound on |float32 dot product - exact| for float32 rows of unit norm, d dims:
+    2 (d + 2) float32 unit roundoffs (the accumulation, and the rows' norms' error)."""
+    return (d + 4) * 2.0**-23
 
 
 @functools.cache
@@ -411,7 +417,7 @@ def _violations(ua, ub, ua32, ub32, bound, row_pot, col_pot, graph: _Graph, per_
     violations (at most per_row a row, the worst) as (rows, cols, costs), and the rows scanned.
     """
     d = ua.shape[1]
-    err = (d + 4) * 2.0**-23  # >= |float32 cos - float64 cos|: 2 * (d + 2) * unit roundoff
+    err = _float32_dot_error(d)  # >= |float32 cos - float64 cos|
     h = (2.0 - bound) * COST_SCALE - 0.5 + row_pot
     by_pot = np.argsort(-col_pot, kind="stable")
     n_cols = np.searchsorted(-col_pot[by_pot], -h, side="left")  # columns with col_pot > h[i]

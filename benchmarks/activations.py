@@ -23,19 +23,19 @@ is stored twice: as an activation Parquet file (`ActivationWriter`) and as a `.n
 order: blocks of `row_group_rows` rows in a random order, `buffer_row_groups` of them at a time,
 the rows of a buffer (plus the previous leftover) permuted. The memmap baseline is the fair best
 case of that pattern for a memmap: it gathers each batch straight from the mapped pages (one
-`index_select` and one float conversion per batch, no buffer, no thread). `shuffled` decodes a
-buffer's row groups on background threads, copying every row to its shuffled place, and leaves its
-consumer one float conversion per batch; so the ratio prices the decoding and that copy, less
-whatever the background threads overlap. Both files are mapped once and read for an epoch before
-timing, so both come from the page cache with their pages mapped (a cold disk would slow both
-alike: Parquet stores the same bytes). The consumer does no work: all of the reader's decoding
-shows, none of it hides behind a trainer's compute.
+`index_select` and one float conversion per batch, no buffer, no thread). `shuffled` does the same
+per batch, gathering each row straight from the Parquet file's mapped data pages (whose rows, past
+the page headers, lie at byte offsets that no one row width divides: it gathers from a view with a
+row at every byte), while its background thread locates the next buffer's rows and touches their
+pages; so the ratio prices the bookkeeping of the Parquet layout. Both files are mapped once and
+read for an epoch before timing, so both come from the page cache with their pages mapped (a cold
+disk would slow both alike: Parquet stores the same bytes). The consumer does no work: all of the
+reader's work shows, none of it hides behind a trainer's compute.
 
 Besides wall-clock rates the table gives CPU time per unit (all threads of the process): steadier
-than wall time on a shared machine, and it tells what the rates would be with cores to spare
-(the reader decodes on `decode_threads` threads). Where other work keeps the cores busy, torch's
-OpenMP threads waste time waiting for each other, in the forward pass and in both readers'
-gathers; `--torch-threads 1` then gives the steadier comparison.
+than wall time on a shared machine. Where other work keeps the cores busy, torch's OpenMP threads
+waste time waiting for each other, in the forward pass and in both readers' gathers;
+`--torch-threads 1` then gives the steadier comparison.
 """
 
 from __future__ import annotations

@@ -108,10 +108,16 @@ def indexed_activation_file(path, n=1000, d=4, row_group=64) -> ActivationFile:
 
 
 def record_row_group_reads(monkeypatch) -> list[int]:
-    """The indices of the row groups ActivationFile reads from now on, in order (whole, or in
-    chunks as `shuffled` reads them)."""
+    """The indices of the row groups ActivationFile reads from now on, in order (whole, in
+    chunks, or located in place as `shuffled` reads them)."""
     reads: list[int] = []
     whole, chunked = ActivationFile.read_row_group, ActivationFile.iter_row_group
+    located = ActivationFile._row_addresses
+    monkeypatch.setattr(
+        ActivationFile,
+        "_row_addresses",
+        lambda self, i, c: reads.append(i) or located(self, i, c),
+    )
     monkeypatch.setattr(
         ActivationFile,
         "read_row_group",

@@ -9,6 +9,7 @@ from __future__ import annotations
 import random
 import threading
 import time
+from itertools import pairwise
 
 import numpy as np
 import pyarrow.parquet as pq
@@ -60,11 +61,12 @@ def test_shuffled_order_depends_on_the_seed_only(tmp_path, monkeypatch):
             f.shuffled(96, 5, buffer_row_groups=3, prefetch=prefetch, decode_threads=threads), n
         )
         assert np.array_equal(got, expected), (prefetch, threads)
-    # row groups decoded in chunks (of 5 rows here, which do not divide them) change nothing
+    # vectors decoded by pyarrow, staged in chunks (of 5 rows here, which do not divide the row
+    # groups), by decoding threads that finish in a random order: the same batches
+    f._read_pages = False
     monkeypatch.setattr(activations, "DECODE_CHUNK_BYTES", 5 * 4 * 2)
     got = first_batches(f.shuffled(96, 5, buffer_row_groups=3, prefetch=1, decode_threads=2), n)
     assert np.array_equal(got, expected)
-    # decoding threads that finish in a random order change nothing
     original = ActivationFile.iter_row_group
 
     def slow_read(self, i, columns=("act",), **options):
@@ -321,6 +323,16 @@ def test_vectors_read_in_place_are_pyarrows_bytes(tmp_path, monkeypatch, n, d, r
             assert all(same_bytes(got[c], reference[c]) for c in ("act", "doc_id"))
         if len(layout.offsets) == 1:  # one page: a view of the mapped file, no copy
             assert np.shares_memory(whole["act"], f._bytes) and not whole["act"].flags.writeable
+        # the rows `shuffled` gathers from the file: row r's bytes start at at[r], counted by hand
+        at = f._row_addresses(i, "act")
+        by_hand = [
+            offset + (r - start) * 2 * d
+            for offset, (start, stop) in zip(layout.offsets, pairwise(layout.starts), strict=True)
+            for r in range(start, stop)
+        ]
+        assert at.dtype == np.int64 and at.tolist() == by_hand
+        gathered = f._file_rows("act").index_select(0, torch.from_numpy(at[::-1].copy()))
+        assert gathered.numpy().tobytes() == reference["act"][::-1].tobytes()
     assert several_pages == (d == 512 or bool(options))
 
 
@@ -476,3 +488,46 @@ def test_shuffled_batches_are_the_same_with_pages_read_in_place_or_not(tmp_path,
         calls.clear()
     for fast, slow in zip(streams[True], streams[False], strict=True):
         assert all(torch.equal(fast[c], slow[c]) for c in columns)
+
+
+def test_row_groups_read_in_place_or_not_in_one_file_give_the_same_batches(tmp_path, monkeypatch):
+    """Row groups whose vectors must be decoded beside ones gathered from the file (a file written
+    by other means): the same batches, the rows left over passed from one kind of buffer on to
+    the other."""
+    columns = ("act", "lm_entropy", "lm_grad")
+    f = written_file(tmp_path / "a.parquet", monkeypatch, 1000, 8, 64, ("lm_entropy", "lm_grad"))
+    n = 3 * 1000 // 96
+    expected = reference_order(f, 96, seed=4, buffer_row_groups=3, n_batches=n)
+    in_place = f.shuffled(96, 4, columns, buffer_row_groups=3)
+    reference = [next(in_place) for _ in range(n)]
+    in_place.close()
+    original = ActivationFile._vector_pages
+    decoded = {3, 4, 9, 12}  # of 16 row groups: some buffers all in place, some not
+    monkeypatch.setattr(
+        ActivationFile,
+        "_vector_pages",
+        lambda self, i, c: {} if i in decoded else original(self, i, c),
+    )
+    staged = record_row_group_reads(monkeypatch)
+    in_file = []  # per buffer: is act gathered from the file (else from a staging buffer)?
+    buffers = ActivationFile._shuffled_buffers
+
+    def recorded(self, *args, **kwargs):
+        for buffer in buffers(self, *args, **kwargs):
+            in_file.append(buffer.sources["act"][0].stride() == (1, 1))
+            yield buffer
+
+    monkeypatch.setattr(ActivationFile, "_shuffled_buffers", recorded)
+    for start in (0, 7):  # and resumed inside a buffer
+        stream = f.shuffled(
+            96, 4, columns, buffer_row_groups=3, decode_threads=2, start_batch=start
+        )
+        for i in range(start, n):
+            batch = next(stream)
+            assert all(torch.equal(batch[c], reference[i][c]) for c in columns), (start, i)
+            assert np.array_equal(batch["act"][:, 0].numpy(), expected[i])
+        stream.close()
+    assert decoded <= set(staged)
+    # both kinds, the leftover of one gathered from the file passed on to a staged one: a buffer is
+    # gathered from the file when all its rows (leftover included) lie there as they are
+    assert any(before and not now for before, now in pairwise(in_file)), in_file

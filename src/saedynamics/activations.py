@@ -36,17 +36,18 @@ decoded, a flipped value byte by the checksum.
 
 The reader streams batches in a seeded shuffled order: row groups in a random order, a few at a
 time in a buffer whose rows are shuffled, so memory stays bounded by the buffer, never the file.
-The file is memory-mapped; the vector columns are not decoded by pyarrow but copied straight out of
-the mapped data pages into their shuffled places: in a page of a column stored plain, uncompressed
-and without null flags, the values follow the page header as they are (`parquet_pages` parses the
-headers, and says None for any other layout: such a column, e.g. a file written by other means, is
-read through pyarrow). Scalar columns are read through pyarrow; `verify` decodes every column with
-pyarrow, independently of the in-place reads.
+The file is memory-mapped, and the vector columns are not decoded at all: in a page of a column
+stored plain, uncompressed and without null flags, the values follow the page header as they are
+(`parquet_pages` parses the headers, and says None for any other layout), so a batch is gathered
+row by row straight from the mapped pages, as from a NumPy memmap. Any other column (the scalars,
+or vectors of a file written by other means, e.g. compressed) is decoded by pyarrow into a staging
+buffer and gathered from there; `verify` decodes every column with pyarrow, independently.
 
 Both directions keep up by overlapping work (benchmarks/activations.py measures it): the writer
-encodes Parquet on a background thread while the next forward pass runs, the reader decodes the
-next buffers on background threads while the trainer computes. Threads never decide the order of
-the rows: the shuffled order depends on the seed alone.
+encodes Parquet on a background thread while the next forward pass runs; the reader locates the
+next buffers' rows, reads their pages in from disk and decodes what must be decoded on background
+threads while the trainer computes. Threads never decide the order of the rows: the shuffled order
+depends on the seed alone.
 """
 
 from __future__ import annotations
@@ -61,12 +62,15 @@ import mmap
 import os
 import queue
 import shutil
+import sys
 import threading
 import time
+import warnings
 from collections import deque
 from collections.abc import Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 import pyarrow as pa
@@ -85,7 +89,7 @@ METADATA_KEY = b"saedynamics"
 CHECKSUM_KEY = b"saedynamics.checksum"
 # `shuffled` decodes row groups in chunks of this size and copies each on while it is still in the
 # decoding thread's cache: with two decoding threads ~15% less CPU than whole row groups of 8 MiB.
-# Vectors read in place from the file's pages are not decoded: for them the size hardly matters
+# Vectors stored in place are gathered from the file's pages, never decoded.
 DECODE_CHUNK_BYTES = 1 << 20
 FORMAT_VERSION = 2  # bump when the file layout or its metadata changes
 # format 1 stored the vector columns as fixed_size_list<float16|float32>[d_model] (slow to decode)
@@ -376,6 +380,9 @@ class ActivationFile:
             with open(self.path, "rb") as file:  # mapped once, read by all threads' readers
                 self._source = pa.py_buffer(mmap.mmap(file.fileno(), 0, access=mmap.ACCESS_READ))
             self._bytes = np.frombuffer(self._source, np.uint8)  # the same map, to parse pages
+            with warnings.catch_warnings():  # read-only: torch warns; `shuffled` only reads it
+                warnings.filterwarnings("ignore", "The given NumPy array is not writable")
+                self._mapped = torch.from_numpy(self._bytes)  # the same map, to gather rows
             self._file = self._reader()
             meta = self._file.metadata.metadata or {}  # file footer key-value metadata
             self.metadata = json.loads(meta[METADATA_KEY])
@@ -698,17 +705,21 @@ class ActivationFile:
         """Endless batches {column: float32 tensor} in a seeded shuffled order, epoch after epoch.
 
         Row groups come in a seeded random order, `buffer_row_groups` at a time; the rows of each
-        buffer (with the previous buffer's leftover) are shuffled and cut into batches. A background
-        thread reads and decodes the next buffers while the caller computes: `prefetch` of them wait
-        in a queue, one more is being read (its row groups in parallel on `decode_threads` threads,
-        by default one per row group of a buffer, up to the CPU count); `prefetch=0` reads on the
-        caller's thread. All random draws happen in one fixed sequence, so the batches depend on
-        the seed only, never on thread timing.
+        buffer (with the previous buffer's leftover) are shuffled and cut into batches. All random
+        draws happen in one fixed sequence (`_shuffle_plan`), so the batches depend on the seed
+        only, never on thread timing or on how the file happens to be encoded.
 
-        The decoding threads put every row straight into its shuffled place in the buffer, so a
-        batch is a contiguous slice of it, and the caller's thread only converts it to float32
-        (a gather per batch would cost it ~3x that). The buffers are reused once their batches
-        are out: each batch is a copy, and memory freshly mapped costs as much as the decoding.
+        A batch is, per column, one gather of its rows into a fresh tensor and a conversion to
+        float32: the work of a gather from a NumPy memmap. Vector columns stored as they are
+        (`_page_layout`: as the writer stores them) are gathered straight from the mapped file, a
+        row copied once; other columns are first decoded, in file order, into a staging buffer
+        (its row groups in parallel on `decode_threads` threads, by default one per row group of a
+        buffer up to the CPU count) and gathered from there. A background thread prepares the next
+        buffers while the caller computes: it locates the rows and touches their pages, so that a
+        file not yet in memory is read from disk ahead, and decodes what must be decoded;
+        `prefetch` buffers wait ready in a queue, one more is being prepared; `prefetch=0`
+        prepares them on the caller's thread. The gathers stay on the caller's thread, where
+        torch's threads run them (measured: on a background thread they take up to 2x longer).
 
         `start_batch = n` starts at batch n of that sequence (a resumed training run): the buffers
         before it are drawn but not read, see `_shuffled_buffers`.
@@ -717,22 +728,24 @@ class ActivationFile:
         if start_batch < 0:
             raise ValueError(f"start_batch must be >= 0, got {start_batch}")
         decode_threads = decode_threads or min(buffer_row_groups, os.cpu_count() or 1)
-        free: queue.SimpleQueue = queue.SimpleQueue()  # buffers whose batches are all out
+        free: queue.SimpleQueue = queue.SimpleQueue()  # staging buffers whose batches are all out
         buffers = self._shuffled_buffers(
             batch_size, seed, columns, buffer_row_groups, decode_threads, start_batch, free
         )
         if prefetch:
             buffers = _in_background(buffers, prefetch, name=f"read {self.path.name}")
+        values = {
+            c: (torch.from_numpy(v).dtype, v.shape[1:]) for c, v in self._no_rows(columns).items()
+        }
         with contextlib.closing(buffers):  # closing this generator stops the threads at once
-            for storage, start, stop in buffers:
-                rows = {c: torch.from_numpy(v) for c, v in storage.items()}
-                for b in range(start, stop, batch_size):
-                    # one conversion (a copy, also of float32) per batch, all this thread does
+            for buffer in buffers:
+                for b in range(buffer.start, buffer.stop, batch_size):
                     yield {
-                        c: v[b : b + batch_size].to(torch.float32, copy=True)
-                        for c, v in rows.items()
+                        c: _gathered(rows, index[b : b + batch_size], *values[c])
+                        for c, (rows, index) in buffer.sources.items()
                     }
-                free.put(storage)
+                if buffer.staging is not None:
+                    free.put(buffer.staging)
 
     def _shuffle_plan(
         self, batch_size: int, seed: int, buffer_row_groups: int
@@ -761,26 +774,19 @@ class ActivationFile:
         decode_threads: int,
         start_batch: int = 0,
         free: queue.SimpleQueue | None = None,
-    ) -> Iterator[tuple[dict[str, np.ndarray], int, int]]:
-        """(rows, start, stop) per buffer: the batches are rows[b : b + batch_size] for b in
-        range(start, stop, batch_size), rows in shuffled order. `free`: buffers to reuse.
+    ) -> Iterator[_Buffer]:
+        """The buffers of `shuffled`, each ready to be gathered from. `free`: staging to reuse.
 
-        The buffers that lie wholly before batch `start_batch` are skipped without decoding them:
+        The rows a buffer leaves over (fewer than a batch) go on to the next buffer as their places
+        in the file (columns gathered from it) or as a copy of their bytes (staged columns).
+        The buffers that lie wholly before batch `start_batch` are skipped without reading them:
         their random draws are made and only the numbers of the rows they leave over are followed,
-        so that at the first buffer read those (fewer than a batch) are fetched from their row
-        groups, and the batches are the ones a stream from batch 0 would give.
+        so that the first buffer read locates (or reads) those in their row groups, and the
+        batches are the ones a stream from batch 0 would give.
         """
-        plan = self._shuffle_plan(batch_size, seed, buffer_row_groups)
-        first = next(plan)
-        leftover_ids = np.empty(0, dtype=np.int64)  # global row numbers of the leftover
-        while (n_batches := first[2] // batch_size) <= start_batch:
-            groups, perm, n_full = first
-            ids = [np.arange(self._row_starts[g], self._row_starts[g + 1]) for g in groups]
-            leftover_ids = np.concatenate([leftover_ids, *ids])[perm[n_full:]]
-            start_batch -= n_batches
-            first = next(plan)
-        leftover = self._read_rows(leftover_ids, columns)
-        skip = start_batch * batch_size  # in the first buffer read
+        leftover = np.empty(0, dtype=np.int64)  # global row numbers of the rows left over
+        leftover_at: dict[str, np.ndarray] = {}  # their byte offsets in the file, per column
+        leftover_rows: dict[str, np.ndarray] = {}  # or their bytes, for the columns staged
         # the most rows a buffer holds: a leftover (less than a batch) and its largest row groups
         largest = sorted(self._row_group_rows)[-buffer_row_groups:]
         capacity = batch_size - 1 + sum(largest)
@@ -788,19 +794,102 @@ class ActivationFile:
         with ThreadPoolExecutor(
             decode_threads, thread_name_prefix=f"decode {self.path.name}"
         ) as pool:
-            for groups, perm, n_full in itertools.chain([first], plan):
-                try:
-                    storage = free.get_nowait()
-                except queue.Empty:
-                    storage = {
-                        c: np.empty((capacity, *v.shape[1:]), v.dtype)
-                        for c, v in self._no_rows(columns).items()
-                    }
-                rows = self._read_buffer(groups, columns, leftover, perm, storage, pool)
-                # copied now: the buffer may be reused as soon as its batches are out
-                leftover = {c: v[n_full:].copy() for c, v in rows.items()}
-                yield storage, skip, n_full
-                skip = 0
+            for groups, perm, n_full in self._shuffle_plan(batch_size, seed, buffer_row_groups):
+                ids = [np.arange(self._row_starts[g], self._row_starts[g + 1]) for g in groups]
+                ids = np.concatenate([leftover, *ids])
+                n_batches = n_full // batch_size
+                if n_batches <= start_batch:  # wholly before the first batch wanted: not read
+                    start_batch -= n_batches
+                    leftover, leftover_at, leftover_rows = ids[perm[n_full:]], {}, {}
+                    continue
+                sources, first = {}, {}  # first: the leftover's bytes, for the columns staged
+                for c in columns:
+                    before = leftover_at.get(c)
+                    if before is None:  # the first buffer read, or the last one staged c
+                        before = self._addresses(leftover, c)
+                    at = self._addresses_in(groups, c, before)
+                    if at is not None:  # gathered from the file
+                        sources[c] = (self._file_rows(c), torch.from_numpy(at[perm]))
+                    elif c in leftover_rows:
+                        first[c] = leftover_rows[c]
+                    elif before is not None:
+                        first[c] = self._file_rows(c)[torch.from_numpy(before)].numpy()
+                    else:
+                        first[c] = _row_bytes(self._read_rows(leftover, [c])[c])
+                storage = None
+                if first:  # staged: decoded into a staging buffer in file order, gathered there
+                    storage = self._staging(free, first, capacity)
+                    self._stage(groups, list(first), first, storage, pool)
+                    index = torch.from_numpy(perm)
+                    sources |= {c: (torch.from_numpy(storage[c]), index) for c in first}
+                leftover = ids[perm[n_full:]]
+                leftover_at = {
+                    c: index[n_full:].numpy() for c, (_, index) in sources.items() if c not in first
+                }
+                # copied now: the staging buffer may be reused as soon as its batches are out
+                leftover_rows = {c: storage[c][perm[n_full:]] for c in first}
+                order = {c: sources[c] for c in columns}  # the caller's column order
+                yield _Buffer(order, start_batch * batch_size, n_full, storage)
+                start_batch = 0
+
+    def _staging(self, free: queue.SimpleQueue, columns, capacity: int) -> dict[str, np.ndarray]:
+        """A staging buffer for these columns, [capacity, bytes per row] uint8 each: a free one
+        (the pages of fresh memory cost as much as decoding into them), with any column it lacks."""
+        try:
+            storage = free.get_nowait()
+        except queue.Empty:
+            storage = {}
+        for c, v in self._no_rows(list(columns)).items():  # the columns staged may change
+            if c not in storage:
+                storage[c] = np.empty((capacity, _row_bytes(v).shape[1]), np.uint8)
+        return storage
+
+    def _row_addresses(self, i: int, column: str) -> np.ndarray | None:
+        """The byte offset in the mapped file of each row of row group i's values of a vector
+        column, if they lie there as they are (`_page_layout`), else None. Touches one byte of each
+        memory page they lie on: a file not in memory yet is read from disk here, ahead of the
+        gathers (this runs on the background thread of `shuffled`)."""
+        pages = self._vector_pages(i, [column]).get(column)
+        if pages is None or sys.byteorder != "little":  # the values are little-endian
+            return None
+        at = pages.addresses()
+        step = mmap.PAGESIZE
+        for offset, rows in zip(pages.offsets, np.diff(pages.starts), strict=True):
+            self._bytes[offset : offset + int(rows) * pages.width : step].max(initial=0)
+        return at
+
+    def _addresses_in(self, groups, column: str, before: np.ndarray | None) -> np.ndarray | None:
+        """The byte offsets of the rows `before` (already located), then of the row groups' rows,
+        in that order; None if any of them is not stored in place."""
+        if before is None or column not in self._vectors:
+            return None
+        parts = [before]
+        for g in groups:
+            at = self._row_addresses(int(g), column)
+            if at is None:
+                return None
+            parts.append(at)
+        return np.concatenate(parts)
+
+    def _addresses(self, ids: np.ndarray, column: str) -> np.ndarray | None:
+        """The byte offsets of the rows with these global row numbers, in this order, or None."""
+        if column not in self._vectors:
+            return None
+        out = np.empty(len(ids), dtype=np.int64)
+        group_of = np.searchsorted(self._row_starts, ids, side="right") - 1
+        for g in np.unique(group_of):
+            at = self._row_addresses(int(g), column)
+            if at is None:
+                return None
+            here = group_of == g
+            out[here] = at[ids[here] - self._row_starts[g]]
+        return out
+
+    def _file_rows(self, column: str) -> torch.Tensor:
+        """The mapped file as rows of a vector column's width, one starting at every byte: row
+        `offset` is the value stored at that byte offset (a view, never written)."""
+        width = self._file.schema_arrow.field(column).type.byte_width
+        return self._mapped.as_strided((len(self._mapped) - width + 1, width), (1, 1))
 
     def _read_rows(self, ids: np.ndarray, columns) -> dict[str, np.ndarray]:
         """The rows with these global row numbers, in this order; reads only the row groups that
@@ -817,32 +906,25 @@ class ActivationFile:
                 rows[c][here] = part[c][ids[here] - self._row_starts[g]]
         return rows
 
-    def _read_buffer(self, groups, columns, leftover, perm, storage, pool) -> dict[str, np.ndarray]:
-        """`leftover`, then the row groups, shuffled by `perm` into `storage`: row perm[j] at j.
-
-        The row groups are read in parallel, each thread putting its rows into place (from the
-        mapped pages for vectors read in place, else while pyarrow's decoded chunk is still in its
-        cache: `iter_row_group`): the buffer is written once, a batch is a slice.
-        """
-        sizes = [self._row_group_rows[i] for i in groups]
-        offsets = np.cumsum([len(leftover[columns[0]]), *sizes])
-        place = np.empty_like(perm)  # place[i]: where row i goes (the inverse permutation)
-        place[perm] = np.arange(len(perm))
-        rows = {c: v[: offsets[-1]] for c, v in storage.items()}
-        for c, v in leftover.items():
-            _as_records(rows[c])[place[: offsets[0]]] = _as_records(v)
+    def _stage(self, groups, columns, first, storage, pool) -> None:
+        """Into `storage` (a row's values as bytes): the rows `first`, then the row groups' rows,
+        in file order. The row groups are decoded in parallel (in chunks: `iter_row_group`), each
+        chunk copied on while it is still in its thread's cache."""
+        n_first = len(first[columns[0]])
+        offsets = np.cumsum([n_first, *(self._row_group_rows[g] for g in groups)])
+        for c, rows in first.items():
+            storage[c][:n_first] = rows
 
         def decode(k: int) -> None:
             start = offsets[k]
             for part in self.iter_row_group(groups[k], columns):
-                here = place[start : start + len(part[columns[0]])]
+                n = len(part[columns[0]])
                 for c in columns:
-                    _as_records(rows[c])[here] = _as_records(part[c])
-                start += len(here)
+                    storage[c][start : start + n] = _row_bytes(part[c])
+                start += n
 
         for _ in pool.map(decode, range(len(groups))):  # in order: the first error is raised
             pass
-        return rows
 
     def _no_rows(self, columns) -> dict[str, np.ndarray]:
         """Empty arrays of the dtypes and shapes that read_row_group returns."""
@@ -864,6 +946,12 @@ class _Pages:
         self.starts = np.cumsum([0, *(rows for _, rows in pages)])
         self.width = width
 
+    def addresses(self) -> np.ndarray:
+        """The byte offset in the file of each row of the row group, int64."""
+        rows = np.diff(self.starts)
+        first = np.asarray(self.offsets, dtype=np.int64) - self.starts[:-1] * self.width
+        return np.repeat(first, rows) + np.arange(int(self.starts[-1]), dtype=np.int64) * self.width
+
     def rows(self, source, start: int, stop: int, dtype: str) -> np.ndarray:
         """Rows start to stop (in one page) as a read-only [rows, d] array of `dtype`, a view."""
         k = int(np.searchsorted(self.starts, start, side="right")) - 1
@@ -873,10 +961,28 @@ class _Pages:
         return _vectors_at(source, offset, stop - start, self.width, dtype)
 
 
-def _as_records(a: np.ndarray) -> np.ndarray:
-    """A C-contiguous array as a 1-d array of opaque records, one per row: numpy then moves rows
-    with one memcpy each (~1.7x faster than element by element for 1 KiB rows)."""
-    return a.view(np.dtype((np.void, a.itemsize * int(np.prod(a.shape[1:]))))).reshape(len(a))
+class _Buffer(NamedTuple):
+    """A buffer of `shuffled`: per column (rows, index), batch b being rows.index_select(0,
+    index[b : b + batch_size]) for b in range(start, stop, batch_size); `staging`: the arrays
+    the staged columns' rows are in, to reuse once the batches are out (None: none staged)."""
+
+    sources: dict[str, tuple[torch.Tensor, torch.Tensor]]
+    start: int
+    stop: int
+    staging: dict[str, np.ndarray] | None
+
+
+def _gathered(rows: torch.Tensor, index: torch.Tensor, dtype: torch.dtype, shape) -> torch.Tensor:
+    """Rows `index` of `rows` (a value's bytes each, uint8) as a float32 [len(index), *shape]:
+    one gather into a fresh tensor, then the conversion (in place of a copy for float32)."""
+    values = rows.index_select(0, index).view(dtype).reshape(len(index), *shape)
+    return values.to(torch.float32)
+
+
+def _row_bytes(a: np.ndarray) -> np.ndarray:
+    """An array of rows as a [rows, bytes per row] uint8 array (a view where it can be)."""
+    a = np.ascontiguousarray(a)
+    return a.reshape(len(a), int(np.prod(a.shape[1:]))).view(np.uint8)
 
 
 def _in_background(items: Iterator, depth: int, name: str) -> Iterator:

@@ -824,7 +824,7 @@ class ActivationFile:
                     sources |= {c: (torch.from_numpy(storage[c]), index) for c in first}
                 leftover = ids[perm[n_full:]]
                 leftover_at = {
-                    c: index[n_full:].numpy() for c, (_, index) in sources.items() if c not in first
+                    c: at[n_full:].numpy() for c, (_, at) in sources.items() if c not in first
                 }
                 # copied now: the staging buffer may be reused as soon as its batches are out
                 leftover_rows = {c: storage[c][perm[n_full:]] for c in first}
@@ -974,7 +974,7 @@ class _Buffer(NamedTuple):
 
 def _gathered(rows: torch.Tensor, index: torch.Tensor, dtype: torch.dtype, shape) -> torch.Tensor:
     """Rows `index` of `rows` (a value's bytes each, uint8) as a float32 [len(index), *shape]:
-    one gather into a fresh tensor, then the conversion (in place of a copy for float32)."""
+    one gather into a fresh tensor, then the conversion (none for float32: already a copy)."""
     values = rows.index_select(0, index).view(dtype).reshape(len(index), *shape)
     return values.to(torch.float32)
 

@@ -819,7 +819,7 @@ class ActivationFile:
                 storage = None
                 if first:  # staged: decoded into a staging buffer in file order, gathered there
                     storage = self._staging(free, first, capacity)
-                    self._stage(groups, list(first), first, storage, pool)
+                    self._stage(groups, first, storage, pool)
                     index = torch.from_numpy(perm)
                     sources |= {c: (torch.from_numpy(storage[c]), index) for c in first}
                 leftover = ids[perm[n_full:]]
@@ -861,7 +861,7 @@ class ActivationFile:
     def _addresses_in(self, groups, column: str, before: np.ndarray | None) -> np.ndarray | None:
         """The byte offsets of the rows `before` (already located), then of the row groups' rows,
         in that order; None if any of them is not stored in place."""
-        if before is None or column not in self._vectors:
+        if before is None:  # a scalar column too: `_addresses` gives None for one
             return None
         parts = [before]
         for g in groups:
@@ -906,10 +906,11 @@ class ActivationFile:
                 rows[c][here] = part[c][ids[here] - self._row_starts[g]]
         return rows
 
-    def _stage(self, groups, columns, first, storage, pool) -> None:
-        """Into `storage` (a row's values as bytes): the rows `first`, then the row groups' rows,
-        in file order. The row groups are decoded in parallel (in chunks: `iter_row_group`), each
-        chunk copied on while it is still in its thread's cache."""
+    def _stage(self, groups, first: dict[str, np.ndarray], storage, pool) -> None:
+        """Into `storage` (a row's values as bytes), for the columns of `first`: the rows `first`,
+        then the row groups' rows, in file order. The row groups are decoded in parallel (in
+        chunks: `iter_row_group`), each chunk copied on while it is still in its thread's cache."""
+        columns = list(first)
         n_first = len(first[columns[0]])
         offsets = np.cumsum([n_first, *(self._row_group_rows[g] for g in groups)])
         for c, rows in first.items():

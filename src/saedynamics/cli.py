@@ -87,12 +87,12 @@ def _seed_dirs(saes_dir: Path) -> list[Path]:
     return dirs
 
 
-def _identity(args, settings: dict, sae) -> dict:
+def _identity(args, settings: dict, name: str, sae) -> dict:
     return {
         "study": settings["study"],
         "step": args.step,
         "layer": args.layer,
-        "architecture": args.architecture,
+        "architecture": name,
         "architecture_type": sae.architecture,
         "architecture_title": sae.title or sae.architecture,
         "d_model": sae.d_in,
@@ -156,7 +156,7 @@ def cmd_micro_lm(args) -> None:
 
 
 def cmd_activations(args) -> None:
-    from saedynamics.activations import cache_activations
+    from saedynamics.caching import cache_activations
     from saedynamics.config import ActivationsConfig, ModelConfig
 
     s = _settings(args, "activations")
@@ -173,24 +173,29 @@ def cmd_activations(args) -> None:
 
 
 def cmd_train(args) -> None:
+    """Every SAE of one (step, layer)'s set (all architectures, or `--architecture`) x seeds,
+    from one read of the activation file."""
     from saedynamics.config import TrainingConfig
     from saedynamics.saes import REGISTRY
+    from saedynamics.sources import FileSource
     from saedynamics.training import train_saes
 
     s = _settings(args, "train", args.architecture)
     training = _validate(TrainingConfig, s["training"], "training")
-    kind = s["architecture"].get("architecture")
-    if kind not in REGISTRY:
-        raise ConfigError(
-            f"architecture {kind!r} is not registered; allowed: {', '.join(sorted(REGISTRY))}"
-        )
-    arch = _validate(REGISTRY[kind].Config, s["architecture"], f"architectures.{args.architecture}")
+    architectures = {}
+    for name, raw in s["architectures"].items():
+        kind = raw.get("architecture")
+        if kind not in REGISTRY:
+            raise ConfigError(
+                f"architectures.{name}.architecture: {kind!r} is not registered; allowed: "
+                f"{', '.join(sorted(REGISTRY))}"
+            )
+        architectures[name] = _validate(REGISTRY[kind].Config, raw, f"architectures.{name}")
     identity = {"study": s["study"], "step": args.step, "layer": args.layer}
     train_saes(
         training,
-        args.architecture,
-        arch,
-        _activation_file(args),
+        architectures,
+        FileSource(_activation_file(args)),
         Path(args.out),
         identity,
         _provenance(s),
@@ -199,31 +204,42 @@ def cmd_train(args) -> None:
 
 
 def cmd_measure(args) -> None:
-    """reconstruction.json, consistency.json and superposition.json of one SAE directory."""
-    import numpy as np
+    """reconstruction.json, consistency.json and superposition.json of each architecture of one
+    (step, layer) given, all seeds; the eval activations read (and verified) once."""
+    import torch
 
-    from saedynamics.activations import resolve_device
-    from saedynamics.artifacts import write_json
     from saedynamics.config import MetricsConfig
-    from saedynamics.metrics.consistency import compare, null_baseline, summarise
-    from saedynamics.metrics.reconstruction import evaluate
-    from saedynamics.metrics.superposition import effective_features
+    from saedynamics.resources import resolve_device
     from saedynamics.saes import load
 
     s = _settings(args, "measure")
     metrics = _validate(MetricsConfig, s["metrics"], "metrics")
     device = resolve_device(metrics.device)
     acts = _activation_file(args)
-    by_dir = {d: load(d) for d in _seed_dirs(args.saes)}
-    _check_d_in(by_dir, acts.d_model, str(acts.path))
-    saes = [sae.to(device) for sae in by_dir.values()]
-    out = Path(args.out)
-    common = _identity(args, s, saes[0])
-    provenance = _provenance(s)
+    by_name = {}
+    for name in args.architectures:  # every SAE checked before any is measured
+        by_name[name] = {d: load(d) for d in _seed_dirs(Path(args.saes) / name)}
+        _check_d_in(by_name[name], acts.d_model, str(acts.path))
+    x_eval = torch.from_numpy(acts.read()["act"]).to(device)  # float16: half the memory
 
     def eval_batches():
-        return (x.to(device) for x in acts.tensors(metrics.batch_size))
+        return (x.float() for x in x_eval.split(metrics.batch_size))
 
+    for name, by_dir in by_name.items():
+        saes = [sae.to(device) for sae in by_dir.values()]
+        identity = _identity(args, s, name, saes[0])
+        _measure_architecture(saes, eval_batches, metrics, Path(args.out) / name, identity, s)
+
+
+def _measure_architecture(saes, eval_batches, metrics, out: Path, common: dict, s: dict) -> None:
+    import numpy as np
+
+    from saedynamics.artifacts import write_json
+    from saedynamics.metrics.consistency import compare, null_baseline, summarise
+    from saedynamics.metrics.reconstruction import evaluate
+    from saedynamics.metrics.superposition import effective_features
+
+    provenance = _provenance(s)
     reconstruction, superposition = [], []
     for sae in saes:
         seed = sae.provenance["seed"]
@@ -231,7 +247,8 @@ def cmd_measure(args) -> None:
         codes = (sae.encode(x) for x in eval_batches())
         superposition.append({"seed": seed, **effective_features(codes, sae.d_in)})
         log.info(
-            "seed %s: FVU %.4f, L0 %.2f, dead %.3f, effective features %.1f",
+            "%s seed %s: FVU %.4f, L0 %.2f, dead %.3f, effective features %.1f",
+            common["architecture"],
             seed,
             reconstruction[-1]["fvu"],
             reconstruction[-1]["l0"],
@@ -255,7 +272,8 @@ def cmd_measure(args) -> None:
     pw = summarise([p["mcc"] for p in pairs])
     shared = summarise([p["shared_fraction"] for p in pairs])
     log.info(
-        "PW-MCC %.4f (null %.4f); shared fraction %.4f (null %.4f)",
+        "%s: PW-MCC %.4f (null %.4f); shared fraction %.4f (null %.4f)",
+        common["architecture"],
         pw["mean"],
         null["pw_mcc"],
         shared["mean"],
@@ -285,12 +303,13 @@ def cmd_splice(args) -> None:
     """CE-loss recovered and KL score of every SAE of one (step, layer), spliced into its LM."""
     import torch
 
-    from saedynamics.activations import _block_modules, resolve_device
     from saedynamics.artifacts import write_json
+    from saedynamics.caching import block_modules
     from saedynamics.checkpoints import load_model
     from saedynamics.config import ActivationsConfig, MetricsConfig
     from saedynamics.corpus import read_token_sample
     from saedynamics.metrics.reconstruction import spliced_scores
+    from saedynamics.resources import resolve_device
     from saedynamics.saes import load
 
     s = _settings(args, "splice")
@@ -302,9 +321,9 @@ def cmd_splice(args) -> None:
     _, windows = read_token_sample(Path(args.tokens), "eval")
     model = load_model(args.checkpoint)  # verified against its manifest first
     _check_d_in(by_dir, model.config.hidden_size, f"{args.checkpoint} (config.json)")
-    if args.layer >= len(_block_modules(model)):
+    if args.layer >= len(block_modules(model)):
         raise DataError(
-            f"{args.checkpoint}: the model has {len(_block_modules(model))} layers; "
+            f"{args.checkpoint}: the model has {len(block_modules(model))} layers; "
             f"layer {args.layer} does not exist"
         )
     model = model.to(device)
@@ -319,7 +338,7 @@ def cmd_splice(args) -> None:
             "seed": sae.provenance["seed"],
         }
     first = 1 if activations.drop_first_position and metrics.splice_positions == "trained" else 0
-    block = _block_modules(model)[args.layer]
+    block = block_modules(model)[args.layer]
     out = spliced_scores(
         model,
         block,
@@ -432,7 +451,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     sub = parser.add_subparsers(dest="command", required=True, metavar="command")
 
-    def command(name, func, help, *, ident=False):
+    def command(name, func, help):
         p = sub.add_parser(name, help=help)
         src = p.add_mutually_exclusive_group(required=True)
         src.add_argument(
@@ -440,12 +459,6 @@ def build_parser() -> argparse.ArgumentParser:
         )
         src.add_argument("--config", help="a whole study config file (YAML)")
         p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
-        if ident:
-            p.add_argument("--step", type=int, required=True)
-            p.add_argument("--layer", type=int, required=True)
-            p.add_argument(
-                "--architecture", required=True, help="name in the config's architectures"
-            )
         p.set_defaults(func=func)
         return p
 
@@ -475,26 +488,38 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--tokens", required=True)
     p.add_argument("--out", required=True, help="activations/step<N>/ (layer<L>/ written inside)")
 
-    p = command(
-        "train", cmd_train, "train all seeds of one (step, layer, architecture)", ident=True
+    p = command("train", cmd_train, "train a set of SAEs of one (step, layer) from one read")
+    p.add_argument("--step", type=int, required=True)
+    p.add_argument("--layer", type=int, required=True)
+    p.add_argument(
+        "--architecture",
+        help="with --config: train this architecture alone (default: every one of the config)",
     )
     p.add_argument("--activations", required=True, help="train.parquet")
-    p.add_argument("--out", required=True, help="saes/step<N>/layer<L>/<architecture>/")
+    p.add_argument(
+        "--out", required=True, help="saes/step<N>/layer<L>/ (<architecture>/seed<s>/ inside)"
+    )
     p.add_argument(
         "--resume-dir",
-        help="resume/step<N>/layer<L>/<architecture>/: checkpoints every training.checkpoint_tokens "
-        "and a restart resumes from the last one (outside the outputs); without it, neither",
+        help="resume/step<N>/layer<L>/<set>/: checkpoints every training.checkpoint_tokens and a "
+        "restart resumes from the last one (outside the outputs); without it, neither",
     )
 
     p = command(
         "measure",
         cmd_measure,
-        "reconstruction, consistency and superposition of one (step, layer, architecture)",
-        ident=True,
+        "reconstruction, consistency and superposition of SAEs of one (step, layer)",
     )
-    p.add_argument("--saes", required=True, help="saes/step<N>/layer<L>/<architecture>/")
+    p.add_argument("--step", type=int, required=True)
+    p.add_argument("--layer", type=int, required=True)
+    p.add_argument(
+        "--architectures", nargs="+", required=True, help="names in the config's architectures"
+    )
+    p.add_argument("--saes", required=True, help="saes/step<N>/layer<L>/ (<architecture>/ inside)")
     p.add_argument("--activations", required=True, help="eval.parquet")
-    p.add_argument("--out", required=True, help="metrics/step<N>/layer<L>/<architecture>/")
+    p.add_argument(
+        "--out", required=True, help="metrics/step<N>/layer<L>/ (<architecture>/ inside)"
+    )
 
     p = command(
         "splice", cmd_splice, "CE-loss recovered and KL score of the SAEs of one (step, layer)"

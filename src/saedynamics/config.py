@@ -249,6 +249,18 @@ class TrainingConfig(StrictModel):
     )
     train_tokens: int = Field(gt=0, description="tokens each SAE sees (epochs over the cache)")
     batch_size: int = Field(default=4096, gt=0)
+    shuffle_tokens: int = Field(
+        default=4_194_304,
+        gt=0,
+        description="rows of the shuffle buffer (part of the data order, sources.py): activations "
+        "that fit it are read once and kept on the training device",
+    )
+    split_by_architecture: bool = Field(
+        default=False,
+        description="one train job and one measure job per (step, layer, architecture) instead of "
+        "one per (step, layer), which trains every architecture x seed from one read: for a "
+        "device that cannot hold them all, or to retrain one architecture without the others",
+    )
     init_tokens: int = Field(
         default=16384, gt=0, description="first training tokens used for data-dependent init"
     )
@@ -498,15 +510,20 @@ class StudyConfig(StrictModel):
         }
         if stage not in slices:
             raise KeyError(f"unknown stage {stage!r}; stages: {', '.join(slices)}")
+        if architecture is not None and architecture not in self.architectures:
+            raise ConfigError(
+                f"architecture {architecture!r} is not in this config's architectures; it has: "
+                f"{', '.join(self.architectures)}"
+            )
         out = common | {key: dump[key] for key in slices[stage]}
         if stage == "activations":
             needed = set(self.activations.extra_columns)
             for arch in self.architectures.values():
                 needed |= set(REGISTRY[arch.architecture].requires)
             out["activations"]["extra_columns"] = sorted(needed)
-        if stage == "train":
-            out["architecture_name"] = architecture
-            out["architecture"] = dump["architectures"][architecture]
+        if stage == "train":  # the job's set: one architecture, or all (architecture None)
+            names = list(self.architectures) if architecture is None else [architecture]
+            out["architectures"] = {name: dump["architectures"][name] for name in names}
         return out
 
 

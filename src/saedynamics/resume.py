@@ -1,21 +1,21 @@
 """Resume checkpoints of a train job: a killed or preempted job continues where it stopped.
 
-The train rule passes results/<study>/resume/step<s>/layer<l>/<arch>/ as the resume folder: outside
+The train rule passes results/<study>/resume/step<s>/layer<l>/<set>/ as the resume folder: outside
 the rule's outputs, which Snakemake deletes when a job fails. Every `training.checkpoint_tokens`
 tokens the trainer writes one file there, `checkpoint.safetensors`, to a temporary sibling that is
 fsynced and renamed into place, so that a kill at any moment leaves the previous checkpoint or the
-new one, never part of one. It holds per seed the SAE's state_dict and `resume_state()` (state an
-architecture keeps outside its state_dict: counters, generator states), Adam's per-parameter
-state, the lr-schedule position and the loss curve so far; and the torch RNG states and the number
-of batches consumed, from which `ActivationFile.shuffled(start_batch=...)` continues the same batch
-sequence without decoding the skipped part. Tensors are safetensors; the rest is one JSON document
-in the file's header; nothing is pickled.
+new one, never part of one. It holds, for every SAE of the job (architecture and seed), its
+state_dict and `resume_state()` (state an architecture keeps outside its state_dict: counters,
+generator states), Adam's per-parameter state, the lr-schedule position and the loss curve so far;
+and the torch RNG states and the number of batches consumed, from which the source (sources.py,
+`batches(start=...)`) continues the same batch sequence without reading the skipped part. Tensors
+are safetensors; the rest is one JSON document in the file's header; nothing is pickled.
 
-A restarted job resumes only from a checkpoint whose fingerprint (settings, architecture,
-identity, activation file size and mtime, device, code version) is its own; any other is deleted
-with a log line. On CPU the SAEs it ends with are bitwise those of an uninterrupted run
-(tests/test_resume.py kills real jobs to check). The folder is deleted once the SAEs are written;
-cfg.json records the token counts the run resumed from.
+A restarted job resumes only from a checkpoint whose fingerprint (settings, architectures,
+identity, the source's fingerprint (an activation file's size and mtime), device, code version) is
+its own; any other is deleted with a log line. On CPU the SAEs it ends with are bitwise those of an
+uninterrupted run (tests/test_resume.py kills real jobs to check). The folder is deleted once the
+SAEs are written; cfg.json records the token counts the run resumed from.
 """
 
 from __future__ import annotations
@@ -42,7 +42,7 @@ log = logging.getLogger(__name__)
 
 CHECKPOINT = "checkpoint.safetensors"  # in the resume folder
 CHECKPOINT_KEY = "saedynamics.checkpoint"  # its JSON part, in the safetensors header
-CHECKPOINT_FORMAT = 1  # bump when what a checkpoint holds changes: older ones are then discarded
+CHECKPOINT_FORMAT = 2  # bump when what a checkpoint holds changes: older ones are then discarded
 # Test-only fault injection (tests/test_resume.py), read by the trainer alone: the job SIGKILLs
 # itself at "<n>" (after n optimiser steps and the checkpoint there, if any), "<n>:during-checkpoint"
 # (the checkpoint at n written to its temporary file, not yet renamed into place) or
@@ -56,20 +56,18 @@ def fault_point(point: str) -> None:
         os.kill(os.getpid(), signal.SIGKILL)
 
 
-def fingerprint(training, name, arch, acts, device, identity, provenance) -> dict:
+def fingerprint(training, architectures, source, device, identity, provenance) -> dict:
     """What a checkpoint belongs to: a job resumes only from a checkpoint with its own fingerprint.
 
     Not the thread count or the checkpoint interval, which do not change what is trained (the
     thread count may change the last bits of CPU results: resuming stays correct, not bitwise).
     """
-    stat = acts.path.stat()
     return {
         "format": CHECKPOINT_FORMAT,
         "identity": identity,
-        "architecture_name": name,
-        "architecture": arch.model_dump(mode="json"),
+        "architectures": {name: a.model_dump(mode="json") for name, a in architectures.items()},
         "training": training.model_dump(mode="json", exclude={"threads", "checkpoint_tokens"}),
-        "activations": {"bytes": stat.st_size, "mtime_ns": stat.st_mtime_ns},
+        "activations": source.fingerprint(),
         "device": device.type,
         "code": {k: provenance.get(k) for k in ("package_version", "git_commit")},
     }
@@ -77,12 +75,12 @@ def fingerprint(training, name, arch, acts, device, identity, provenance) -> dic
 
 @dataclass
 class Resumed:
-    """Where a restarted job stands: batches done, earlier resume points, each seed's
+    """Where a restarted job stands: batches done, earlier resume points, each SAE's
     resume_state (handed to SAE.load_resume_state once the replayed batches are read)."""
 
     batches_done: int = 0
     resumed_from_tokens: list[int] = field(default_factory=list)
-    states: dict[int, dict] = field(default_factory=dict)
+    states: dict[tuple[str, int], dict] = field(default_factory=dict)
 
 
 class Checkpoints:
@@ -129,24 +127,24 @@ class Checkpoints:
         tensors = {"rng/torch": torch.get_rng_state()}
         if any(sae.W_dec.is_cuda for sae in saes.values()):
             tensors |= {f"rng/cuda/{i}": s for i, s in enumerate(torch.cuda.get_rng_state_all())}
-        seeds = {}
-        for seed, sae in saes.items():
-            key = f"seed{seed}"
+        per_sae = {}
+        for (name, seed), sae in saes.items():
+            key = f"{name}/seed{seed}"
             tensors |= {f"{key}/module/{k}": v for k, v in sae.state_dict().items()}
-            adam = optimizers[seed].state_dict()
+            adam = optimizers[name, seed].state_dict()
             for j, state in adam["state"].items():
                 tensors |= {f"{key}/adam/{j}/{k}": v for k, v in state.items()}
             extra = sae.resume_state()
             tensors |= {f"{key}/sae/{k}": v for k, v in extra.items() if torch.is_tensor(v)}
-            seeds[key] = {
+            per_sae[key] = {
                 "lr": [group["lr"] for group in adam["param_groups"]],  # the rest is the config's
-                "schedule": schedules[seed].state_dict(),
+                "schedule": schedules[name, seed].state_dict(),
                 "sae": {k: v for k, v in extra.items() if not torch.is_tensor(v)},
-                "curve": curves[seed],
+                "curve": curves[name, seed],
             }
         tensors = {k: v.detach().cpu().contiguous() for k, v in tensors.items()}
         metadata = {
-            CHECKPOINT_KEY: json.dumps({**header, "seeds": seeds}),
+            CHECKPOINT_KEY: json.dumps({**header, "saes": per_sae}),
             **provenance_metadata(provenance),
         }
         with atomic_file(self.path) as tmp:
@@ -190,7 +188,7 @@ class Checkpoints:
 
 
 def _restore(path, header, tensors, saes, optimizers, schedules, curves) -> dict[int, dict]:
-    """Load a checkpoint into the SAEs, optimisers, schedules and loss curves; return each seed's
+    """Load a checkpoint into the SAEs, optimisers, schedules and loss curves; return each SAE's
     resume_state."""
     try:
         torch.set_rng_state(tensors["rng/torch"])
@@ -198,21 +196,21 @@ def _restore(path, header, tensors, saes, optimizers, schedules, curves) -> dict
         if cuda:
             torch.cuda.set_rng_state_all([cuda[i] for i in range(len(cuda))])
         states = {}
-        for seed, sae in saes.items():
-            key = f"seed{seed}"
-            doc = header["seeds"][key]
+        for (name, seed), sae in saes.items():
+            key = f"{name}/seed{seed}"
+            doc = header["saes"][key]
             sae.load_state_dict(_under(tensors, f"{key}/module/"))
             adam = defaultdict(dict)
             for k, v in _under(tensors, f"{key}/adam/").items():
-                j, name = k.split("/")
-                adam[int(j)][name] = v
-            groups = optimizers[seed].state_dict()["param_groups"]
+                j, moment = k.split("/")
+                adam[int(j)][moment] = v
+            groups = optimizers[name, seed].state_dict()["param_groups"]
             for group, lr in zip(groups, doc["lr"], strict=True):
                 group["lr"] = lr
-            optimizers[seed].load_state_dict({"state": dict(adam), "param_groups": groups})
-            schedules[seed].load_state_dict(doc["schedule"])
-            curves[seed] = doc["curve"]
-            states[seed] = {**doc["sae"], **_under(tensors, f"{key}/sae/")}
+            optimizers[name, seed].load_state_dict({"state": dict(adam), "param_groups": groups})
+            schedules[name, seed].load_state_dict(doc["schedule"])
+            curves[name, seed] = doc["curve"]
+            states[name, seed] = {**doc["sae"], **_under(tensors, f"{key}/sae/")}
     except (KeyError, ValueError, RuntimeError) as e:
         raise DataError(
             f"{path}: cannot resume from this checkpoint ({type(e).__name__}: {e}); delete it to "

@@ -52,9 +52,9 @@ them did. Each experiment returns plain JSON-able data; nothing here plots or wr
    (spec/measurements.md section 1.4; repository sae-feature-consistency, `synthetic/`).
    - Data: a dictionary A_true of m = organism_latents unit rows (i.i.d. Gaussian, normalised) in
      n = organism_dims dimensions; every sample has exactly k = organism_k active latents, chosen
-     uniformly, with values |N(0, 1)|; x = s A_true. organism_samples samples are written as an
-     activation file (`activations.ActivationWriter`) and the real trainer (`training.train_saes`)
-     trains on it, all seeds of a condition in one call, as in the workflow.
+     uniformly, with values |N(0, 1)|; x = s A_true. The real trainer (`training.train_saes`)
+     trains every condition and seed on the organism_samples samples, held in memory
+     (`sources.TensorSource`), from one stream of batches, as a train job of the workflow does.
    - Conditions, each over organism_seeds (init seeds), d_sae = m as in the paper:
        topk_matched      TopK at the true k
        topk_mismatched   TopK at 2k
@@ -108,11 +108,12 @@ import torch
 from scipy.stats import spearmanr
 from torch import Tensor
 
-from saedynamics.activations import ActivationFile, ActivationWriter
 from saedynamics.config import TrainingConfig, ValidationConfig
 from saedynamics.metrics.consistency import mcc, null_baseline, pw_mcc
 from saedynamics.metrics.superposition import effective_features
 from saedynamics.saes import REGISTRY, SAE, ArchitectureConfig
+from saedynamics.scaling import input_scale
+from saedynamics.sources import TensorSource
 from saedynamics.training import train_saes
 
 log = logging.getLogger(__name__)
@@ -326,21 +327,6 @@ def organism_sample(
     return a_true, codes
 
 
-def write_activations(path: Path, x: Tensor | np.ndarray, **extras: Tensor) -> None:
-    """Write samples x [n, d] as an activation file the trainer reads (extra columns optional)."""
-    x = torch.as_tensor(x, dtype=torch.float32)
-    writer = ActivationWriter(
-        path, x.shape[1], {"step": 0, "layer": 0, "model": "synthetic"}, 4096, tuple(extras)
-    )
-    idx = np.arange(len(x), dtype=np.int32)
-    try:
-        writer.append(idx, idx, idx, x, **extras)
-        writer.close()
-    except BaseException:
-        writer.abort()
-        raise
-
-
 def organism_conditions(cfg: ValidationConfig) -> dict[str, ArchitectureConfig]:
     """The four conditions: TopK and ReLU + L1, each at a matched and a mismatched sparsity."""
     k = cfg.organism_k
@@ -418,7 +404,7 @@ def organism_validation(
 ) -> dict:
     """PW-MCC against ground-truth recovery on the model organism (see the module docstring).
 
-    Writes work_dir/organism.parquet and work_dir/<condition>/seed<s>/ (the trained SAEs).
+    Writes work_dir/<condition>/seed<s>/ (the trained SAEs).
     `conditions`: a subset of `organism_conditions(cfg)` to run (default: all four).
     """
     started = time.perf_counter()
@@ -438,53 +424,51 @@ def organism_validation(
         cfg.organism_k,
         seed=_stream(cfg.seed, "organism"),
     )
-    data = work_dir / "organism.parquet"
-    write_activations(data, codes @ a_true)
-    acts = ActivationFile(data)  # verified once: every condition trains on this open file
-    scale = acts.input_scale(training.input_scaling)
-    x_eval = next(acts.tensors(min(ORGANISM_EVAL_SAMPLES, acts.n_rows))) * scale
+    source = TensorSource({"act": torch.from_numpy(codes @ a_true).float()}, {"model": "organism"})
+    scale = input_scale(source.norm, training.input_scaling, source.d_model)
+    x_eval = source.tensors["act"][:ORGANISM_EVAL_SAMPLES] * scale
+    recorders = {name: _Recorder(a_true, x_eval, seeds, training.batch_size) for name in names}
 
+    def observe(step: int, saes: dict[str, dict[int, SAE]]) -> None:
+        for name, recorder in recorders.items():
+            recorder(step, saes[name])
+
+    with _one_thread():  # every condition from one stream of batches, as a train job does
+        train_saes(
+            training,
+            {name: all_conditions[name] for name in names},
+            source,
+            work_dir,
+            {"study": "validation", "step": 0, "layer": 0},
+            {"experiment": "organism"},
+            observe=observe,
+        )
     results = {}
-    with _one_thread():
-        for name in names:
-            arch = all_conditions[name]
-            t0 = time.perf_counter()
-            recorder = _Recorder(a_true, x_eval, seeds, training.batch_size)
-            train_saes(
-                training,
-                name,
-                arch,
-                acts,
-                work_dir / name,
-                {"study": "validation", "step": 0, "layer": 0},
-                {"experiment": "organism", "condition": name},
-                observe=recorder,
-            )
-            c = recorder.curve
-            results[name] = {
-                "architecture": arch.architecture,
-                "hyperparameters": arch.model_dump(mode="json"),
-                "matched": name.endswith("_matched"),
-                "curve": c,
-                "final": {
-                    "pw_mcc": c["pw_mcc"][-1],
-                    "pw_mcc_std": c["pw_mcc_std"][-1],
-                    "pw_mcc_pairs": recorder.pairs,
-                    "gt_mcc": c["gt_mcc"][-1],
-                    "gt_mcc_seed": {s: v[-1] for s, v in c["gt_mcc_seed"].items()},
-                    "l0": c["l0"][-1],
-                    "l0_seed": {s: v[-1] for s, v in c["l0_seed"].items()},
-                },
-                "pearson_r": _pearson(c["pw_mcc"], c["gt_mcc"]),
-            }
-            log.info(
-                "organism %s: PW-MCC %.3f, GT-MCC %.3f, L0 %.2f (%.1f s)",
-                name,
-                c["pw_mcc"][-1],
-                c["gt_mcc"][-1],
-                c["l0"][-1],
-                time.perf_counter() - t0,
-            )
+    for name in names:
+        arch, c = all_conditions[name], recorders[name].curve
+        results[name] = {
+            "architecture": arch.architecture,
+            "hyperparameters": arch.model_dump(mode="json"),
+            "matched": name.endswith("_matched"),
+            "curve": c,
+            "final": {
+                "pw_mcc": c["pw_mcc"][-1],
+                "pw_mcc_std": c["pw_mcc_std"][-1],
+                "pw_mcc_pairs": recorders[name].pairs,
+                "gt_mcc": c["gt_mcc"][-1],
+                "gt_mcc_seed": {s: v[-1] for s, v in c["gt_mcc_seed"].items()},
+                "l0": c["l0"][-1],
+                "l0_seed": {s: v[-1] for s, v in c["l0_seed"].items()},
+            },
+            "pearson_r": _pearson(c["pw_mcc"], c["gt_mcc"]),
+        }
+        log.info(
+            "organism %s: PW-MCC %.3f, GT-MCC %.3f, L0 %.2f",
+            name,
+            c["pw_mcc"][-1],
+            c["gt_mcc"][-1],
+            c["l0"][-1],
+        )
 
     by_gt = sorted(names, key=lambda n: -results[n]["final"]["gt_mcc"])
     by_pw = sorted(names, key=lambda n: -results[n]["final"]["pw_mcc"])

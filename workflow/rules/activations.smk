@@ -13,7 +13,7 @@ rule activations:
         f"{R}/logs/activations/step{{step}}.log",
     benchmark:
         f"{R}/benchmarks/activations/step{{step}}.tsv"
-    threads: 2
+    threads: 1  # start-up (imports, loading) dominates at small scale: two such jobs share 2 cores better than one
     resources:
         gpu=1,
         mem_mb=8000,

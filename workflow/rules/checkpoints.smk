@@ -33,7 +33,7 @@ else:
             f"{R}/logs/micro_lm.log",
         benchmark:
             f"{R}/benchmarks/micro_lm.tsv"
-        threads: 2
+        threads: 1  # runs beside the validation job, which starts first: two jobs, one core each
         resources:
             mem_mb=4000,
         params:

@@ -94,3 +94,11 @@ def sae_files(step, layer, architecture):
         file=SAE_FILES,
         allow_missing=True,
     )
+
+
+def metric_files(step, layer, architecture):
+    return expand(
+        f"{R}/metrics/step{step}/layer{layer}/{architecture}/{{metric}}.json",
+        metric=METRICS,
+        allow_missing=True,
+    )

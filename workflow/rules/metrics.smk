@@ -1,32 +1,53 @@
-# The measurements of one (step, layer, architecture) over all its seeds: reconstruction and
-# sparsity, seed consistency, superposition. One job writes the three files: they read the same
-# SAEs and eval activations, and a job's start-up (importing torch) would otherwise dominate.
+# The measurements of SAEs of one (step, layer), all seeds: reconstruction and sparsity, seed
+# consistency, superposition, three files per architecture. One job per (step, layer), as training
+# (training.split_by_architecture: one per architecture): the eval activations are read once, and
+# a job's start-up (importing torch) would otherwise dominate.
+if CFG.training.split_by_architecture:
 
+    rule measure:
+        input:
+            saes=sae_files("{step}", "{layer}", "{architecture}"),
+            eval=f"{R}/activations/step{{step}}/layer{{layer}}/eval.parquet",
+        output:
+            metric_files("{step}", "{layer}", "{architecture}"),
+        log:
+            f"{R}/logs/measure/step{{step}}/layer{{layer}}/{{architecture}}.log",
+        benchmark:
+            f"{R}/benchmarks/measure/step{{step}}/layer{{layer}}/{{architecture}}.tsv"
+        resources:
+            mem_mb=8000,
+        params:
+            settings=settings("measure"),
+            saes=parent(3, of="input"),
+            out=parent(2),
+        shell:
+            "PYTHONPATH=src python -m saedynamics measure --settings {params.settings:q} --threads {threads}"
+            " --step {wildcards.step} --layer {wildcards.layer} --architectures {wildcards.architecture}"
+            " --saes {params.saes} --activations {input.eval} --out {params.out} > {log} 2>&1"
 
-rule measure:
-    input:
-        saes=sae_files("{step}", "{layer}", "{architecture}"),
-        eval=f"{R}/activations/step{{step}}/layer{{layer}}/eval.parquet",
-    output:
-        expand(
-            f"{R}/metrics/step{{step}}/layer{{layer}}/{{architecture}}/{{metric}}.json",
-            metric=METRICS,
-            allow_missing=True,
-        ),
-    log:
-        f"{R}/logs/measure/step{{step}}/layer{{layer}}/{{architecture}}.log",
-    benchmark:
-        f"{R}/benchmarks/measure/step{{step}}/layer{{layer}}/{{architecture}}.tsv"
-    resources:
-        mem_mb=8000,
-    params:
-        settings=settings("measure"),
-        saes=parent(2, of="input"),
-        out=parent(),
-    shell:
-        "PYTHONPATH=src python -m saedynamics measure --settings {params.settings:q} --threads {threads}"
-        " --step {wildcards.step} --layer {wildcards.layer} --architecture {wildcards.architecture}"
-        " --saes {params.saes} --activations {input.eval} --out {params.out} > {log} 2>&1"
+else:
+
+    rule measure:
+        input:
+            saes=[f for a in ARCHITECTURES for f in sae_files("{step}", "{layer}", a)],
+            eval=f"{R}/activations/step{{step}}/layer{{layer}}/eval.parquet",
+        output:
+            [f for a in ARCHITECTURES for f in metric_files("{step}", "{layer}", a)],
+        log:
+            f"{R}/logs/measure/step{{step}}/layer{{layer}}.log",
+        benchmark:
+            f"{R}/benchmarks/measure/step{{step}}/layer{{layer}}.tsv"
+        resources:
+            mem_mb=8000,
+        params:
+            settings=settings("measure"),
+            saes=parent(3, of="input"),
+            out=parent(2),
+            architectures=" ".join(ARCHITECTURES),
+        shell:
+            "PYTHONPATH=src python -m saedynamics measure --settings {params.settings:q} --threads {threads}"
+            " --step {wildcards.step} --layer {wildcards.layer} --architectures {params.architectures}"
+            " --saes {params.saes} --activations {input.eval} --out {params.out} > {log} 2>&1"
 
 
 # Every SAE of one (step, layer) spliced into that checkpoint's LM: loads the model once.
@@ -46,7 +67,7 @@ rule splice:
         f"{R}/logs/splice/step{{step}}/layer{{layer}}.log",
     benchmark:
         f"{R}/benchmarks/splice/step{{step}}/layer{{layer}}.tsv"
-    threads: 2
+    threads: 1  # as activations: loading dominates at small scale, a GPU does the work at scale
     resources:
         gpu=1,
         mem_mb=8000,

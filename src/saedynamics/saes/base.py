@@ -217,6 +217,11 @@ class SAE(nn.Module):
         """Restore what `resume_state` returned (after load_state_dict); `replayed`: the last
         state["replay_batches"] training inputs before the checkpoint, oldest first."""
 
+    @classmethod
+    def kept_input_tokens(cls, cfg: ArchitectureConfig) -> int:
+        """How many recent training inputs the SAE keeps (for the trainer's memory estimate)."""
+        return 0
+
     def attach_optimizer(self, optimizer: torch.optim.Optimizer) -> None:
         self._optimizer = weakref.ref(optimizer)
 

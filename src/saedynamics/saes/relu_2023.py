@@ -142,6 +142,10 @@ class ReLU2023SAE(SAE):
             self.resample(torch.cat(self.recent_inputs)[-self.cfg.resample_sample_tokens :])
             self.recent_inputs = []
 
+    @classmethod
+    def kept_input_tokens(cls, cfg) -> int:
+        return cfg.resample_sample_tokens
+
     def resume_state(self) -> dict:
         # the recent inputs are training batches: a checkpoint records how many, not the tensors
         # (up to resample_sample_tokens x d_in floats), and the trainer reads them again

@@ -1,6 +1,8 @@
 """Synthetic sparse data from a known dictionary, and recovery of it by the real trainer.
 
-The generator lives in `saedynamics.toy` (the validation of the metrics uses the same organism).
+The generator lives in `saedynamics.toy` (the validation of the metrics uses the same organism);
+the trainer takes the samples from memory (`sources.TensorSource`), or from an activation file
+written here where a test needs one.
 The model organism of Song, Muhamed et al. 2025 (spec/measurements.md section 1.4): a dictionary
 A_true of m unit rows in d dimensions; every sample has exactly k active latents with values
 |N(0, 1)|; x = s A_true. An SAE recovers the dictionary when its decoder rows match A_true's
@@ -18,24 +20,41 @@ from saedynamics.activations import ActivationFile, ActivationWriter
 from saedynamics.config import TrainingConfig
 from saedynamics.metrics.consistency import mcc
 from saedynamics.saes import REGISTRY, load
-from saedynamics.toy import organism_sample, write_activations
+from saedynamics.sources import TensorSource
+from saedynamics.toy import organism_sample
 from saedynamics.training import train_saes
 
 
-def sparse_dataset(path: Path, n=50_000, d=16, m=32, k=3, seed=0, extras=()) -> np.ndarray:
-    """Write an activation file of n organism samples (`toy.organism_sample`); return A_true [m, d].
+def write_activations(path: Path, x, **extras: torch.Tensor) -> None:
+    """Write samples x [n, d] as an activation file the trainer reads (extra columns optional)."""
+    x = torch.as_tensor(x, dtype=torch.float32)
+    meta = {"step": 0, "layer": 0, "model": "synthetic"}
+    writer = ActivationWriter(path, x.shape[1], meta, 4096, tuple(extras))
+    idx = np.arange(len(x), dtype=np.int32)
+    writer.append(idx, idx, idx, x, **extras)
+    writer.close()
+
+
+def organism_tensors(n=50_000, d=16, m=32, k=3, seed=0, extras=()) -> tuple[dict, np.ndarray]:
+    """({"act": organism samples [n, d], stand-in extra columns}, A_true [m, d]).
 
     `extras`: stand-in extra columns for architectures that require them, drawn after the samples
     from the same RNG stream.
     """
     rng = np.random.default_rng(seed)
     a_true, codes = organism_sample(n, d, m, k, seed=rng)
-    columns = {}
+    columns = {"act": torch.tensor(codes @ a_true, dtype=torch.float32)}
     if "lm_entropy" in extras:  # a stand-in "complexity": how much signal the sample carries
         columns["lm_entropy"] = torch.tensor(codes.sum(axis=1), dtype=torch.float32)
     if "lm_grad" in extras:  # a stand-in gradient: random directions
         columns["lm_grad"] = torch.tensor(rng.standard_normal((n, d)) * 0.01, dtype=torch.float32)
-    write_activations(path, codes @ a_true, **columns)
+    return columns, a_true
+
+
+def sparse_dataset(path: Path, n=50_000, d=16, m=32, k=3, seed=0, extras=()) -> np.ndarray:
+    """Write an activation file of n organism samples (`organism_tensors`); return A_true [m, d]."""
+    columns, a_true = organism_tensors(n, d, m, k, seed, extras)
+    write_activations(path, columns.pop("act"), **columns)
     return a_true
 
 
@@ -53,8 +72,7 @@ def recovery(
     """Train `name` with `hyper` on the organism (d dims, m true latents, k = 3); return each
     seed's MCC to A_true. n_latents defaults to m."""
     cls = REGISTRY[name]
-    data = tmp_path / "organism.parquet"
-    a_true = sparse_dataset(data, d=d, m=m, extras=cls.requires)
+    columns, a_true = organism_tensors(d=d, m=m, extras=cls.requires)
     n_latents = n_latents or m
     arch = cls.Config(architecture=name, **hyper)
     training = TrainingConfig(
@@ -65,16 +83,14 @@ def recovery(
         input_scaling="centred",
         init_tokens=4096,
     )
-    out = tmp_path / name
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # tiny matrices: one thread is faster, and immune to machine load
     try:
-        train_saes(
-            training, name, arch, data, out, {"study": "organism", "step": 0, "layer": 0}, {}
-        )
+        identity = {"study": "organism", "step": 0, "layer": 0}
+        train_saes(training, {name: arch}, TensorSource(columns), tmp_path, identity, {})
     finally:
         torch.set_num_threads(threads)
-    return [mcc(load(out / f"seed{s}").W_dec, a_true) for s in seeds]
+    return [mcc(load(tmp_path / name / f"seed{s}").W_dec, a_true) for s in seeds]
 
 
 def make_sae(name: str, d_in=8, d_sae=32, seed=0, **hyper):
@@ -108,24 +124,14 @@ def indexed_activation_file(path, n=1000, d=4, row_group=64) -> ActivationFile:
 
 
 def record_row_group_reads(monkeypatch) -> list[int]:
-    """The indices of the row groups ActivationFile reads from now on, in order (whole, in
-    chunks, or located in place as `shuffled` reads them)."""
+    """The indices of the row groups ActivationFile reads from now on, in order."""
     reads: list[int] = []
-    whole, chunked = ActivationFile.read_row_group, ActivationFile.iter_row_group
-    located = ActivationFile._row_addresses
-    monkeypatch.setattr(
-        ActivationFile,
-        "_row_addresses",
-        lambda self, i, c: reads.append(i) or located(self, i, c),
-    )
-    monkeypatch.setattr(
-        ActivationFile,
-        "read_row_group",
-        lambda self, i, c=("act",): reads.append(i) or whole(self, i, c),
-    )
-    monkeypatch.setattr(
-        ActivationFile,
-        "iter_row_group",
-        lambda self, i, c=("act",), **kw: reads.append(i) or chunked(self, i, c, **kw),
-    )
+    original = ActivationFile.read_row_groups
+
+    def recorded(self, ids, columns=("act",)):
+        ids = list(ids)
+        reads.extend(ids)
+        return original(self, ids, columns)
+
+    monkeypatch.setattr(ActivationFile, "read_row_groups", recorded)
     return reads

@@ -108,9 +108,13 @@ def test_unreadable_config_files(tmp_path):
 
 
 def test_stage_settings_are_minimal_slices(tiny_cfg):
-    train = tiny_cfg.stage_settings("train", "topk")
-    assert set(train) == {"study", "training", "architecture_name", "architecture"}
-    assert train["architecture"]["k"] == 4
+    train = tiny_cfg.stage_settings("train", "topk")  # a job of one architecture
+    assert set(train) == {"study", "training", "architectures"}
+    assert list(train["architectures"]) == ["topk"] and train["architectures"]["topk"]["k"] == 4
+    # the default job: every architecture of the (step, layer)
+    assert list(tiny_cfg.stage_settings("train")["architectures"]) == ["topk", "relu"]
+    with pytest.raises(ConfigError, match="'batchtopk' is not in this config's architectures"):
+        tiny_cfg.stage_settings("train", "batchtopk")
     assert set(tiny_cfg.stage_settings("figures")) == {"study", "figures"}
     # defaults are part of the slice, so a changed default re-runs the stage
     assert train["training"]["grad_clip_norm"] == 1.0

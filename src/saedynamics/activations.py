@@ -59,7 +59,7 @@ def schema(d_model: int, extra_columns=()) -> pa.Schema:
 
 class ActivationWriter:
     """Rows appended in any chunks, written in row groups of `row_group_rows`, renamed into place
-    by `close()` (deleted by `abort()`); a full disk is a ResourceError naming the file."""
+    by `close()` (deleted by `discard()`); a full disk is a ResourceError naming the file."""
 
     def __init__(
         self,
@@ -136,13 +136,15 @@ class ActivationWriter:
         self._writer = None
         return self.metadata
 
-    def abort(self) -> None:
-        """Discard everything written so far (no-op once closed)."""
-        if self._writer is not None:
-            with contextlib.suppress(Exception):  # the file is discarded: its errors do not matter
-                self._writer.close()
-            self._writer = None
-            self._atomic.__exit__(RuntimeError, RuntimeError("aborted"), None)
+    def discard(self) -> None:
+        """Delete what this writer wrote: its temporary file, or the file once closed."""
+        if self._writer is None:
+            self.path.unlink(missing_ok=True)
+            return
+        with contextlib.suppress(Exception):  # the file is discarded: its errors do not matter
+            self._writer.close()
+        self._writer = None
+        self._atomic.__exit__(RuntimeError, RuntimeError("discarded"), None)
 
 
 def read_metadata(path: str | Path) -> dict:

@@ -165,7 +165,7 @@ def cache_activations(
         hooks = LayerHooks(model.to(device).requires_grad_(False), cfg.layers, extras)
     except DataError as e:
         raise DataError(f"{checkpoint_dir}: {e}") from None
-    lm_stats, done, started = {}, [], time.perf_counter()
+    lm_stats, writers, started = {}, [], time.perf_counter()
     try:
         for split in ("train", "eval"):
             doc_ids, windows = samples[split]
@@ -186,59 +186,42 @@ def cache_activations(
                 "first_position": first,
                 "vocab_size": config.vocab_size,
             }
-            writers = {
-                layer: ActivationWriter(
-                    out_dir / f"layer{layer}" / f"{split}.parquet",
-                    config.hidden_size,
-                    metadata
-                    | {
-                        "layer": layer,
-                        "hook": f"gpt_neox.layers.{layer}",
-                        "hook_point": f"blocks.{layer}.hook_resid_post",
-                    },
-                    cfg.row_group_rows,
-                    extras,
-                    provenance,
-                    f"this step's activations take about {human_bytes(need)} in all: {advice}, then rerun",
-                )
-                for layer in cfg.layers
-            }
+            by_layer = {}
+            for layer in cfg.layers:
+                hook = {"layer": layer, "hook": f"gpt_neox.layers.{layer}",
+                        "hook_point": f"blocks.{layer}.hook_resid_post"}  # fmt: skip
+                path = out_dir / f"layer{layer}" / f"{split}.parquet"
+                by_layer[layer] = ActivationWriter(
+                    path, config.hidden_size, metadata | hook, cfg.row_group_rows, extras,
+                    provenance, f"this step's activations take about {human_bytes(need)} in all: "
+                    f"{advice}, then rerun",
+                )  # fmt: skip
+                writers.append(by_layer[layer])
             loss_sum, loss_count = 0.0, 0
-            try:
-                for start in tqdm(
-                    range(0, len(windows), cfg.batch_sequences),
-                    desc=f"activations {split}",
-                    mininterval=5,
-                    unit="batch",
-                ):
-                    ids = torch.from_numpy(
-                        windows[start : start + cfg.batch_sequences].astype(np.int64)
-                    )
-                    acts, columns, nll = hooks.run(ids.to(device), logits=split == "eval")
-                    if nll is not None:
-                        loss_sum, loss_count = loss_sum + nll.sum().item(), loss_count + nll.numel()
-                    b = len(ids)
-                    pos = np.tile(np.arange(first, ctx, dtype=np.int32), b)
-                    docs = np.repeat(doc_ids[start : start + b], ctx - first)
-                    toks = windows[start : start + b, first:].reshape(-1)
-                    for layer, writer in writers.items():
-                        extra = {name: v[:, first:] for name, v in columns[layer].items()}
-                        writer.append(docs, pos, toks, acts[layer][:, first:], **extra)
-                if split == "eval":
-                    lm_stats = {"lm_eval_loss": loss_sum / loss_count, "lm_eval_tokens": loss_count}
-                for writer in writers.values():
-                    writer.metadata.update(lm_stats)
-                    writer.close()
-                    done.append(writer.path)
-            except BaseException:
-                for writer in writers.values():
-                    writer.abort()
-                raise
+            starts = range(0, len(windows), cfg.batch_sequences)
+            for start in tqdm(starts, desc=f"activations {split}", mininterval=5, unit="batch"):
+                ids = torch.from_numpy(
+                    windows[start : start + cfg.batch_sequences].astype(np.int64)
+                )
+                acts, columns, nll = hooks.run(ids.to(device), logits=split == "eval")
+                if nll is not None:
+                    loss_sum, loss_count = loss_sum + nll.sum().item(), loss_count + nll.numel()
+                pos = np.tile(np.arange(first, ctx, dtype=np.int32), len(ids))
+                docs = np.repeat(doc_ids[start : start + len(ids)], ctx - first)
+                toks = windows[start : start + len(ids), first:].reshape(-1)
+                for layer, writer in by_layer.items():
+                    extra = {name: v[:, first:] for name, v in columns[layer].items()}
+                    writer.append(docs, pos, toks, acts[layer][:, first:], **extra)
+            if split == "eval":
+                lm_stats = {"lm_eval_loss": loss_sum / loss_count, "lm_eval_tokens": loss_count}
+            for writer in by_layer.values():
+                writer.metadata.update(lm_stats)
+                writer.close()
     except BaseException as e:
-        for path in done:  # all files or none: the ones already in place go, with empty folders
-            path.unlink(missing_ok=True)
+        for writer in writers:  # all files or none: the ones already in place go too
+            writer.discard()
         for folder in [out_dir / f"layer{layer}" for layer in cfg.layers] + [out_dir]:
-            with contextlib.suppress(OSError):
+            with contextlib.suppress(OSError):  # not empty, or not there: left alone
                 folder.rmdir()
         if isinstance(e, torch.OutOfMemoryError):
             raise out_of_memory_error(

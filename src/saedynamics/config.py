@@ -10,6 +10,7 @@ settings that produced it.
 from __future__ import annotations
 
 import re
+import textwrap
 from pathlib import Path
 from typing import Annotated, Any, Literal, get_args, get_origin
 
@@ -578,7 +579,8 @@ def _format_errors(
             )
         elif err["type"] == "extra_forbidden":
             allowed = _allowed_keys(model, err["loc"][:-1])
-            msg = "unknown key" + (f"; allowed keys here: {', '.join(allowed)}" if allowed else "")
+            listed = "\n      ".join(textwrap.wrap(", ".join(allowed), 90))  # short lines
+            msg = "unknown key" + (f"; allowed keys here: {listed}" if allowed else "")
         elif err["type"] == "missing":
             msg = "required key is missing"
         elif err["type"] == "union_tag_invalid":

@@ -1,9 +1,10 @@
-"""Activation I/O throughput: does caching keep up with the forward pass, the reader with a memmap?
+"""Activation I/O: does caching keep up with the forward pass; how fast does the format decode?
 
     python benchmarks/activations.py                      # Pythia-70m's shape, CPU or GPU
     python benchmarks/activations.py --sequences 512 --context 2048 --device cuda
 
-Prints one table. Targets: caching overhead <= 10 %, reader >= 0.8x the memmap.
+Prints one table per half. Whether reading matters for training at all is printed by
+benchmarks/train_throughput.py (the reading share of a grouped training job's step time).
 
 Caching. A GPT-NeoX with Pythia-70m's shape (d 512, 6 layers, 8 heads, vocab 50304; random
 weights, built from a config: nothing is downloaded) is saved as a checkpoint, a token sample of
@@ -14,28 +15,13 @@ per round, alternately:
   - forward + cache:  the real writer, Parquet files for every layer and split.
 Tokens/s are those `cache_activations` itself logs (timed after the model is loaded, so loading is
 not counted); the median over rounds is reported. "writer alone" feeds the writers precomputed
-activations: the tokens/s they absorb, which bounds the overhead on a device whose forward pass is
-faster than this one's.
+activations: the tokens/s they absorb.
 
-Reading. One array of random activations (float16, per-dimension scales as in a residual stream)
-is stored twice: as an activation Parquet file (`ActivationWriter`) and as a `.npy` read through
-`np.load(mmap_mode=...)`. Both produce float32 torch batches in the same seeded shuffled-by-blocks
-order: blocks of `row_group_rows` rows in a random order, `buffer_row_groups` of them at a time,
-the rows of a buffer (plus the previous leftover) permuted. The memmap baseline is the fair best
-case of that pattern for a memmap: it gathers each batch straight from the mapped pages (one
-`index_select` and one float conversion per batch, no buffer, no thread). `shuffled` does the same
-per batch, gathering each row straight from the Parquet file's mapped data pages (whose rows, past
-the page headers, lie at byte offsets that no one row width divides: it gathers from a view with a
-row at every byte), while its background thread locates the next buffer's rows and touches their
-pages; so the ratio prices the bookkeeping of the Parquet layout. Both files are mapped once and
-read for an epoch before timing, so both come from the page cache with their pages mapped (a cold
-disk would slow both alike: Parquet stores the same bytes). The consumer does no work: all of the
-reader's work shows, none of it hides behind a trainer's compute.
-
-Besides wall-clock rates the table gives CPU time per unit (all threads of the process): steadier
-than wall time on a shared machine. Where other work keeps the cores busy, torch's OpenMP threads
-waste time waiting for each other, in the forward pass and in both readers' gathers;
-`--torch-threads 1` then gives the steadier comparison.
+Decoding. The same float16 activations stored three ways and read whole into a NumPy array: as an
+activation file (act a fixed_size_list<float16>: what pandas, `datasets`, polars read as numbers;
+`ActivationFile.read`), as the same Parquet file with the vectors as fixed_size_binary (activation
+format 2, which standard tools see as opaque bytes) and as a `.npy` read with NumPy (the bytes as
+they are on disk). GB/s of float16 values, files in the page cache, pyarrow's own threads on.
 """
 
 from __future__ import annotations
@@ -59,14 +45,12 @@ import transformers
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))  # this checkout's code
 
-from saedynamics import activations  # noqa: E402
-from saedynamics.activations import (  # noqa: E402
-    ActivationFile,
-    ActivationWriter,
-    cache_activations,
-)
+from saedynamics import caching  # noqa: E402
+from saedynamics.activations import ActivationFile, ActivationWriter  # noqa: E402
 from saedynamics.artifacts import sha256_file  # noqa: E402
+from saedynamics.caching import cache_activations  # noqa: E402
 from saedynamics.config import ActivationsConfig  # noqa: E402
+from saedynamics.resources import resolve_device  # noqa: E402
 
 EVAL_SEQUENCES = 2  # cache_activations always does the eval split (full logits): keep it small
 
@@ -89,15 +73,10 @@ def parse_args() -> argparse.Namespace:
     )
     p.add_argument("--batch-sequences", type=int, default=32)
     p.add_argument("--rounds", type=int, default=3, help="timed rounds of each measurement")
-    p.add_argument("--reader-rows", type=int, default=1 << 18)
-    p.add_argument("--batch-size", type=int, default=4096, help="rows per reader batch")
-    p.add_argument("--reader-batches", type=int, default=128, help="batches timed per round")
+    p.add_argument("--reader-rows", type=int, default=1 << 18, help="rows decoded")
     p.add_argument("--row-group-rows", type=int, default=8192)
-    p.add_argument("--buffer-row-groups", type=int, default=4)
-    p.add_argument("--prefetch", type=int, default=None, help="default: the reader's")
-    p.add_argument("--decode-threads", type=int, default=None, help="default: the reader's")
     p.add_argument("--torch-threads", type=int, default=None, help="default: torch's")
-    p.add_argument("--only", choices=["caching", "reading"], help="run one half of the table")
+    p.add_argument("--only", choices=["caching", "decoding"], help="run one half")
     return p.parse_args()
 
 
@@ -162,7 +141,7 @@ class DroppingWriter:
     def close(self) -> dict:
         return self.metadata
 
-    def abort(self) -> None:
+    def discard(self) -> None:
         pass
 
 
@@ -190,13 +169,13 @@ class Measured(logging.Handler):
 def cache_rate(cfg, checkpoint: Path, tokens: Path, out: Path, writer) -> tuple[float, float]:
     """(tokens/s, CPU seconds per token) of one cache_activations run with this writer class."""
     measured = Measured()
-    logger = logging.getLogger(activations.__name__)
+    logger = logging.getLogger(caching.__name__)
     logger.addHandler(measured)
     logger.setLevel(logging.INFO)
     try:
         with (
-            mock.patch.object(activations, "ActivationWriter", writer),
-            mock.patch.object(activations, "tqdm", measured.tqdm),
+            mock.patch.object(caching, "ActivationWriter", writer),
+            mock.patch.object(caching, "tqdm", measured.tqdm),
         ):
             cache_activations(cfg, checkpoint, tokens, out)
     finally:
@@ -257,89 +236,43 @@ def bench_caching(args, root: Path) -> dict[str, float]:
     return medians(runs, args.rounds)
 
 
-# ---- reading --------------------------------------------------------------------------------------
+# ---- decoding -------------------------------------------------------------------------------------
 
 
-def activation_like(n: int, d: int, seed: int = 0) -> np.ndarray:
-    """Gaussian rows with per-dimension scales (a few large dimensions, as a residual stream has)."""
-    rng = np.random.default_rng(seed)
-    scales = rng.gamma(2.0, 1.0, d).astype(np.float32)
-    out = np.empty((n, d), dtype=np.float16)
-    for start in range(0, n, 1 << 15):
-        block = rng.standard_normal((min(1 << 15, n - start), d), dtype=np.float32)
-        out[start : start + len(block)] = block * scales
-    return out
-
-
-def block_shuffled_indices(n_rows, block_rows, buffer_blocks, batch_size, seed):
-    """Row indices per batch, endlessly: the access pattern of ActivationFile.shuffled."""
-    rng = np.random.default_rng(seed)
-    starts = np.arange(0, n_rows, block_rows)
-    leftover = np.empty(0, dtype=np.int64)
-    while True:
-        order = rng.permutation(len(starts))
-        for b in range(0, len(order), buffer_blocks):
-            blocks = [
-                np.arange(s, min(s + block_rows, n_rows))
-                for s in starts[order[b : b + buffer_blocks]]
-            ]
-            rows = np.concatenate([leftover, *blocks])
-            rows = rows[rng.permutation(len(rows))]
-            n_full = len(rows) // batch_size * batch_size
-            for i in range(0, n_full, batch_size):
-                yield torch.from_numpy(rows[i : i + batch_size])
-            leftover = rows[n_full:]
-
-
-def memmap_batches(array: torch.Tensor, args):
-    for index in block_shuffled_indices(
-        len(array), args.row_group_rows, args.buffer_row_groups, args.batch_size, seed=0
-    ):
-        yield {"act": array.index_select(0, index).float()}
-
-
-def batch_rate(stream, n: int) -> tuple[float, float]:
-    """(batches/s, CPU seconds per batch, all threads) over n batches after the first."""
-    next(stream)  # the first buffer is start-up, not throughput
-    started, cpu_started = time.perf_counter(), time.process_time()
-    for _ in range(n):
-        batch = next(stream)
-    seconds, cpu = time.perf_counter() - started, time.process_time() - cpu_started
-    assert batch["act"].dtype == torch.float32 and batch["act"].shape[0] == len(batch["act"])
-    stream.close()
-    return n / seconds, cpu / n
-
-
-def bench_reading(args, root: Path) -> dict[str, tuple[float, float]]:
-    x = activation_like(args.reader_rows, args.d_model)
-    parquet, npy = root / "read.parquet", root / "read.npy"
-    writer = ActivationWriter(parquet, args.d_model, {}, args.row_group_rows)
-    ids = np.arange(len(x), dtype=np.int32)
+def bench_decoding(args, root: Path) -> dict[str, float]:
+    """Seconds to read the whole file into a NumPy array, per storage (medians of rounds)."""
+    rng = np.random.default_rng(0)
+    x = (rng.standard_normal((args.reader_rows, args.d_model)) * 3).astype(np.float16)
+    ids = np.arange(args.reader_rows, dtype=np.int32)
+    writer = ActivationWriter(root / "lists.parquet", args.d_model, {}, args.row_group_rows)
     writer.append(ids, ids, ids, torch.from_numpy(x))
     writer.close()
-    np.save(npy, x)
-    del x
-    # both mapped once, as a trainer would; "c": a writable view (torch wants one), never written
-    acts, array = ActivationFile(parquet), torch.from_numpy(np.load(npy, mmap_mode="c"))
+    binary = pa.Array.from_buffers(pa.binary(2 * args.d_model), len(x), [None, pa.py_buffer(x)])
+    table = pa.table({"act": binary})
+    pq.write_table(table, root / "binary.parquet", row_group_size=args.row_group_rows,
+                   compression="none", use_dictionary=False, write_statistics=False)  # fmt: skip
+    np.save(root / "array.npy", x)
 
-    options = {"prefetch": args.prefetch, "decode_threads": args.decode_threads}
-    options = {name: value for name, value in options.items() if value is not None}
+    def lists() -> float:
+        started = time.perf_counter()
+        ActivationFile(root / "lists.parquet", verify=False).read()
+        return time.perf_counter() - started
 
-    def parquet_stream():
-        return acts.shuffled(
-            args.batch_size, seed=0, buffer_row_groups=args.buffer_row_groups, **options
-        )
+    def binary_bytes() -> float:
+        started = time.perf_counter()
+        column = pq.read_table(root / "binary.parquet").column("act").combine_chunks()
+        np.frombuffer(column.buffers()[1], np.float16).reshape(len(column), -1).copy()
+        return time.perf_counter() - started
 
-    epoch = args.reader_rows // args.batch_size
-    for stream in (parquet_stream(), memmap_batches(array, args)):  # page cache and page tables
-        batch_rate(stream, epoch)
-    return medians(
-        {
-            "parquet": lambda: batch_rate(parquet_stream(), args.reader_batches),
-            "memmap": lambda: batch_rate(memmap_batches(array, args), args.reader_batches),
-        },
-        args.rounds,
-    )
+    def npy() -> float:
+        started = time.perf_counter()
+        np.load(root / "array.npy")
+        return time.perf_counter() - started
+
+    runs = {"fixed_size_list (ours)": lists, "fixed_size_binary": binary_bytes, ".npy": npy}
+    for fn in runs.values():  # page cache
+        fn()
+    return {name: statistics.median(fn() for _ in range(args.rounds)) for name, fn in runs.items()}
 
 
 # ---- report ---------------------------------------------------------------------------------------
@@ -362,22 +295,13 @@ def print_caching(args, caching: dict) -> None:
     )
 
 
-def print_reading(args, reading: dict) -> None:
-    (parquet, parquet_cpu), (memmap, memmap_cpu) = reading["parquet"], reading["memmap"]
+def print_decoding(args, decoding: dict) -> None:
+    gb = args.reader_rows * args.d_model * 2 / 1e9
     print(
-        f"reading: {args.reader_rows:,} rows x d {args.d_model}, batches of {args.batch_size}, "
-        f"row groups of {args.row_group_rows}, buffers of {args.buffer_row_groups} row groups"
+        f"decoding: {args.reader_rows:,} rows x d {args.d_model} float16 ({gb:.2f} GB) into NumPy"
     )
-    print(f"  {'':<18} {'batches/s':>12}  {'rows/s':>12}  {'CPU ms/batch':>12}")
-    for name, rate, cpu in (("parquet", parquet, parquet_cpu), ("memmap", memmap, memmap_cpu)):
-        print(
-            f"  {name + ' shuffled':<18} {rate:>12,.1f}  {rate * args.batch_size:>12,.0f}"
-            f"  {cpu * 1e3:>12.2f}"
-        )
-    print(
-        f"  {'ratio':<18} {parquet / memmap:>12.2f}  {'':>12}  {memmap_cpu / parquet_cpu:>12.2f}"
-        "   target >= 0.8"
-    )
+    for name, seconds in decoding.items():
+        print(f"  {name:<24} {seconds * 1e3:>8.0f} ms  {gb / seconds:>6.2f} GB/s")
 
 
 def main() -> None:
@@ -387,14 +311,14 @@ def main() -> None:
         torch.set_num_threads(args.torch_threads)
     print(
         f"GPT-NeoX d {args.d_model}, {args.n_layers} layers, {args.heads} heads, vocab {args.vocab}"
-        f" on {activations.resolve_device(args.device)}, {torch.get_num_threads()} torch threads,"
+        f" on {resolve_device(args.device)}, {torch.get_num_threads()} torch threads,"
         f" {os.cpu_count()} CPUs; medians of {args.rounds} rounds"
     )
     with tempfile.TemporaryDirectory(prefix="saedynamics-bench-") as tmp:
         if args.only in (None, "caching"):
             print_caching(args, bench_caching(args, Path(tmp)))
-        if args.only in (None, "reading"):
-            print_reading(args, bench_reading(args, Path(tmp)))
+        if args.only in (None, "decoding"):
+            print_decoding(args, bench_decoding(args, Path(tmp)))
 
 
 if __name__ == "__main__":

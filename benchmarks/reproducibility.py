@@ -34,7 +34,7 @@ from saedynamics.config import TrainingConfig  # noqa: E402
 from saedynamics.metrics.consistency import mcc  # noqa: E402
 from saedynamics.metrics.reconstruction import batch_fvu  # noqa: E402
 from saedynamics.saes import REGISTRY, load  # noqa: E402
-from saedynamics.toy import write_activations  # noqa: E402
+from saedynamics.sources import TensorSource  # noqa: E402
 from saedynamics.training import train_saes  # noqa: E402
 
 ARCHITECTURES = {
@@ -51,7 +51,7 @@ def rounding_noise(seed: int = 0):
     gen = torch.Generator().manual_seed(seed)
 
     def nudge(step: int, saes: dict) -> None:
-        for sae in saes.values():
+        for sae in (sae for by_seed in saes.values() for sae in by_seed.values()):
             for p in sae.parameters():
                 up = torch.rand(p.shape, generator=gen) < 0.5
                 toward = torch.where(up, float("inf"), float("-inf")).to(p.device, p.dtype)
@@ -60,7 +60,7 @@ def rounding_noise(seed: int = 0):
     return nudge
 
 
-def train(args, data: Path, out: Path, name: str, deterministic: bool, observe=None) -> dict:
+def train(args, data, out: Path, name: str, deterministic: bool, observe=None) -> dict:
     training = TrainingConfig(
         n_latents=args.latents,
         seeds=[0, 1],
@@ -73,8 +73,8 @@ def train(args, data: Path, out: Path, name: str, deterministic: bool, observe=N
     )
     arch = REGISTRY[name].Config(architecture=name, **ARCHITECTURES[name])
     ident = {"study": "bench", "step": 0, "layer": 0}
-    train_saes(training, name, arch, data, out, ident, {}, observe=observe)
-    return {seed: load(out / f"seed{seed}") for seed in (0, 1)}
+    train_saes(training, {name: arch}, data, out, ident, {}, observe=observe)
+    return {seed: load(out / name / f"seed{seed}") for seed in (0, 1)}
 
 
 def summary(saes: dict, held_out: torch.Tensor) -> dict:
@@ -107,8 +107,7 @@ def main() -> None:
     held_out = tokens[args.tokens :]
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
-        data = Path(tmp) / "train.parquet"
-        write_activations(data, tokens[: args.tokens])
+        data = TensorSource({"act": tokens[: args.tokens]})
         runs = iter(range(1000))
         for name in ARCHITECTURES:
 

@@ -230,10 +230,20 @@ def copy_workflow(dest: Path) -> Path:
 
 # ---- a git + DVC repository of this checkout, after the demo ran through DVC ----------------------
 
-# The demo study the `demo_repo` fixture runs: while developing, point this at a faster config (e.g.
-# workflow/configs/tiny.yaml); it is copied over workflow/configs/demo.yaml with `study: demo`, so
-# the stages and paths stay those of the demo.
+# The study the `demo_repo` fixture runs as `demo`: the tiny config (the DVC and SLURM tests prove
+# the wiring, which the demo's size adds nothing to); point this at workflow/configs/demo.yaml to
+# run the real demo instead. It is copied over workflow/configs/demo.yaml with `study: demo`, so the
+# stages and paths stay those of the demo.
 DEMO_CONFIG_ENV = "SAEDYNAMICS_TEST_DEMO_CONFIG"
+
+
+def use_test_demo_config(checkout: Path) -> dict:
+    """Write the config the tests run as the demo (DEMO_CONFIG_ENV) over `checkout`'s
+    workflow/configs/demo.yaml; return it."""
+    source = Path(os.environ.get(DEMO_CONFIG_ENV, REPO / "workflow/configs/tiny.yaml"))
+    raw = yaml.safe_load(source.read_text()) | {"study": "demo"}
+    (checkout / "workflow/configs/demo.yaml").write_text(yaml.safe_dump(raw))
+    return raw
 
 
 def git(repo: Path, *args: str) -> str:
@@ -279,10 +289,12 @@ def demo_repo(tmp_path_factory) -> Path:
     """A fresh git repository holding this checkout, in which the demo ran through DVC as a user
     runs it (`dvc repro figures@demo`: compute@demo, then figures@demo), with dvc.lock committed.
 
-    results/demo is complete (tokens, checkpoints, activations, SAEs, metrics, tables, validation,
-    figures, logs, benchmarks) and in the repository's DVC cache. Tests may add a DVC remote and
-    commit to the repository; they must not change results/demo. The output of `dvc repro` is in
-    `<repo>/../dvc-repro.log`. About 8 minutes on 2 CPU cores (see DEMO_CONFIG_ENV).
+    The study is the tiny config run as `demo` (DEMO_CONFIG_ENV). results/demo is complete
+    (tokens, checkpoints, activations, SAEs, metrics, tables, validation, figures, logs,
+    benchmarks) and in the repository's DVC cache: every test that only reads a finished study
+    reads this one. Tests may add a DVC remote and commit to the repository; they must not change
+    results/demo. The output of `dvc repro` is in `<repo>/../dvc-repro.log`. About 2 minutes on 2
+    CPU cores.
     """
     import time
 
@@ -290,9 +302,7 @@ def demo_repo(tmp_path_factory) -> Path:
     for name in checkout_files():
         (repo / name).parent.mkdir(parents=True, exist_ok=True)
         shutil.copy2(REPO / name, repo / name)
-    if os.environ.get(DEMO_CONFIG_ENV):
-        raw = yaml.safe_load(Path(os.environ[DEMO_CONFIG_ENV]).read_text())
-        (repo / "workflow/configs/demo.yaml").write_text(yaml.safe_dump(raw | {"study": "demo"}))
+    use_test_demo_config(repo)
     git(repo, "init", "--quiet", "--initial-branch=main")
     git(repo, "add", "--all")
     git(repo, "commit", "--quiet", "-m", "saedynamics checkout")

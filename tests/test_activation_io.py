@@ -1,185 +1,212 @@
-"""Activation I/O with threads: the background writer and the prefetching shuffled reader.
+"""Activation files (activations.py) and the sources the trainer reads them through (sources.py).
 
-The order of `ActivationFile.shuffled` is part of reproducibility: a seed must give the same batches
-whatever the thread timing, prefetch depth or number of decoding threads.
+The order a source deals its batches in is part of reproducibility: it is checked here against a
+reference written from the algorithm that sources.py documents, for files and tensors, resident
+and read a buffer at a time, from the start and from any batch on.
 """
 
 from __future__ import annotations
 
-import random
-import threading
-import time
-from itertools import pairwise
+import errno
+import os
 
 import numpy as np
+import pandas as pd
 import pyarrow.parquet as pq
 import pytest
 import torch
 
-from saedynamics import activations
-from saedynamics import parquet_pages as pages
-from saedynamics.activations import ActivationFile, ActivationWriter
-from saedynamics.errors import DataError
-from saedynamics.parquet_pages import CompactReader, CorruptPage
+from saedynamics.activations import (
+    FORMAT_VERSION,
+    ActivationFile,
+    ActivationWriter,
+    read_metadata,
+)
+from saedynamics.errors import DataError, ResourceError
+from saedynamics.sources import FileSource, TensorSource
 
 from .synthetic import indexed_activation_file as indexed_file
 from .synthetic import record_row_group_reads
 
-
-def reference_order(f: ActivationFile, batch_size, seed, buffer_row_groups, n_batches):
-    """Row indices of the first batches, by the algorithm `shuffled` documents, without threads."""
-    rng = np.random.default_rng(seed)
-    meta = pq.ParquetFile(f.path).metadata
-    sizes = [meta.row_group(i).num_rows for i in range(meta.num_row_groups)]
-    rows_in = np.split(np.arange(f.n_rows), np.cumsum(sizes)[:-1])
-    out, leftover = [], np.empty(0, dtype=int)
-    while len(out) < n_batches:
-        groups = rng.permutation(f.num_row_groups)
-        for start in range(0, len(groups), buffer_row_groups):
-            rows = np.concatenate(
-                [leftover, *(rows_in[g] for g in groups[start : start + buffer_row_groups])]
-            )
-            rows = rows[rng.permutation(len(rows))]
-            n_full = len(rows) // batch_size * batch_size
-            out += list(rows[:n_full].reshape(-1, batch_size))
-            leftover = rows[n_full:]
-    return np.stack(out[:n_batches])
+N, D, ROW_GROUP = 1000, 4, 64  # indexed_file's default: 16 row groups, 15 of 64 rows and one of 40
 
 
-def first_batches(stream, n):
-    batches = [next(stream)["act"][:, 0].numpy().astype(int) for _ in range(n)]
+# ---- the reference order ------------------------------------------------------------------------
+
+
+def reference_order(block_rows, seed, buffer_rows, n_rows):
+    """The first n_rows row ids a source of blocks `block_rows` deals out, and its buffers as
+    (first, end) positions in that sequence with their blocks; rows numbered in block order."""
+    starts = np.concatenate([[0], np.cumsum(block_rows)])
+    rows, buffers, epoch = [], [], 0
+    while len(rows) < n_rows:
+        order = list(np.random.default_rng([seed, epoch]).permutation(len(block_rows)))
+        groups = []
+        while order:  # greedily: blocks while they fit buffer_rows, one at least
+            group = [order.pop(0)]
+            size = block_rows[group[0]]
+            while order and size + block_rows[order[0]] <= buffer_rows:
+                size += block_rows[order[0]]
+                group.append(order.pop(0))
+            groups.append(group)
+        for k, group in enumerate(groups):
+            ids = np.concatenate([np.arange(starts[b], starts[b + 1]) for b in group])
+            shuffled = ids[np.random.default_rng([seed, epoch, k]).permutation(len(ids))]
+            buffers.append((len(rows), len(rows) + len(ids), [int(b) for b in group]))
+            rows.extend(shuffled.tolist())
+        epoch += 1
+    return np.array(rows[:n_rows]), buffers
+
+
+def reference_batches(block_rows, seed, buffer_rows, batch_size, n_batches) -> np.ndarray:
+    rows, _ = reference_order(block_rows, seed, buffer_rows, batch_size * n_batches)
+    return rows.reshape(n_batches, batch_size)
+
+
+def row_ids(stream, n: int, column="act") -> np.ndarray:
+    """The row ids (first coordinate) of the next n batches."""
+    out = []
+    for _ in range(n):
+        values = next(stream)[column]
+        out.append((values[:, 0] if values.ndim == 2 else values).numpy().astype(int))
     stream.close()
-    return np.stack(batches)
+    return np.stack(out)
 
 
-def test_shuffled_order_depends_on_the_seed_only(tmp_path, monkeypatch):
-    f = indexed_file(tmp_path / "a.parquet")
-    n = 3 * 1000 // 96  # three epochs
-    expected = reference_order(f, 96, seed=5, buffer_row_groups=3, n_batches=n)
-    for prefetch, threads in ((0, 1), (1, 1), (2, 3)):
-        got = first_batches(
-            f.shuffled(96, 5, buffer_row_groups=3, prefetch=prefetch, decode_threads=threads), n
-        )
-        assert np.array_equal(got, expected), (prefetch, threads)
-    # vectors decoded by pyarrow, staged in chunks (of 5 rows here, which do not divide the row
-    # groups), by decoding threads that finish in a random order: the same batches
-    f._read_pages = False
-    monkeypatch.setattr(activations, "DECODE_CHUNK_BYTES", 5 * 4 * 2)
-    got = first_batches(f.shuffled(96, 5, buffer_row_groups=3, prefetch=1, decode_threads=2), n)
-    assert np.array_equal(got, expected)
-    original = ActivationFile.iter_row_group
-
-    def slow_read(self, i, columns=("act",), **options):
-        for chunk in original(self, i, columns, **options):
-            time.sleep(random.random() * 0.005)
-            yield chunk
-
-    monkeypatch.setattr(ActivationFile, "iter_row_group", slow_read)
-    got = first_batches(f.shuffled(96, 5, buffer_row_groups=3, prefetch=2, decode_threads=3), n)
-    assert np.array_equal(got, expected)
-    assert not np.array_equal(first_batches(f.shuffled(96, 6, buffer_row_groups=3), n), expected)
+def tensor_source(f: ActivationFile, block_rows: int) -> TensorSource:
+    return TensorSource({"act": torch.from_numpy(f.read()["act"]).float()}, block_rows=block_rows)
 
 
-def test_batches_kept_stay_intact_while_the_buffers_are_reused(tmp_path, monkeypatch):
-    """Every column of a batch is a copy: a float32 one too, not a view of a reused buffer."""
-    monkeypatch.setattr(activations, "DECODE_CHUNK_BYTES", 100)  # 3 rows of 28 bytes a chunk
-    n, d = 1000, 4
-    writer = ActivationWriter(tmp_path / "a.parquet", d, {}, 64, ("lm_entropy", "lm_grad"))
-    idx = np.arange(n, dtype=np.int32)
-    rows = torch.arange(n, dtype=torch.float32)
-    writer.append(
-        idx,
-        idx,
-        idx,
-        rows[:, None].expand(n, d),
-        lm_entropy=rows,
-        lm_grad=-rows[:, None].expand(n, d),
-    )
-    writer.close()
+# ---- writing and reading --------------------------------------------------------------------------
+
+
+def test_writer_round_trip(tmp_path):
+    n, d = 1000, 6
+    g = torch.Generator().manual_seed(0)
+    act = torch.randn(n, d, generator=g) * 3
+    entropy, grad = torch.rand(n, generator=g) * 8, torch.randn(n, d, generator=g) * 1e-3
+    docs = np.arange(n, dtype=np.int32) // 10
+    pos, tokens = np.arange(n, dtype=np.int32) % 10, (np.arange(n, dtype=np.int32) * 7) % 301
+    meta = {"step": 3, "layer": 1, "model": "m", "split": "train"}
+    writer = ActivationWriter(tmp_path / "a.parquet", d, meta, ROW_GROUP, ("lm_entropy", "lm_grad"))
+    cuts = [0, 1, 38, 100, 101, 350, 512, 513, 999, n]  # chunks that do not align with row groups
+    for a, b in zip(cuts, cuts[1:], strict=False):
+        writer.append(docs[a:b], pos[a:b], tokens[a:b], act[a:b], lm_entropy=entropy[a:b],
+                      lm_grad=grad[a:b])  # fmt: skip
+    with pytest.raises(ValueError, match="lm_entropy"):  # the file's extra columns, all of them
+        writer.append(docs[:1], pos[:1], tokens[:1], act[:1], lm_grad=grad[:1])
+    returned = writer.close()
+
     f = ActivationFile(tmp_path / "a.parquet")
-    columns = ("act", "lm_entropy", "lm_grad")
-    n_batches = 3 * n // 96  # three epochs: every buffer is reused many times
-    expected = reference_order(f, 96, seed=2, buffer_row_groups=3, n_batches=n_batches)
-    for prefetch in (0, 2):
-        stream = f.shuffled(96, 2, columns, buffer_row_groups=3, prefetch=prefetch)
-        kept = [next(stream) for _ in range(n_batches)]
-        stream.close()
-        for batch, ids in zip(kept, torch.from_numpy(expected).float(), strict=True):
-            assert all(v.dtype == torch.float32 for v in batch.values())
-            assert torch.equal(batch["act"], ids[:, None].expand(96, d))
-            assert torch.equal(batch["lm_entropy"], ids)
-            assert torch.equal(batch["lm_grad"], -ids[:, None].expand(96, d))
+    assert f.verified and f.n_rows == n and f.d_model == d
+    assert f.row_group_rows == [ROW_GROUP] * 15 + [40]
+    assert f.columns == ["doc_id", "pos", "token_id", "act", "lm_entropy", "lm_grad"]
+    got = f.read(f.columns)
+    assert got["act"].dtype == np.float16 and got["act"].shape == (n, d)
+    assert np.array_equal(got["act"], act.half().numpy())
+    assert got["lm_grad"].dtype == np.float32 and np.array_equal(got["lm_grad"], grad.numpy())
+    assert np.array_equal(got["lm_entropy"], entropy.numpy())
+    for name, expected in (("doc_id", docs), ("pos", pos), ("token_id", tokens)):
+        assert got[name].dtype == np.int32 and np.array_equal(got[name], expected)
+
+    assert returned == read_metadata(f.path) == f.metadata
+    assert f.metadata | meta == f.metadata  # what the writer was given is kept
+    assert f.metadata["format_version"] == FORMAT_VERSION and f.metadata["d_model"] == d
+    # the norm statistics of the values stored (float16), computed here by brute force
+    x = act.half().double()
+    norms = x.norm(dim=1)
+    assert f.norm == returned["norm"]
+    assert f.norm["n_rows"] == n
+    assert f.norm["mean_norm"] == pytest.approx(norms.mean().item(), rel=1e-6)
+    assert f.norm["mean_squared_norm"] == pytest.approx((norms**2).mean().item(), rel=1e-6)
+    centred = ((x - x.mean(0)) ** 2).sum(1).mean().item()
+    assert f.norm["centred_mean_squared_norm"] == pytest.approx(centred, rel=1e-6)
+    # vectors are stored plain and uncompressed: zstd saves little on float16 and reads slower
+    chunk = pq.read_metadata(f.path).row_group(0).column(f.columns.index("act"))
+    assert chunk.compression == "UNCOMPRESSED" and "RLE_DICTIONARY" not in chunk.encodings
 
 
-def test_prefetch_reads_a_bounded_number_of_row_groups_ahead(tmp_path, monkeypatch):
-    f = indexed_file(tmp_path / "a.parquet", n=2048)  # 32 row groups
-    calls = record_row_group_reads(monkeypatch)
-    stream = f.shuffled(128, seed=0, buffer_row_groups=4, prefetch=1)
-    next(stream)
-    time.sleep(0.5)  # let the reader thread run ahead as far as it may
-    # the buffer in use, one in the queue, one waiting for room in the queue
-    assert 4 <= len(calls) <= 3 * 4
-    stream.close()
-
-
-def reader_threads(path) -> list[threading.Thread]:
-    return [
-        t
-        for t in threading.enumerate()
-        if t.name.startswith(("read ", "decode ")) and path.name in t.name
-    ]
-
-
-def test_closing_the_stream_stops_its_threads(tmp_path):
+def test_row_groups_are_read_in_the_order_asked(tmp_path):
     f = indexed_file(tmp_path / "a.parquet")
-    stream = f.shuffled(64, seed=0)
-    next(stream)
-    assert reader_threads(f.path)
-    stream.close()
-    assert not reader_threads(f.path)
-    stream = f.shuffled(64, seed=0)
-    next(stream)
-    del stream  # dropped without close(), as a trainer that returns early does
-    assert not reader_threads(f.path)
+    got = f.read_row_groups([5, 2, 15, 2])
+    assert list(got) == ["act"] and got["act"].shape == (3 * 64 + 40, D)
+    expected = np.concatenate([np.arange(320, 384), np.arange(128, 192), np.arange(960, 1000),
+                               np.arange(128, 192)])  # fmt: skip
+    assert np.array_equal(got["act"][:, 0], expected)
+    both = f.read_row_groups([7, 0], ("pos", "act"))
+    assert np.array_equal(both["pos"], np.r_[448:512, 0:64])
+    assert np.array_equal(both["act"][:, 0], np.r_[448:512, 0:64])
+    with pytest.raises(DataError, match=rf"{f.path}: has no column\(s\) \['lm_grad'\]"):
+        f.read_row_groups([0], ("act", "lm_grad"))
+    # the whole file, in file order
+    whole = f.read(("doc_id", "act"))
+    assert whole["act"].dtype == np.float16 and whole["act"].shape == (1000, 4)
+    assert np.array_equal(whole["act"][:, 0], np.arange(1000.0))
+    assert np.array_equal(whole["doc_id"], np.arange(1000))
 
 
-def test_a_corrupt_row_group_raises_from_the_reader_thread(tmp_path):
-    f = indexed_file(tmp_path / "a.parquet")
-    data = bytearray(f.path.read_bytes())
-    act = f._file.metadata.row_group(5).column(f.columns.index("act"))
-    data[act.data_page_offset : act.data_page_offset + 16] = b"\xff" * 16  # its page header
-    bad = tmp_path / "bad.parquet"
-    bad.write_bytes(bytes(data))
-    stream = ActivationFile(bad, verify=False).shuffled(64, seed=0, prefetch=2)  # not at open
-    with pytest.raises(DataError, match=f"{bad}: row group 5 is unreadable"):
-        for _ in range(1000 // 64 + 1):  # one epoch reaches every row group
-            next(stream)
-    assert not reader_threads(bad)
+def files_in(folder) -> list[str]:
+    return sorted(p.name for p in folder.iterdir())
 
 
-def test_writer_writes_exact_row_groups_in_the_background(tmp_path):
-    f = indexed_file(tmp_path / "a.parquet", n=1000, row_group=64)
-    meta = pq.ParquetFile(f.path).metadata
-    assert [meta.row_group(i).num_rows for i in range(meta.num_row_groups)] == [64] * 15 + [40]
-    assert np.array_equal(torch.cat(list(f.tensors(100)))[:, 0].numpy(), np.arange(1000))
-    act = meta.row_group(0).column(f.columns.index("act"))
-    # vectors are stored plain and uncompressed: zstd saves little on float16 and reads 2x slower
-    assert act.compression == "UNCOMPRESSED" and "RLE_DICTIONARY" not in act.encodings
+def test_discard_leaves_nothing_before_and_after_close(tmp_path):
+    idx = np.arange(300, dtype=np.int32)
+    writer = ActivationWriter(tmp_path / "a.parquet", D, {}, ROW_GROUP)
+    writer.append(idx, idx, idx, torch.randn(300, D))  # row groups already written
+    (tmp,) = files_in(tmp_path)
+    assert tmp.startswith(".a.parquet.") and (tmp_path / tmp).stat().st_size > 300 * D * 2
+    writer.discard()
+    assert files_in(tmp_path) == []
+
+    writer = ActivationWriter(tmp_path / "a.parquet", D, {}, ROW_GROUP)
+    writer.append(idx, idx, idx, torch.randn(300, D))
+    writer.close()
+    assert files_in(tmp_path) == ["a.parquet"]
+    writer.discard()  # a file of a job that failed later: it goes too
+    assert files_in(tmp_path) == []
 
 
-def test_writer_errors_surface_and_abort_leaves_nothing(tmp_path, monkeypatch):
-    writer = ActivationWriter(tmp_path / "w.parquet", 4, {}, 8)
+def test_a_full_disk_names_the_file_and_discard_leaves_nothing(tmp_path, monkeypatch):
+    writer = ActivationWriter(tmp_path / "a.parquet", D, {}, 8, disk_full_advice="do this")
 
-    def fail(*args, **kwargs):
-        raise OSError("disk full")
+    def full(*args, **kwargs):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
 
-    monkeypatch.setattr(writer._writer, "write_table", fail)
+    monkeypatch.setattr(writer._writer, "write_table", full)
     idx = np.arange(16, dtype=np.int32)
-    writer.append(idx, idx, idx, torch.zeros(16, 4))  # handed to the writer thread
-    with pytest.raises(OSError, match="disk full"):
+    with pytest.raises(ResourceError) as error:
+        writer.append(idx, idx, idx, torch.zeros(16, D))  # two row groups: written now
+    assert str(error.value) == (
+        f"{tmp_path / 'a.parquet'}: No space left on device while writing it (the partial file is "
+        "deleted); do this"
+    )
+    writer.discard()
+    assert files_in(tmp_path) == []
+    # the same when the disk fills up with the footer (or a file system reports it at close)
+    writer = ActivationWriter(tmp_path / "c.parquet", D, {}, 8, disk_full_advice="do this")
+    writer.append(idx[:4], idx[:4], idx[:4], torch.zeros(4, D))
+    close = writer._writer.close
+
+    def full_at_close():
+        close()
+        raise OSError(errno.EDQUOT, os.strerror(errno.EDQUOT))
+
+    monkeypatch.setattr(writer._writer, "close", full_at_close)
+    with pytest.raises(ResourceError, match=f"^{tmp_path / 'c.parquet'}: Disk quota exceeded"):
         writer.close()
-    writer.abort()
-    assert list(tmp_path.iterdir()) == []
+    writer.discard()
+    assert files_in(tmp_path) == []
+
+    # any other error is not a full disk: it propagates as it is
+    def denied(*args, **kwargs):
+        raise PermissionError(errno.EACCES, "denied")
+
+    writer = ActivationWriter(tmp_path / "b.parquet", D, {}, 8)
+    monkeypatch.setattr(writer._writer, "write_table", denied)
+    with pytest.raises(PermissionError):
+        writer.append(idx, idx, idx, torch.zeros(16, D))
+    writer.discard()
+    assert files_in(tmp_path) == []
 
 
 @pytest.mark.parametrize("bad", [float("nan"), 7e4, -float("inf")])
@@ -188,346 +215,178 @@ def test_writer_refuses_what_float16_cannot_hold(tmp_path, bad):
     act = torch.zeros(3, 4)
     act[1, 2] = bad
     idx = np.arange(3, dtype=np.int32)
-    with pytest.raises(DataError, match="overflow float16"):
+    with pytest.raises(DataError, match=f"{tmp_path / 'w.parquet'}: activations overflow float16"):
         writer.append(idx, idx, idx, act)
-    writer.abort()
-    assert list(tmp_path.iterdir()) == []
+    writer.discard()
+    assert files_in(tmp_path) == []
 
 
-# ---- vector pages read in place (parquet_pages) -----------------------------------------------------
-
-
-def test_compact_reader_decodes_hand_built_bytes():
-    """Thrift compact protocol, expected values worked out by hand."""
-    # varints: 300 = 0b10_0101100 -> 0xAC 0x02; 624485 = 0b100110_0001110_1100101 -> E5 8E 26
-    assert CompactReader(b"\xac\x02", 0, 2).varint() == 300
-    assert CompactReader(b"\xe5\x8e\x26", 0, 3).varint() == 624485
-    # zigzag: 0 -> 0, -1 -> 1, 1 -> 2, -2 -> 3, ..., -64 -> 127, 300 -> 600 (0xD8 0x04)
-    assert [CompactReader(bytes([b]), 0, 1).zigzag() for b in (0, 1, 2, 3, 127)] == [
-        0,
-        -1,
-        1,
-        -2,
-        -64,
-    ]
-    assert CompactReader(b"\xd8\x04", 0, 2).zigzag() == 300
-    assert CompactReader(b"\xd7\x04", 0, 2).zigzag() == -300  # 599
-    struct = bytes(
-        [
-            0x15, 0x03,  # field 1 (delta 1), i32: zigzag 3 = -2
-            0x2C,  # field 3 (delta 2), a struct, skipped:
-            0x18, 0x02, *b"ab",  # its field 1, binary of 2 bytes
-            0x19, 0x35, 0x02, 0x04, 0x06,  # its field 2, list of 3 i32 (1, 2, 3)
-            0x1C, 0x1A, 0x21, 0x01, 0x02, 0x00,  # field 3: struct{field 1: set of 2 bools}
-            0x00,  # its end
-            0x11,  # field 4 (delta 1), bool true: the value is the type
-            0x06, 0x28, 0xD7, 0x04,  # delta 0: i64, id zigzag 40 = 20 in full, -300
-            0x17, *b"12345678",  # field 21 (delta 1), a double, skipped
-            0x1B, 0x02, 0x85, 0x01, *b"x", 0x02, 0x01, *b"y", 0x04,  # field 22, map<binary, i32>
-            0x19, 0xF5, 0x10, *[0x02] * 16,  # field 23, a list of 16 i32: size 15 means "follows"
-            0x15, 0x0E,  # field 24, i32 7
-            0x00,  # the end
-        ]
-    )  # fmt: skip
-    reader = CompactReader(struct, 0, len(struct))
-    got = {}
-    for field, kind in reader.fields():
-        if kind in (pages.TRUE, pages.FALSE):
-            got[field] = reader.boolean(kind)
-        elif field in (1, 20, 24):
-            got[field] = reader.integer(kind)
-        else:
-            reader.skip(kind)
-    assert got == {1: -2, 4: True, 20: -300, 24: 7}
-    assert reader.pos == len(struct)
-
-
-@pytest.mark.parametrize(
-    "data",
-    [
-        b"\x15\x80\x80",  # field 1, an i32 whose varint is cut short
-        b"\x15" + b"\xff" * 11,  # field 1, an i32 whose varint runs past 64 bits
-        b"\x19\x35\x02",  # a list of 3 elements, 1 there
-        b"\x19\xf5\xff\xff\xff\xff\x0f",  # a list of 2^32 elements
-        b"\x18\x7f",  # a binary of 127 bytes, none there
-        b"\x1d",  # type 13 does not exist
-        b"\x1c" * 100,  # structs nested 100 deep
-    ],
-)
-def test_compact_reader_refuses_corrupt_bytes(data):
-    reader = CompactReader(data, 0, len(data))
-    with pytest.raises(CorruptPage):
-        for _, kind in reader.fields():
-            reader.skip(kind)
-
-
-def written_file(
-    path, monkeypatch, n=1000, d=4, row_group=64, extras=(), **options
-) -> ActivationFile:
-    """An activation file through ActivationWriter, its Parquet options changed by `options`
-    (e.g. data_page_size); act[:, 0] is the row index, the rest random."""
-    original = activations._parquet_options
-    with monkeypatch.context() as m:
-        m.setattr(activations, "_parquet_options", lambda schema: original(schema) | options)
-        writer = ActivationWriter(path, d, {}, row_group, extras)
-        rng = np.random.default_rng(n + d)
-        act = torch.from_numpy(rng.standard_normal((n, d)).astype(np.float32))
-        act[:, 0] = torch.arange(n)
-        columns = {}
-        if "lm_entropy" in extras:
-            columns["lm_entropy"] = act[:, 1]
-        if "lm_grad" in extras:
-            columns["lm_grad"] = torch.from_numpy(rng.standard_normal((n, d)).astype(np.float32))
-        idx = np.arange(n, dtype=np.int32)
-        writer.append(idx, idx, idx, act, **columns)
+def test_an_empty_file_is_not_written(tmp_path):
+    writer = ActivationWriter(tmp_path / "w.parquet", 4, {}, 8)
+    with pytest.raises(DataError, match="no activations to write"):
         writer.close()
-    return ActivationFile(path)
+    writer.discard()
+    assert files_in(tmp_path) == []
 
 
-def read_both_ways(f: ActivationFile, i: int, columns) -> tuple[dict, dict, dict]:
-    """Row group i read in place (whole and in chunks) and through pyarrow."""
-    whole = f.read_row_group(i, columns)
-    chunked = list(f.iter_row_group(i, columns, chunk_bytes=300))
-    chunked = {c: np.concatenate([part[c] for part in chunked]) for c in columns}
-    f._read_pages = False
-    try:
-        reference = f.read_row_group(i, columns)
-    finally:
-        f._read_pages = True
-    return whole, chunked, reference
+# ---- the order of batches ----------------------------------------------------------------------------
 
 
-def same_bytes(a: np.ndarray, b: np.ndarray) -> bool:
-    return a.dtype == b.dtype and a.shape == b.shape and a.tobytes() == b.tobytes()
-
-
+@pytest.mark.parametrize("kind", ["file", "tensors"])
 @pytest.mark.parametrize(
-    ("n", "d", "row_group", "options"),
+    ("batch_size", "buffer_rows"),
     [
-        (1000, 4, 64, {}),
-        (3000, 48, 1000, {}),
-        (5000, 512, 2048, {}),  # 1 KiB rows: a row group in 1 MiB pages of 1024 rows
-        (700, 16, 256, {"data_page_size": 256, "write_batch_size": 7}),  # many pages each
-        (700, 16, 256, {"data_page_version": "2.0", "data_page_size": 300, "write_batch_size": 5}),
+        (96, 200),  # buffers of ~3 blocks, batches spanning buffers
+        (64, 64),  # a block per buffer
+        (50, 1),  # a block per buffer though it does not fit
+        (100, 450),
+        (37, 1000),  # the source fits: resident
+        (128, 4096),  # resident
     ],
 )
-def test_vectors_read_in_place_are_pyarrows_bytes(tmp_path, monkeypatch, n, d, row_group, options):
-    f = written_file(tmp_path / "a.parquet", monkeypatch, n, d, row_group, **options)
-    several_pages = False
-    for i in range(f.num_row_groups):
-        layout = f._page_layout(i, "act")
-        assert layout is not None  # read in place, not through pyarrow
-        several_pages |= len(layout.offsets) > 1
-        whole, chunked, reference = read_both_ways(f, i, ("act", "doc_id"))
-        for got in (whole, chunked):
-            assert all(same_bytes(got[c], reference[c]) for c in ("act", "doc_id"))
-        if len(layout.offsets) == 1:  # one page: a view of the mapped file, no copy
-            assert np.shares_memory(whole["act"], f._bytes) and not whole["act"].flags.writeable
-        # the rows `shuffled` gathers from the file: row r's bytes start at at[r], counted by hand
-        at = f._row_addresses(i, "act")
-        by_hand = [
-            offset + (r - start) * 2 * d
-            for offset, (start, stop) in zip(layout.offsets, pairwise(layout.starts), strict=True)
-            for r in range(start, stop)
-        ]
-        assert at.dtype == np.int64 and at.tolist() == by_hand
-        gathered = f._file_rows("act").index_select(0, torch.from_numpy(at[::-1].copy()))
-        assert gathered.numpy().tobytes() == reference["act"][::-1].tobytes()
-    assert several_pages == (d == 512 or bool(options))
+def test_batches_come_in_the_documented_order(tmp_path, kind, batch_size, buffer_rows):
+    f = indexed_file(tmp_path / "a.parquet")
+    source = FileSource(f) if kind == "file" else tensor_source(f, block_rows=100)
+    n = 3 * N // batch_size  # three epochs
+    expected = reference_batches(source.block_rows, 5, buffer_rows, batch_size, n)
+    batches = source.batches(batch_size, ("act",), seed=5, buffer_rows=buffer_rows)
+    assert np.array_equal(row_ids(batches, n), expected)
+    for start in (1, n // 3, n // 3 + 1, n - 5):  # in and across buffers and epochs
+        resumed = source.batches(batch_size, ("act",), 5, buffer_rows, start=start)
+        assert np.array_equal(row_ids(resumed, 5), expected[start : start + 5]), start
+    other_seed = source.batches(batch_size, ("act",), seed=6, buffer_rows=buffer_rows)
+    assert not np.array_equal(row_ids(other_seed, n), expected)
+    assert len(set(expected.ravel()[:N])) == N  # an epoch deals out every row once
 
 
-def test_vector_columns_of_other_widths_are_read_in_place(tmp_path, monkeypatch):
-    """lm_grad (float32) beside act (float16): their pages end at different rows."""
-    columns = ("act", "lm_entropy", "lm_grad", "pos")
-    f = written_file(
-        tmp_path / "a.parquet",
-        monkeypatch,
-        800,
-        8,
-        200,
-        ("lm_entropy", "lm_grad"),
-        data_page_size=512,
-        write_batch_size=9,
-    )
-    act, grad = f._page_layout(0, "act"), f._page_layout(0, "lm_grad")
-    assert act is not None and grad is not None
-    assert not np.array_equal(act.starts, grad.starts)
-    assert f._page_layout(0, "lm_entropy") is None  # a scalar: zstd, dictionary
-    for i in range(f.num_row_groups):
-        whole, chunked, reference = read_both_ways(f, i, columns)
-        assert reference["lm_grad"].dtype == np.float32
-        assert all(same_bytes(whole[c], reference[c]) for c in columns)
-        assert all(same_bytes(chunked[c], reference[c]) for c in columns)
-
-
-@pytest.mark.parametrize(
-    "options",
-    [
-        {"compression": "zstd"},
-        {"use_dictionary": True},
-        {"data_page_size": 64, "write_batch_size": 3, "compression": "snappy"},
-    ],
-)
-def test_other_encodings_fall_back_to_pyarrow_with_the_same_batches(tmp_path, monkeypatch, options):
-    plain = written_file(tmp_path / "plain.parquet", monkeypatch)
-    other = written_file(tmp_path / "other.parquet", monkeypatch, **options)
-    assert all(other._page_layout(i, "act") is None for i in range(other.num_row_groups))
-    assert other.read_row_group(3)["act"].tobytes() == plain.read_row_group(3)["act"].tobytes()
-    n = 3 * 1000 // 96
-    a = plain.shuffled(96, seed=1, buffer_row_groups=3)
-    b = other.shuffled(96, seed=1, buffer_row_groups=3)
-    for _ in range(n):
-        assert torch.equal(next(a)["act"], next(b)["act"])
-    a.close()
-    b.close()
-
-
-def corrupt_copy(f: ActivationFile, path, offset: int, value: int):
-    data = bytearray(f.path.read_bytes())
-    data[offset] = value
-    path.write_bytes(bytes(data))
-    return ActivationFile(path, verify=False)
-
-
-def read_or_error(f: ActivationFile, i: int, read_pages: bool) -> bytes | DataError:
-    f._read_pages = read_pages
-    try:
-        return f.read_row_group(i)["act"].tobytes()
-    except DataError as e:
-        return e
-    finally:
-        f._read_pages = True
-
-
-def test_a_corrupt_page_header_is_a_data_error_naming_the_file(tmp_path, monkeypatch):
-    """Every byte of two page headers flipped or replaced: a DataError naming the file and row
-    group, or (a byte that does not matter, or one that makes the header one that is not read
-    in place) what pyarrow reads; never another error. The checksum at open catches the rest."""
-    f = written_file(tmp_path / "a.parquet", monkeypatch, data_page_size=128, write_batch_size=5)
-    layout = f._page_layout(5, "act")
-    chunk = f._file.metadata.row_group(5).column(f.columns.index("act"))
-    header = range(chunk.data_page_offset, layout.offsets[0])  # the first page's header
-    second = range(layout.offsets[0] + 20 * 8, layout.offsets[1])  # the second's
-    assert len(header) == len(second) > 10
-    rng = np.random.default_rng(0)
-    errors = 0
-    for offset in [*header, *second]:
-        for value in (f._bytes[offset] ^ 0xFF, f._bytes[offset] ^ 0x01, rng.integers(256)):
-            bad = corrupt_copy(f, tmp_path / "bad.parquet", offset, int(value))
-            fast, slow = read_or_error(bad, 5, True), read_or_error(bad, 5, False)
-            if isinstance(fast, DataError):
-                assert f"{bad.path}: row group 5 is unreadable" in str(fast)
-                errors += 1
-            elif bad._page_layout(5, "act") is None:
-                assert fast == slow, (offset, value)
-            else:  # read in place: a field that does not matter here (a level encoding)
-                assert fast == f.read_row_group(5)["act"].tobytes(), (offset, value)
-            del bad
-    assert errors > len(header) + len(second)  # most do matter
-    # in the fast path itself (pyarrow is never asked), from the reader thread
-    bad = corrupt_copy(f, tmp_path / "bad.parquet", layout.offsets[1] - 3, 0xFF)
-    assert bytes(bad._bytes[layout.offsets[1] - 3 : layout.offsets[1]]) == b"\xff\x00\x00"
-    monkeypatch.setattr(ActivationFile, "_parquet", None)  # a TypeError if pyarrow were asked
-    stream = bad.shuffled(64, seed=0, prefetch=2)
-    with pytest.raises(DataError, match=f"{bad.path}: row group 5 is unreadable"):
-        for _ in range(1000 // 64 + 1):  # one epoch reaches every row group
-            next(stream)
-    assert not reader_threads(bad.path)
-
-
-def test_a_page_of_unknown_type_is_a_data_error_not_missing_rows(tmp_path, monkeypatch):
-    # pyarrow skips a data page whose header names an unknown page type and returns the row group
-    # short of its rows; the reader counts them against the footer (with verify=False too)
-    f = written_file(tmp_path / "a.parquet", monkeypatch, data_page_size=128, write_batch_size=5)
-    chunk = f._file.metadata.row_group(5).column(f.columns.index("act"))
-    first = chunk.data_page_offset
-    # PageHeader field 1 (type, an i32): header byte 0x15, then the zigzag varint of the type
-    assert bytes(f._bytes[first : first + 2]) == b"\x15\x00"  # DATA_PAGE
-    bad = corrupt_copy(f, tmp_path / "bad.parquet", first + 1, 2 * 9)  # page type 9: no such type
-    assert bad._page_layout(5, "act") is None  # read through pyarrow
-    for read in (
-        lambda: bad.read_row_group(5),
-        lambda: list(bad.iter_row_group(5, chunk_bytes=64)),
-        lambda: next(bad.shuffled(1000, seed=0, buffer_row_groups=16)),
-    ):
-        with pytest.raises(DataError, match=f"{bad.path}: row group 5 is unreadable.*rows decoded"):
-            read()
-
-
-def test_shuffled_batches_are_the_same_with_pages_read_in_place_or_not(tmp_path, monkeypatch):
-    columns = ("act", "lm_entropy", "lm_grad")
-    f = written_file(
-        tmp_path / "a.parquet",
-        monkeypatch,
-        1000,
-        8,
-        64,
-        ("lm_entropy", "lm_grad"),
-        data_page_size=300,
-        write_batch_size=7,
-    )
-    calls = []
-    original = activations.plain_pages
-    monkeypatch.setattr(
-        activations, "plain_pages", lambda *args: calls.append(1) or original(*args)
-    )
-    n = 2 * 1000 // 96
-    streams = {}
-    for read_pages in (True, False):
-        f._read_pages = read_pages
-        f._pages.clear()
-        stream = f.shuffled(96, 3, columns, buffer_row_groups=3, decode_threads=2)
-        streams[read_pages] = [next(stream) for _ in range(n)]
+@pytest.mark.parametrize("buffer_rows", [200, 1000])  # buffered, resident
+def test_the_order_does_not_depend_on_the_columns(tmp_path, buffer_rows):
+    """Every column of a batch is the same rows, a copy in float32 that later batches leave intact."""
+    rows = torch.arange(N, dtype=torch.float32)
+    writer = ActivationWriter(tmp_path / "a.parquet", D, {}, ROW_GROUP, ("lm_entropy", "lm_grad"))
+    idx = np.arange(N, dtype=np.int32)
+    writer.append(idx, idx, idx, rows[:, None].expand(N, D), lm_entropy=rows,
+                  lm_grad=-rows[:, None].expand(N, D))  # fmt: skip
+    writer.close()
+    source = FileSource(ActivationFile(tmp_path / "a.parquet"))
+    n = 3 * N // 96
+    expected = torch.from_numpy(reference_batches(source.block_rows, 2, buffer_rows, 96, n))
+    for columns in (("act",), ("lm_entropy", "act"), ("act", "lm_entropy", "lm_grad")):
+        stream = source.batches(96, columns, seed=2, buffer_rows=buffer_rows)
+        kept = [next(stream) for _ in range(n)]  # every buffer is dealt out, then dropped
         stream.close()
-        for start in (5, 11):  # resumed at a batch inside a buffer, and at one that starts one
-            resumed = f.shuffled(96, 3, columns, buffer_row_groups=3, start_batch=start)
-            for expected in streams[read_pages][start : start + 4]:
-                assert all(torch.equal(v, expected[c]) for c, v in next(resumed).items())
-            resumed.close()
-        assert bool(calls) == read_pages
-        calls.clear()
-    for fast, slow in zip(streams[True], streams[False], strict=True):
-        assert all(torch.equal(fast[c], slow[c]) for c in columns)
+        for batch, ids in zip(kept, expected.float(), strict=True):
+            assert sorted(batch) == sorted(columns)
+            assert all(v.dtype == torch.float32 for v in batch.values())
+            assert torch.equal(batch["act"], ids[:, None].expand(96, D))
+            if "lm_entropy" in columns:
+                assert torch.equal(batch["lm_entropy"], ids)
+            if "lm_grad" in columns:
+                assert torch.equal(batch["lm_grad"], -ids[:, None].expand(96, D))
 
 
-def test_row_groups_read_in_place_or_not_in_one_file_give_the_same_batches(tmp_path, monkeypatch):
-    """Row groups whose vectors must be decoded beside ones gathered from the file (a file written
-    by other means): the same batches, the rows left over passed from one kind of buffer on to
-    the other."""
-    columns = ("act", "lm_entropy", "lm_grad")
-    f = written_file(tmp_path / "a.parquet", monkeypatch, 1000, 8, 64, ("lm_entropy", "lm_grad"))
-    n = 3 * 1000 // 96
-    expected = reference_order(f, 96, seed=4, buffer_row_groups=3, n_batches=n)
-    in_place = f.shuffled(96, 4, columns, buffer_row_groups=3)
-    reference = [next(in_place) for _ in range(n)]
-    in_place.close()
-    original = ActivationFile._vector_pages
-    decoded = {3, 4, 9, 12}  # of 16 row groups: some buffers all in place, some not
-    monkeypatch.setattr(
-        ActivationFile,
-        "_vector_pages",
-        lambda self, i, c: {} if i in decoded else original(self, i, c),
-    )
-    staged = record_row_group_reads(monkeypatch)
-    in_file = []  # per buffer: is act gathered from the file (else from a staging buffer)?
-    buffers = ActivationFile._shuffled_buffers
+def test_resident_and_buffered_deal_the_same_batches_for_the_same_buffering(tmp_path, monkeypatch):
+    """A file of one row group larger than the buffer: one buffer per epoch, read every epoch;
+    a buffer that fits it: the same buffer, read once and kept."""
+    f = indexed_file(tmp_path / "a.parquet", row_group=N)
+    assert f.row_group_rows == [N]  # no empty row group after it
+    source = FileSource(f)
+    n = 3 * N // 100  # exactly three epochs
+    expected = reference_batches(source.block_rows, 1, N, 100, n)
+    reads = record_row_group_reads(monkeypatch)
+    assert np.array_equal(row_ids(source.batches(100, ("act",), 1, buffer_rows=N), n), expected)
+    assert reads == [0]  # resident
+    reads.clear()
+    assert np.array_equal(row_ids(source.batches(100, ("act",), 1, buffer_rows=600), n), expected)
+    assert reads == [0, 0, 0]  # a buffer at a time: once per epoch
 
-    def recorded(self, *args, **kwargs):
-        for buffer in buffers(self, *args, **kwargs):
-            in_file.append(buffer.sources["act"][0].stride() == (1, 1))
-            yield buffer
 
-    monkeypatch.setattr(ActivationFile, "_shuffled_buffers", recorded)
-    for start in (0, 7):  # and resumed inside a buffer
-        stream = f.shuffled(
-            96, 4, columns, buffer_row_groups=3, decode_threads=2, start_batch=start
-        )
-        for i in range(start, n):
-            batch = next(stream)
-            assert all(torch.equal(batch[c], reference[i][c]) for c in columns), (start, i)
-            assert np.array_equal(batch["act"][:, 0].numpy(), expected[i])
-        stream.close()
-    assert decoded <= set(staged)
-    # both kinds, the leftover of one gathered from the file passed on to a staged one: a buffer is
-    # gathered from the file when all its rows (leftover included) lie there as they are
-    assert any(before and not now for before, now in pairwise(in_file)), in_file
+def buffers_of_batch(buffers, batch_size, k) -> list[list[int]]:
+    """The blocks of each reference buffer that batch k takes rows from."""
+    first, end = k * batch_size, (k + 1) * batch_size
+    return [blocks for start, stop, blocks in buffers if start < end and stop > first]
+
+
+def test_a_source_started_far_ahead_reads_only_the_buffers_it_deals_from(tmp_path, monkeypatch):
+    f = indexed_file(tmp_path / "a.parquet")
+    source = FileSource(f)
+    batch_size, buffer_rows = 16, 200
+    _, buffers = reference_order(source.block_rows, 3, buffer_rows, 4 * N)
+    ahead = range(2 * N // batch_size, 4 * N // batch_size)  # in the third and fourth epochs
+    starts = {start for start, _, _ in buffers}
+    cases = {
+        "inside a buffer": [
+            k for k in ahead
+            if len(buffers_of_batch(buffers, batch_size, k)) == 1 and k * batch_size not in starts
+        ],
+        "at a buffer's start": [
+            k for k in ahead if k * batch_size in starts and k * batch_size % N
+        ],
+        "across two buffers": [
+            k for k in ahead if len(buffers_of_batch(buffers, batch_size, k)) == 2
+        ],
+    }  # fmt: skip
+    expected = reference_batches(source.block_rows, 3, buffer_rows, batch_size, ahead.stop)
+    reads = record_row_group_reads(monkeypatch)
+    for case, ks in cases.items():
+        assert ks, case
+        k = ks[0]
+        reads.clear()
+        stream = source.batches(batch_size, ("act",), 3, buffer_rows, start=k)
+        assert np.array_equal(row_ids(stream, 1)[0], expected[k]), case
+        assert reads == sum(buffers_of_batch(buffers, batch_size, k), []), case
+
+
+def test_a_buffered_source_reads_one_buffer_at_a_time(tmp_path, monkeypatch):
+    """Each read is one buffer (the memory bound `memory_bytes` states), read when the first
+    batch that needs it is dealt out, not before."""
+    f = indexed_file(tmp_path / "a.parquet")
+    source = FileSource(f)
+    batch_size, buffer_rows = 96, 200
+    bound = source.memory_bytes(("act",), buffer_rows)
+    assert bound < N * D * 2  # less than the file's values
+    calls, sizes = [], []
+    original = ActivationFile.read_row_groups
+
+    def recorded(self, ids, columns=("act",)):
+        calls.append(list(ids))
+        out = original(self, ids, columns)
+        sizes.append(sum(v.nbytes for v in out.values()))
+        return out
+
+    monkeypatch.setattr(ActivationFile, "read_row_groups", recorded)
+    _, buffers = reference_order(source.block_rows, 4, buffer_rows, 3 * N)
+    stream = source.batches(batch_size, ("act",), 4, buffer_rows)
+    for k in range(3 * N // batch_size):
+        next(stream)
+        dealt = (k + 1) * batch_size  # rows dealt out so far
+        assert calls == [blocks for start, _, blocks in buffers if start < dealt], k
+    assert max(sizes) <= bound
+    stream.close()
+
+
+def test_start_must_not_be_negative(tmp_path):
+    f = indexed_file(tmp_path / "a.parquet")
+    for source in (FileSource(f), tensor_source(f, block_rows=64)):
+        with pytest.raises(ValueError, match="start -1 must be >= 0"):
+            next(source.batches(64, ("act",), 0, 200, start=-1))
+
+
+# ---- standard tools read the files as numbers ------------------------------------------------------
+
+
+def test_pandas_and_hf_datasets_read_the_vectors_as_numbers(tmp_path, monkeypatch):
+    import datasets
+
+    monkeypatch.setattr(datasets.config, "HF_DATASETS_CACHE", tmp_path / "hf-datasets")
+    f = indexed_file(tmp_path / "a.parquet")
+    path = f.path
+    stored = f.read()["act"]
+    column = pd.read_parquet(path)["act"]
+    assert len(column) == N
+    assert all(r.dtype == np.float16 and r.shape == (D,) for r in column)
+    assert np.array_equal(np.stack(column.to_list()), stored)
+    # the README's one-liner, as it is there
+    act = datasets.Dataset.from_parquet(str(path)).with_format("numpy")[:]["act"]
+    assert act.shape == (N, D)
+    assert np.array_equal(act, stored.astype(act.dtype))

@@ -179,7 +179,7 @@ def test_workstation_profile_runs_every_rule_in_the_container_one_gpu_job_at_a_t
     assert any((tmp_path / "home/.cache/saedynamics/matplotlib").iterdir())
     # the GPU rules never overlapped (resources: gpu: 1), though the machine runs 2 jobs at once
     gpu = sorted((c["start"], c["end"], _rule(c)) for c in calls if _rule(c) in GPU_RULES)
-    assert len(gpu) == 2 + 8 + 4
+    assert len(gpu) == 2 + 4 + 4  # activations per step, train and splice per (step, layer)
     for (_, end, a), (start, _, b) in zip(gpu, gpu[1:], strict=False):
         assert start >= end, f"{a} and {b} ran at the same time"
     # every artifact records the image, the commit and its settings (tests/provenance_check.py)

@@ -1,5 +1,5 @@
-"""Integrity: checkpoints against their manifest's sha256, activation files against their checksum,
-and malformed inputs (truncated or flipped Parquet, missing tensors, layers or columns, shapes that
+"""Integrity: checkpoints against their manifest's sha256, activation files against Parquet's page
+checksums (CRC32), and malformed inputs (truncated or flipped Parquet, missing tensors, layers or columns, shapes that
 do not match) failing before any compute, with one message naming the file and what is wrong, and
 leaving nothing at the output path of the stage that failed.
 
@@ -8,7 +8,6 @@ The cases are listed in MALFORMED; `test_every_malformed_case_is_tried` checks t
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import os
@@ -19,10 +18,9 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
-import torch
 from safetensors.torch import load_file, save_file
 
-from saedynamics.activations import CHECKSUM_KEY, METADATA_KEY, ActivationFile
+from saedynamics.activations import METADATA_KEY, ActivationFile, schema
 from saedynamics.artifacts import (
     read_json,
     sha256_file,
@@ -36,7 +34,7 @@ from saedynamics.errors import DataError
 from saedynamics.saes import load
 
 from .conftest import cli_error, hub_config, hub_model, snapshot_of
-from .synthetic import indexed_activation_file, make_sae
+from .synthetic import indexed_activation_file, make_sae, record_row_group_reads
 
 MALFORMED = {
     # checkpoints
@@ -52,14 +50,14 @@ MALFORMED = {
     "checkpoint d_model != config model.d_model": "fails naming both",
     # activation files
     "activation file cut in half": "fails at open",
-    "activation file: bytes flipped in the middle": "fails at open",
-    "activation file: value bytes flipped in one row group": "checksum names the row group",
-    "activation file: page header flipped": "names the unreadable row group, at open",
-    "activation file: row groups differ from the checksum's": "fails naming both",
-    "activation file: malformed checksum metadata": "fails at open",
+    "activation file: bytes flipped in the middle": "fails at open naming the row group",
+    "activation file: value bytes flipped in one row group": "the page CRC names the row group",
+    "activation file: page header flipped": "names the row group, at open",
     "activation file without 'act' column": "fails at open",
-    "activation file in format 1 (act as fixed_size_list)": "fails at open: rerun the rule",
-    "activation file: vector layout != its metadata": "fails at open naming the column",
+    "activation file: vectors of another width than its d_model": "fails at open",
+    "activation file: columns of other types": "fails at open",
+    "activation file in format 1 (nullable lists)": "fails at open: rerun the rule",
+    "activation file in format 2 (fixed_size_binary)": "fails at open: rerun the rule",
     "activation file of another step/layer": "fails naming both",
     "activation d_model != SAE d_in (measure)": "fails naming the files",
     "SAE d_in != model d_model (splice)": "fails naming the files",
@@ -258,46 +256,29 @@ def test_a_checkpoint_of_another_width_than_the_config(hub_study, capsys):
 # ---- activation files ----------------------------------------------------------------------------
 
 
-def test_every_writer_records_a_checksum_and_the_reader_verifies_it(tmp_path, monkeypatch):
-    calls = []
-    original = ActivationFile.verify
-    monkeypatch.setattr(ActivationFile, "verify", lambda self: calls.append(1) or original(self))
+def test_the_reader_verifies_every_page_once_when_it_opens_a_file(tmp_path, monkeypatch):
     f = indexed_activation_file(tmp_path / "a.parquet")
-    checksum = json.loads(pq.read_metadata(f.path).metadata[CHECKSUM_KEY])
-    assert checksum["algorithm"] == "sha256" and len(checksum["row_groups"]) == 16
-    assert [rows for rows, _ in checksum["row_groups"]] == [64] * 15 + [40]
-    assert calls == [1] and f.verified
-    # the definition (module docstring), recomputed independently from the file's own columns
-    table = pq.ParquetFile(f.path).read_row_group(3)
-    digest = hashlib.sha256()
-    for name in table.column_names:
-        values = table.column(name).combine_chunks()
-        if isinstance(values.type, pa.FixedSizeBinaryType):  # a vector: its rows' values
-            data = values.buffers()[1].to_pybytes()[: len(values) * values.type.byte_width]
-        else:
-            data = values.to_numpy().tobytes()
-        digest.update(name.encode() + b"\0" + data)
-    assert checksum["row_groups"][3][1] == digest.hexdigest()
-    assert not ActivationFile(f.path, verify=False).verified and calls == [1]
-
-
-def test_a_file_without_a_checksum_is_read_with_a_warning(tmp_path, caplog):
-    f = indexed_activation_file(tmp_path / "a.parquet")
-    table = pq.read_table(f.path)
-    footer = {k: v for k, v in pq.read_metadata(f.path).metadata.items() if k != CHECKSUM_KEY}
-    legacy = tmp_path / "legacy.parquet"
-    pq.write_table(table.replace_schema_metadata(footer), legacy, row_group_size=64)
-    with caplog.at_level(logging.WARNING):
-        old = ActivationFile(legacy)
-    assert f"{legacy}: written before activation files carried a checksum" in caplog.text
-    assert not old.verified
-    assert torch.equal(torch.cat(list(old.tensors(100))), torch.cat(list(f.tensors(100))))
+    reads = record_row_group_reads(monkeypatch)
+    assert ActivationFile(f.path).verified
+    assert sorted(reads) == list(range(16))  # every row group, once
+    reads.clear()
+    unverified = ActivationFile(f.path, verify=False)
+    assert not unverified.verified and reads == []
+    unverified.verify()
+    assert unverified.verified and sorted(reads) == list(range(16))
 
 
 def good_file(tmp_path: Path, name: str) -> Path:
     path = tmp_path / name
     shutil.copy(indexed_activation_file(tmp_path / f"good-{name}").path, path)
     return path
+
+
+def act_chunk(path: Path, row_group: int):
+    """The 'act' column chunk of a row group (one data page: PLAIN values, no dictionary)."""
+    chunk = pq.read_metadata(path).row_group(row_group).column(3)
+    assert chunk.path_in_schema.startswith("act") and chunk.dictionary_page_offset is None
+    return chunk
 
 
 def test_malformed_activation_files_fail_at_open(tmp_path):
@@ -309,81 +290,155 @@ def test_malformed_activation_files_fail_at_open(tmp_path):
 
     middle = good_file(tmp_path, "middle.parquet")
     flip(middle, middle.stat().st_size // 2)
-    with pytest.raises(DataError, match=f"{middle}: row group [0-9]+ .*corrupt"):
+    with pytest.raises(DataError, match=rf"{middle}: row group\(s\) \[[0-9]+\] of 16 are corrupt"):
         ActivationFile(middle)
     tried("activation file: bytes flipped in the middle")
 
     values = good_file(tmp_path, "values.parquet")
-    act = pq.read_metadata(values).row_group(5).column(3)  # the 'act' column chunk
-    assert act.path_in_schema.startswith("act")
+    act = act_chunk(values, 5)
     flip(values, act.data_page_offset + act.total_compressed_size - 8, 2)  # plain float16 values
-    assert ActivationFile(values, verify=False).read_row_group(5)["act"].shape == (64, 4)  # decodes
-    with pytest.raises(
-        DataError,
-        match=rf"{values}: row group 5 of 16 \(rows 320 to 383\) does not match the checksum",
-    ):
+    # what a reader that skips the checksums gets: other numbers, silently
+    unchecked, intact = (
+        pq.read_table(p)["act"] for p in (values, tmp_path / "good-values.parquet")
+    )
+    assert len(unchecked) == len(intact) and not unchecked.equals(intact)
+    with pytest.raises(DataError) as error:
         ActivationFile(values)
+    assert str(error.value).startswith(f"{values}: row group(s) [5] of 16 are corrupt (")
+    assert "CRC" in str(error.value)
+    assert str(error.value).endswith(
+        "; delete the file and rerun the activations rule (snakemake --forcerun activations)"
+    )
+    unverified = ActivationFile(values, verify=False)  # the pages are checked on every read too
+    assert unverified.read_row_groups([4, 6])["act"].shape == (128, 4)
+    with pytest.raises(DataError, match=rf"{values}: row group\(s\) \[5\] of 16 are corrupt"):
+        unverified.read_row_groups([5])
     tried("activation file: value bytes flipped in one row group")
 
     header = good_file(tmp_path, "header.parquet")
-    flip(header, act.data_page_offset, 16)
-    with pytest.raises(DataError, match=f"{header}: row group 5 is unreadable"):
+    flip(header, act_chunk(header, 5).data_page_offset, 16)
+    with pytest.raises(DataError, match=rf"{header}: row group\(s\) \[5\] of 16 are corrupt"):
         ActivationFile(header)
     tried("activation file: page header flipped")
 
 
-def test_inconsistent_checksums_and_schemas_fail_at_open(tmp_path):
+def test_no_byte_of_a_page_header_changes_the_values_read(tmp_path):
+    """Every byte of a page header (which its CRC does not cover) and the first bytes of its data,
+    flipped or replaced: a DataError naming the file and row group at open, or (a byte that does
+    not matter) the values of the good file; never other values, never another error."""
+    good = indexed_activation_file(tmp_path / "good.parquet")
+    expected = good.read(good.columns)
+    data = good.path.read_bytes()
+    first = act_chunk(good.path, 5).data_page_offset
+    bad, rng, outcomes = tmp_path / "bad.parquet", np.random.default_rng(0), []
+    for offset in range(first, first + 40):
+        for value in {data[offset] ^ 0xFF, data[offset] ^ 0x01, int(rng.integers(256))}:
+            bad.write_bytes(data[:offset] + bytes([value]) + data[offset + 1 :])
+            try:
+                got = ActivationFile(bad).read(good.columns)
+            except DataError as e:
+                assert str(e).startswith(f"{bad}: row group(s) [5] of 16 are corrupt"), e
+                outcomes.append("error")
+            else:
+                assert all(np.array_equal(got[c], expected[c]) for c in expected), (offset, value)
+                outcomes.append("same")
+    assert outcomes.count("error") > 0.8 * len(outcomes)  # most bytes do matter
+    # a page of a type that does not exist: pyarrow skips it, and the column read alone (as a
+    # source reads act) comes back short of its rows; counted against the footer: an error too
+    assert data[first : first + 2] == b"\x15\x00"  # PageHeader field 1 (type, i32): DATA_PAGE
+    bad.write_bytes(data[: first + 1] + bytes([2 * 9]) + data[first + 2 :])  # zigzag: type 9
+    with pytest.raises(DataError, match=rf"{bad}: row group\(s\) \[5\] of 16 decode short"):
+        ActivationFile(bad, verify=False).read_row_groups([5], ("act",))
+
+
+def rewritten(good: Path, path: Path, table: pa.Table, **metadata) -> Path:
+    """`table` written with good's footer metadata, `metadata` changed in its saedynamics key."""
+    footer = {k: v for k, v in pq.read_metadata(good).metadata.items() if k != b"ARROW:schema"}
+    meta = json.loads(footer[METADATA_KEY]) | metadata
+    footer[METADATA_KEY] = json.dumps(meta).encode()
+    pq.write_table(table.replace_schema_metadata(footer), path, row_group_size=64)
+    return path
+
+
+def open_error(path: Path) -> str:
+    """The message of the DataError that opening `path` raises: one line."""
+    with pytest.raises(DataError) as error:
+        ActivationFile(path)
+    assert "\n" not in str(error.value), str(error.value)
+    return str(error.value)
+
+
+def test_files_without_the_columns_of_an_activation_file_fail_at_open(tmp_path):
     good = indexed_activation_file(tmp_path / "good.parquet").path
-    footer = pq.read_metadata(good).metadata
-    table = pq.read_table(good).replace_schema_metadata(footer)
-    regrouped = tmp_path / "regrouped.parquet"
-    pq.write_table(table, regrouped, row_group_size=100)  # same rows and footer, other row groups
-    with pytest.raises(DataError, match=f"{regrouped}: has 10 row groups .* records 16"):
-        ActivationFile(regrouped)
-    tried("activation file: row groups differ from the checksum's")
+    table = pq.read_table(good)
+    # the good table rewritten as it is: opens (the cases below fail for what they change)
+    assert ActivationFile(rewritten(good, tmp_path / "same.parquet", table)).verified
+    rerun = "not those an activation file has; rerun the activations rule"
 
-    bad_checksum = tmp_path / "bad-checksum.parquet"
-    bad = {**footer, CHECKSUM_KEY: b'{"algorithm": "md5"}'}
-    pq.write_table(table.replace_schema_metadata(bad), bad_checksum, row_group_size=64)
-    with pytest.raises(DataError, match=f"{bad_checksum}: its checksum metadata is malformed"):
-        ActivationFile(bad_checksum)
-    tried("activation file: malformed checksum metadata")
-
-    no_act = tmp_path / "no-act.parquet"
-    pq.write_table(table.drop_columns(["act"]), no_act)
-    with pytest.raises(DataError, match=f"{no_act}: column 'act' must be"):
-        ActivationFile(no_act)
+    no_act = rewritten(good, tmp_path / "no-act.parquet", table.drop_columns(["act"]))
+    message = open_error(no_act)
+    assert message.startswith(f"{no_act}: its columns are doc_id: int32 not null, pos: ")
+    assert "act:" not in message and rerun in message
     tried("activation file without 'act' column")
 
+    values = pa.array(np.zeros(table.num_rows * 3, np.float16))
+    narrow = pa.FixedSizeListArray.from_arrays(values, type=schema(3).field("act").type)
     wrong_width = tmp_path / "wrong-width.parquet"  # metadata: d_model 4; the column: 3 values
-    narrow = pa.array([b"\0" * 6] * table.num_rows, pa.binary(6))
-    pq.write_table(table.set_column(3, pa.field("act", pa.binary(6), False), narrow), wrong_width)
-    with pytest.raises(
-        DataError, match=rf"{wrong_width}: column 'act' must be fixed_size_binary\(8\)"
-    ):
-        ActivationFile(wrong_width)
-    meta = json.loads(footer[METADATA_KEY])
-    mislabelled = tmp_path / "mislabelled.parquet"
-    bad = {**footer, METADATA_KEY: json.dumps({**meta, "vectors": {"act": "float32"}})}
-    pq.write_table(table.replace_schema_metadata(bad), mislabelled)
-    with pytest.raises(DataError, match=f"{mislabelled}: column 'act' must be .* float16"):
-        ActivationFile(mislabelled)
-    tried("activation file: vector layout != its metadata")
+    rewritten(good, wrong_width, table.set_column(3, schema(3).field("act"), narrow))
+    message = open_error(wrong_width)
+    assert "act: fixed_size_list<element: halffloat not null>[3] not null" in message
+    assert "(metadata d_model 4)" in message and rerun in message
+    for d_model in (8, None, "4"):  # the file's own columns, its metadata saying otherwise
+        path = rewritten(good, tmp_path / f"d-model-{d_model}.parquet", table, d_model=d_model)
+        assert f"(metadata d_model {d_model!r}), {rerun}" in open_error(path)
+    tried("activation file: vectors of another width than its d_model")
+
+    as_float32 = tmp_path / "float32.parquet"
+    act32 = table.column("act").cast(pa.list_(pa.field("element", pa.float32(), False), 4))
+    rewritten(good, as_float32, table.set_column(3, pa.field("act", act32.type, False), act32))
+    nullable = tmp_path / "nullable.parquet"
+    rewritten(good, nullable, table.set_column(3, "act", table.column("act")))
+    doc64 = tmp_path / "doc-int64.parquet"
+    rewritten(good, doc64, table.set_column(0, "doc_id", table.column("doc_id").cast(pa.int64())))
+    extra = tmp_path / "extra.parquet"
+    rewritten(good, extra, table.append_column("notes", pa.array(["x"] * table.num_rows)))
+    for path in (as_float32, nullable, doc64, extra):
+        assert open_error(path).startswith(f"{path}: its columns are ")
+        assert rerun in open_error(path)
+    tried("activation file: columns of other types")
 
 
-def test_an_activation_file_of_format_1_asks_for_the_rule_to_rerun(tmp_path):
-    """Format 1 stored act as fixed_size_list<float16>[d_model] (decoded ~20x slower)."""
-    values = pa.array(np.arange(64 * 4, dtype=np.float16))
-    act = pa.FixedSizeListArray.from_arrays(values, type=pa.list_(pa.float16(), 4))
+@pytest.mark.parametrize(
+    ("version", "act_type"),
+    [
+        (1, pa.list_(pa.float16(), 4)),  # nullable lists
+        (2, pa.binary(8)),  # each row's float16 values as bytes
+    ],
+)
+def test_an_activation_file_of_an_older_format_asks_for_the_rule_to_rerun(
+    tmp_path, version, act_type
+):
+    values = np.arange(64 * 4, dtype=np.float16)
+    if version == 1:
+        act = pa.FixedSizeListArray.from_arrays(pa.array(values), type=act_type)
+    else:
+        act = pa.array([values[i * 4 : i * 4 + 4].tobytes() for i in range(64)], act_type)
     idx = pa.array(np.arange(64, dtype=np.int32))
-    meta = {"format_version": 1, "step": 0, "layer": 0, "dtype": "float16"}
+    meta = {"format_version": version, "step": 0, "layer": 0, "d_model": 4, "dtype": "float16"}
     old = tmp_path / "old.parquet"
     table = pa.table({"doc_id": idx, "pos": idx, "token_id": idx, "act": act})
     pq.write_table(table.replace_schema_metadata({METADATA_KEY: json.dumps(meta)}), old)
-    with pytest.raises(DataError, match=f"{old}: written in activation format 1") as error:
+    with pytest.raises(DataError) as error:
         ActivationFile(old)
-    assert "rerun the activations rule (snakemake --forcerun activations)" in str(error.value)
-    tried("activation file in format 1 (act as fixed_size_list)")
+    assert str(error.value) == (
+        f"{old}: written in activation format {version}, this saedynamics reads format 3 (vectors "
+        "as lists of numbers); rerun the activations rule (snakemake --forcerun activations)"
+    )
+    tried(
+        "activation file in format 1 (nullable lists)"
+        if version == 1
+        else "activation file in format 2 (fixed_size_binary)"
+    )
 
 
 # ---- SAEs, and the train / measure / splice stages -----------------------------------------------
@@ -451,55 +506,65 @@ def train_settings() -> str:
                 "batch_size": 128,
                 "init_tokens": 128,
             },
-            "architecture_name": "topk",
-            "architecture": {"architecture": "topk", "k": 2},
+            "architectures": {"topk": {"architecture": "topk", "k": 2}},
         }
     )
 
 
-def test_train_verifies_once_and_refuses_another_layers_file(tmp_path, capsys, monkeypatch):
-    acts = indexed_activation_file(tmp_path / "train.parquet").path  # step 0, layer 0
+def count_verifications(monkeypatch) -> list[int]:
     calls = []
     original = ActivationFile.verify
     monkeypatch.setattr(ActivationFile, "verify", lambda self: calls.append(1) or original(self))
-    ident = ["--step", 0, "--architecture", "topk", "--activations", acts, "--settings"]
-    out = tmp_path / "saes"
-    message = cli_error(capsys, "train", "--layer", 1, *ident, train_settings(), "--out", out)
+    return calls
+
+
+def test_train_verifies_once_and_refuses_another_layers_file(tmp_path, capsys, monkeypatch):
+    acts = indexed_activation_file(tmp_path / "train.parquet").path  # step 0, layer 0
+    calls = count_verifications(monkeypatch)
+    args = ["--step", 0, "--activations", acts, "--settings", train_settings()]
+    out = tmp_path / "saes/step0/layer1"
+    message = cli_error(capsys, "train", *args, "--layer", 1, "--out", out)
     tried("activation file of another step/layer")
     assert message == (
         f"error: {acts}: holds the activations of step 0, layer 0 (its metadata), not of step 0, "
         "layer 1 as this job was asked; rerun the activations rule"
     )
-    assert not out.exists()
+    assert not (tmp_path / "saes").exists()
     calls.clear()
-    argv = ["train", "--layer", "0", *map(str, ident), train_settings(), "--out", str(out)]
-    assert main(argv) == 0
-    assert calls == [1] and (out / "seed1/cfg.json").exists()  # verified once per job
+    out = tmp_path / "saes/step0/layer0"
+    assert main(["train", *map(str, args), "--layer", "0", "--out", str(out)]) == 0
+    assert calls == [1]  # verified once per job
+    assert sorted(p.relative_to(out).as_posix() for p in out.glob("*/*/cfg.json")) == [
+        "topk/seed0/cfg.json",
+        "topk/seed1/cfg.json",
+    ]
 
 
 def test_measure_refuses_saes_of_another_width(tmp_path, capsys, monkeypatch):
     acts = indexed_activation_file(tmp_path / "eval.parquet").path  # d_model 4
-    saes = tmp_path / "saes"
-    save_sae(saes / "seed0", d_in=4)
-    save_sae(saes / "seed1", d_in=4, seed=1)
-    save_sae(saes / "seed2", d_in=8, seed=2)
-    calls = []
-    original = ActivationFile.verify
-    monkeypatch.setattr(ActivationFile, "verify", lambda self: calls.append(1) or original(self))
-    out = tmp_path / "metrics"
-    argv = ["--step", 0, "--layer", 0, "--architecture", "topk", "--activations", acts]
-    settings = json.dumps({"study": "t", "metrics": {"batch_size": 256}})
-    message = cli_error(
-        capsys, "measure", *argv, "--saes", saes, "--settings", settings, "--out", out
-    )
+    saes = tmp_path / "saes/step0/layer0"
+    save_sae(saes / "topk/seed0", d_in=4)
+    save_sae(saes / "topk/seed1", d_in=4, seed=1)
+    save_sae(saes / "wide/seed0", d_in=8)
+    save_sae(saes / "wide/seed1", d_in=4, seed=1)
+    calls = count_verifications(monkeypatch)
+    out = tmp_path / "metrics/step0/layer0"
+    args = ["--step", 0, "--layer", 0, "--activations", acts, "--saes", saes, "--out", out]
+    args += ["--settings", json.dumps({"study": "t", "metrics": {"batch_size": 256}})]
+    message = cli_error(capsys, "measure", *args, "--architectures", "topk", "wide")
     tried("activation d_model != SAE d_in (measure)")
-    assert f"{acts} has d_model 4, but the SAEs in {saes / 'seed2'} have d_in 8" in message
-    assert not out.exists()
-    shutil.rmtree(saes / "seed2")
+    assert f"{acts} has d_model 4, but the SAEs in {saes / 'wide/seed0'} have d_in 8" in message
+    assert not (tmp_path / "metrics").exists()  # every SAE checked before any is measured
     calls.clear()
-    args = [*map(str, argv), "--saes", str(saes), "--settings", settings, "--out", str(out)]
-    assert main(["measure", *args]) == 0
-    assert calls == [1] and (out / "consistency.json").exists()  # verified once per job
+    assert main(["measure", *map(str, args), "--architectures", "topk"]) == 0
+    assert calls == [1]  # verified once per job
+    assert sorted(p.relative_to(out).as_posix() for p in out.rglob("*.json")) == [
+        "topk/consistency.json",
+        "topk/reconstruction.json",
+        "topk/superposition.json",
+    ]
+    measured = read_json(out / "topk/reconstruction.json")
+    assert [s["seed"] for s in measured["seeds"]] == [0, 1] and measured["architecture"] == "topk"
 
 
 def test_splice_refuses_saes_of_another_width(hub_study, capsys):

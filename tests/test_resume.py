@@ -1,8 +1,10 @@
 """Resumable training: a job killed at any point and restarted ends with the SAEs, bitwise (CPU), of
 an uninterrupted run; checkpoints are atomic, belong to their settings, and nothing is unpickled.
 
-saedynamics.resume's module docstring describes the checkpoints; `ActivationFile.shuffled(start_batch=)`
-is the data-order position they restore.
+saedynamics.resume's module docstring describes the checkpoints; a source's `batches(start=)`
+(saedynamics.sources) is the data-order position they restore. A checkpoint holds the whole set of
+SAEs a job trains (architectures x seeds); tests/test_training_set.py resumes a set of every
+architecture.
 """
 
 from __future__ import annotations
@@ -23,12 +25,20 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file
 
+from saedynamics.activations import ActivationFile
 from saedynamics.config import TrainingConfig
 from saedynamics.resume import CHECKPOINT, CHECKPOINT_KEY, FAULT_ENV
 from saedynamics.saes import REGISTRY, SAE
+from saedynamics.sources import FileSource, TensorSource
 from saedynamics.training import train_saes
 
-from .synthetic import indexed_activation_file, k_if_any, record_row_group_reads, sparse_dataset
+from .synthetic import (
+    indexed_activation_file,
+    k_if_any,
+    organism_tensors,
+    record_row_group_reads,
+    sparse_dataset,
+)
 
 REPO = Path(__file__).resolve().parents[1]
 IDENTITY = {"study": "t", "step": 0, "layer": 0}
@@ -45,22 +55,39 @@ def row_ids(stream, n: int) -> np.ndarray:
     return np.stack(out)
 
 
-def test_shuffled_from_start_batch_continues_the_same_sequence(tmp_path, monkeypatch):
-    # 1000 rows in 16 row groups, buffers of 3 row groups (~2 batches), ~10.4 batches per epoch
+@pytest.mark.parametrize("buffer_rows", [3 * 64, 4096])  # read a buffer at a time; kept resident
+def test_shuffled_from_start_batch_continues_the_same_sequence(tmp_path, monkeypatch, buffer_rows):
+    # 1000 rows in 16 row groups; buffers of 3 row groups (~2 batches) or all of them; ~10.4
+    # batches per epoch
     f = indexed_activation_file(tmp_path / "a.parquet", n=1000, d=4, row_group=64)
+    source = FileSource(f)
     batch, n = 96, 70
-    fresh = row_ids(f.shuffled(batch, seed=5, buffer_row_groups=3), n)
-    for k in (1, 2, 3, 10, 11, 12, 31, 64):  # within and across buffers and epochs
-        got = row_ids(f.shuffled(batch, seed=5, buffer_row_groups=3, start_batch=k), n - k)
-        assert np.array_equal(got, fresh[k:]), k
 
-    # the skipped buffers are not read: only the first buffer used and the row groups holding
-    # its leftover rows (fewer than a batch), however far the stream starts
+    def stream(start=0, columns=("act",)):
+        return source.batches(batch, columns, seed=5, buffer_rows=buffer_rows, start=start)
+
+    fresh = row_ids(stream(), n)
+    first_epoch = fresh[:10].ravel()  # 960 of the 1000 rows: shuffled, none twice
+    assert len(set(first_epoch)) == 960 and not np.array_equal(first_epoch, np.sort(first_epoch))
+    assert not np.array_equal(fresh, row_ids(source.batches(batch, ("act",), 6, buffer_rows), n))
+    for k in (1, 2, 3, 10, 11, 12, 31, 64):  # within and across buffers and epochs
+        got = row_ids(stream(start=k), n - k)
+        assert np.array_equal(got, fresh[k:]), k
+    # the same blocks in memory deal out the same sequence (what sets tests train from)
+    tensors = {"act": torch.from_numpy(f.read()["act"]).float()}
+    in_memory = TensorSource(tensors, block_rows=64).batches(batch, ("act",), 5, buffer_rows)
+    assert np.array_equal(row_ids(in_memory, n), fresh)
+
+    # the skipped buffers are not read: only the buffer holding batch 60's first row and, when
+    # fewer than a batch of its rows are left, the next one, however far the stream starts
     reads = record_row_group_reads(monkeypatch)
-    next(f.shuffled(batch, seed=5, buffer_row_groups=3, prefetch=0, start_batch=60))
-    assert len(reads) <= 3 + f.num_row_groups < 60 * batch // 64
-    with pytest.raises(ValueError, match="start_batch"):
-        next(f.shuffled(batch, seed=5, start_batch=-1))
+    next(stream(start=60))
+    if buffer_rows < f.n_rows:
+        assert 3 <= len(reads) <= 2 * 3 < 60 * batch // 64
+    else:  # resident: read once, whole
+        assert sorted(reads) == list(range(len(f.row_group_rows)))
+    with pytest.raises(ValueError, match="start"):
+        next(stream(start=-1))
 
 
 # ---- every architecture resumes bitwise ----------------------------------------------------------
@@ -94,34 +121,45 @@ def stop_after(steps: int):
     return observe
 
 
-def small_run(tmp_path: Path, name: str) -> tuple[TrainingConfig, object, Path]:
-    cls = REGISTRY[name]
-    data = tmp_path / "organism.parquet"
-    sparse_dataset(data, n=2048, d=16, m=32, extras=cls.requires)
-    training = TrainingConfig(
-        n_latents=64,
-        seeds=[0, 1],
-        train_tokens=24 * BATCH,
-        batch_size=BATCH,
-        init_tokens=2 * BATCH,
-        input_scaling="centred",
-        log_every=1,
-        checkpoint_tokens=8 * BATCH,  # checkpoints after 8 and 16 steps
+def small_training(**changes) -> TrainingConfig:
+    return TrainingConfig(
+        **{
+            "n_latents": 64,
+            "seeds": [0, 1],
+            "train_tokens": 24 * BATCH,
+            "batch_size": BATCH,
+            "init_tokens": 2 * BATCH,
+            "input_scaling": "centred",
+            "log_every": 1,
+            "checkpoint_tokens": 8 * BATCH,  # checkpoints after 8 and 16 steps
+            **changes,
+        }
     )
-    arch = cls.Config(architecture=name, **{**k_if_any(name, 4), **STATEFUL.get(name, {})})
-    return training, arch, data
+
+
+def small_arch(name: str):
+    """`name` (a registered architecture) at the settings of STATEFUL, k = 4 where it has a k."""
+    cls = REGISTRY[name]
+    return cls.Config(architecture=name, **{**k_if_any(name, 4), **STATEFUL.get(name, {})})
+
+
+def small_run(name: str) -> tuple[TrainingConfig, dict, TensorSource]:
+    columns, _ = organism_tensors(n=2048, d=16, m=32, extras=REGISTRY[name].requires)
+    return small_training(), {name: small_arch(name)}, TensorSource(columns)
 
 
 def assert_same_saes(a: Path, b: Path, seeds=(0, 1)) -> None:
+    """The SAEs (all tensors of sae_weights.safetensors) and loss curves in a/seed<s>/ and
+    b/seed<s>/ are bitwise equal; an AssertionError naming what differs otherwise."""
     for seed in seeds:
         wa = load_file(a / f"seed{seed}" / "sae_weights.safetensors")
         wb = load_file(b / f"seed{seed}" / "sae_weights.safetensors")
         assert wa.keys() == wb.keys()
         for key in wa:
-            assert torch.equal(wa[key], wb[key]), f"seed {seed}: {key} differs"
+            assert torch.equal(wa[key], wb[key]), f"{a.name} seed {seed}: {key} differs"
         curve_a = pq.read_table(a / f"seed{seed}" / "training.parquet")
         curve_b = pq.read_table(b / f"seed{seed}" / "training.parquet")
-        assert curve_a.equals(curve_b), f"seed {seed}: the loss curves differ"
+        assert curve_a.equals(curve_b), f"{a.name} seed {seed}: the loss curves differ"
 
 
 def record(out: Path, seed: int = 0) -> dict:
@@ -137,16 +175,17 @@ def one_thread():
 
 
 def stop_and_resume(tmp_path: Path, name: str) -> tuple[Path, Path]:
-    """(uninterrupted run, run stopped after 20 of 24 steps and resumed from the checkpoint at 16)."""
-    training, arch, data = small_run(tmp_path, name)
-    train_saes(training, name, arch, data, tmp_path / "plain", IDENTITY, {})
+    """(uninterrupted run, run stopped after 20 of 24 steps and resumed from the checkpoint at 16),
+    the SAE directories of `name` (seed<s>/ inside)."""
+    training, architectures, source = small_run(name)
+    train_saes(training, architectures, source, tmp_path / "plain", IDENTITY, {})
     out, resume = tmp_path / "out", tmp_path / "resume"
     with pytest.raises(Stop):
-        train_saes(training, name, arch, data, out, IDENTITY, {}, stop_after(20), resume)
-    assert not out.exists() and (resume / CHECKPOINT).is_file()
-    train_saes(training, name, arch, data, out, IDENTITY, {}, resume_dir=resume)
+        train_saes(training, architectures, source, out, IDENTITY, {}, stop_after(20), resume)
+    assert not (out / name).exists() and (resume / CHECKPOINT).is_file()
+    train_saes(training, architectures, source, out, IDENTITY, {}, resume_dir=resume)
     assert not resume.exists()  # deleted once the SAEs are written
-    return tmp_path / "plain", out
+    return tmp_path / "plain" / name, out / name
 
 
 @pytest.mark.parametrize("name", sorted(REGISTRY))
@@ -174,39 +213,72 @@ def test_the_resume_state_matters_where_an_architecture_has_one(
 def test_checkpoints_of_other_settings_or_unreadable_ones_are_discarded(
     tmp_path, caplog, one_thread
 ):
-    training, arch, data = small_run(tmp_path, "topk")
-    resume = tmp_path / "resume"
+    data = tmp_path / "organism.parquet"  # a file: its identity is part of the fingerprint
+    sparse_dataset(data, n=2048, d=16, m=32)
+    training, resume = small_training(), tmp_path / "resume"
+    arch = small_arch("topk")
+    other = {"topk": arch.model_copy(update={"lr": 0.01})}
 
-    def interrupted(arch) -> None:
+    def source():
+        return FileSource(ActivationFile(data))
+
+    def interrupted(architectures) -> None:
         with pytest.raises(Stop):
-            train_saes(
-                training, "topk", arch, data, tmp_path / "x", IDENTITY, {}, stop_after(10), resume
-            )
+            train_saes(training, architectures, source(), tmp_path / "x", IDENTITY, {},
+                       stop_after(10), resume)  # fmt: skip
         assert (resume / CHECKPOINT).is_file()
 
-    other = arch.model_copy(update={"lr": 0.01})
-    train_saes(training, "topk", other, data, tmp_path / "plain", IDENTITY, {})
-    interrupted(arch)
+    def resumed(out: str, architectures=other) -> Path:
+        train_saes(training, architectures, source(), tmp_path / out, IDENTITY, {},
+                   resume_dir=resume)  # fmt: skip
+        assert not resume.exists()
+        return tmp_path / out / "topk"
+
+    train_saes(training, other, source(), tmp_path / "plain", IDENTITY, {})
+    interrupted({"topk": arch})
     caplog.set_level("INFO", logger="saedynamics")
-    train_saes(training, "topk", other, data, tmp_path / "out", IDENTITY, {}, resume_dir=resume)
-    assert "a checkpoint of other settings (architecture differ), deleted" in caplog.text
-    assert_same_saes(tmp_path / "plain", tmp_path / "out")
-    assert record(tmp_path / "out")["resumed_from_tokens"] == []
+    out = resumed("out")
+    assert "a checkpoint of other settings (architectures differ), deleted" in caplog.text
+    assert_same_saes(tmp_path / "plain" / "topk", out)
+    assert record(out)["resumed_from_tokens"] == []
+
+    # so does another set: the checkpoint of topk alone is not resumed by topk and relu together
+    interrupted(other)
+    caplog.clear()
+    resumed("set", {**other, "relu": small_arch("relu")})
+    assert "(architectures differ), deleted" in caplog.text
+    assert_same_saes(tmp_path / "plain" / "topk", tmp_path / "set" / "topk")
 
     # a changed activation file (its size or mtime) makes the checkpoint stale too
     interrupted(other)
     os.utime(data, ns=(data.stat().st_atime_ns, data.stat().st_mtime_ns + 1))
     caplog.clear()
-    train_saes(training, "topk", other, data, tmp_path / "out2", IDENTITY, {}, resume_dir=resume)
+    resumed("out2")
+    assert "(activations differ), deleted" in caplog.text
+
+    # and the same settings on other data in memory
+    interrupted(other)
+    columns, _ = organism_tensors(n=2048, d=16, m=32, seed=1)
+    caplog.clear()
+    train_saes(training, other, TensorSource(columns), tmp_path / "x2", IDENTITY, {},
+               resume_dir=resume)  # fmt: skip
     assert "(activations differ), deleted" in caplog.text
 
     # a file that is not a checkpoint (only a disk fault could leave one: writes are atomic)
     resume.mkdir()
     (resume / CHECKPOINT).write_bytes(b"\x08\x00\x00\x00\x00\x00\x00\x00{}garbage")
     caplog.clear()
-    train_saes(training, "topk", other, data, tmp_path / "out3", IDENTITY, {}, resume_dir=resume)
+    out3 = resumed("out3")
     assert "unreadable checkpoint" in caplog.text and str(resume / CHECKPOINT) in caplog.text
-    assert_same_saes(tmp_path / "out2", tmp_path / "out3")
+    assert_same_saes(tmp_path / "out2" / "topk", out3)
+    assert record(out3)["resumed_from_tokens"] == []
+
+    # the unchanged job resumes (the checks above are not the whole story)
+    interrupted(other)
+    caplog.clear()
+    out4 = resumed("out4")
+    assert "deleted" not in caplog.text and record(out4)["resumed_from_tokens"] == [8 * BATCH]
+    assert_same_saes(tmp_path / "out2" / "topk", out4)
 
 
 # ---- fault injection: SIGKILL the real command and restart it ---------------------------------------
@@ -242,25 +314,20 @@ def expected_checkpoint(point: str) -> int:
     return min(last_complete, N_STEPS - 1) // EVERY * EVERY  # none is written at the end
 
 
+# the set the command trains: relu_2023 with its resampling state (replayed inputs, generator) and
+# topk beside it; its SAEs land in <out>/<name>/seed<s>/
+KILL_SET = {"r": small_arch("relu_2023"), "t": small_arch("topk")}
+
+
 def train_command(tmp_path: Path, out: Path, resume: Path | None) -> list[str]:
-    arch = REGISTRY["relu_2023"].Config(architecture="relu_2023", **STATEFUL["relu_2023"])
-    training = TrainingConfig(
-        n_latents=64,
-        seeds=[0, 1],
-        train_tokens=N_STEPS * BATCH,
-        batch_size=BATCH,
-        init_tokens=2 * BATCH,
-        log_every=1,
-        checkpoint_tokens=EVERY * BATCH,
-    )
+    training = small_training(train_tokens=N_STEPS * BATCH, checkpoint_tokens=EVERY * BATCH)
     settings = {
         "study": "t",
         "training": training.model_dump(mode="json"),
-        "architecture_name": "r",
-        "architecture": arch.model_dump(mode="json"),
+        "architectures": {name: a.model_dump(mode="json") for name, a in KILL_SET.items()},
     }
     command = [sys.executable, "-m", "saedynamics", "train", "--settings", json.dumps(settings)]
-    command += ["--threads", "1", "--step", "0", "--layer", "0", "--architecture", "r"]
+    command += ["--threads", "1", "--step", "0", "--layer", "0"]
     command += ["--activations", str(tmp_path / "organism.parquet"), "--out", str(out)]
     return command + (["--resume-dir", str(resume)] if resume else [])
 
@@ -302,19 +369,22 @@ def test_killed_jobs_resume_to_the_uninterrupted_result(tmp_path):
                 history.append(resumed_at * BATCH)
             if point is None:
                 break
-            assert not out.exists(), f"{where}: a partial output was left in place"
+            placed = [name for name in KILL_SET if (out / name).exists()]
+            assert placed == [], f"{where}: a partial output was left in place"
             # a write the kill interrupted left its temporary, which the restart must not take
             partial = {
                 "during-checkpoint": resume.glob(f".{CHECKPOINT}.*.tmp"),
-                "during-output": out.parent.glob(f".{out.name}.*.tmp"),
+                "during-output": out.glob(".r.*.tmp"),  # the first architecture's directory
             }.get(point.partition(":")[2], [])
             assert point.isdigit() or list(partial), where
             resumed_at = checkpoint_position(resume)
             assert resumed_at == expected_checkpoint(point), where
-        assert_same_saes(reference, out)
-        assert record(out)["resumed_from_tokens"] == history
+        for name in KILL_SET:
+            assert_same_saes(reference / name, out / name)
+            assert record(out / name)["resumed_from_tokens"] == history
+            assert record(out / name)["trained_with"] == sorted(KILL_SET)
         assert not resume.exists()
-        assert not list(out.parent.glob(f".{out.name}.*")), "temporaries of a killed write remain"
+        assert sorted(p.name for p in out.iterdir()) == sorted(KILL_SET), "temporaries remain"
 
 
 # ---- nothing is unpickled ---------------------------------------------------------------------------

@@ -3,14 +3,15 @@
 The cluster is Debian's slurmctld + slurmd + munge, started by tests/slurm/start-local-slurm.sh
 (root only) and stopped by pid afterwards. The workflow runs with the project's own profile,
 `snakemake --workflow-profile workflow/profiles/slurm` (the README's command), with two additions
-that this cluster needs: the demo config instead of the Pythia study, and `squeue` for job status
+that this cluster needs: the demo's config instead of the Pythia study, and `squeue` for job status
 (the test cluster has no accounting database). Rules run in the stand-in `apptainer`
 (tests/apptainer), which records every job's environment: that is how the test sees which jobs
 came through sbatch, on which partition, with a GPU or not.
 
-The local run it is compared with is a second clean run of the demo (through DVC, the `demo_repo`
-fixture): every table and every SAE's weights must be bitwise equal, which is the test of CPU
-reproducibility from the config.
+The study is the one the `demo_repo` fixture runs as the demo (the tiny config: SLURM's wiring is
+what is tested, not the demo's size), and the local run it is compared with is that fixture's
+clean run through DVC: every table and every SAE's weights must be bitwise equal, which is the
+test of CPU reproducibility from the config.
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ from safetensors.torch import load_file
 
 from saedynamics.tables import TABLES
 
+from .conftest import use_test_demo_config
 from .test_containers import GPU_RULES, IMAGE, _calls, _fake_checkout, _rule, _standin_env
 from .test_workflow import run
 
@@ -88,6 +90,8 @@ def run_on_slurm(wd: Path, env: dict, config: str) -> subprocess.CompletedProces
             "squeue",
             "--slurm-init-seconds-before-status-checks",
             "2",
+            "--seconds-between-status-checks",  # a tiny study's jobs take seconds (default 10)
+            "2",
         ],
         cwd=wd,
         env=env,
@@ -109,6 +113,7 @@ def test_demo_through_slurm_equals_the_local_run(local_slurm, demo_repo, tmp_pat
     from .provenance_check import assert_every_artifact_has_provenance
 
     wd = _fake_checkout(tmp_path)
+    use_test_demo_config(wd)  # the study demo_repo ran
     env, log = _standin_env(tmp_path)
     out = run_on_slurm(wd, env, "workflow/configs/demo.yaml")
 

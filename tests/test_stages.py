@@ -10,14 +10,9 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 
-from saedynamics.activations import (
-    ActivationFile,
-    ActivationWriter,
-    cache_activations,
-    read_metadata,
-    schema,
-)
+from saedynamics.activations import ActivationFile, ActivationWriter, read_metadata, schema
 from saedynamics.artifacts import read_json, sha256_file
+from saedynamics.caching import cache_activations
 from saedynamics.checkpoints import download_checkpoint, download_tokenizer
 from saedynamics.cli import main
 from saedynamics.config import (
@@ -29,7 +24,8 @@ from saedynamics.config import (
 )
 from saedynamics.corpus import build_token_sample, iter_texts, read_token_sample
 from saedynamics.errors import ConfigError, DataError, TrainingDiverged
-from saedynamics.saes import REGISTRY, load
+from saedynamics.saes import REGISTRY, SAE, load
+from saedynamics.sources import FileSource
 from saedynamics.training import lr_multiplier, train_saes
 
 from .conftest import HUB_REPO_ID, hub_model, tiny_neox
@@ -127,13 +123,9 @@ def hub_activations(hub_stage):
     return cfg, root, stats
 
 
-def stored_vectors(table: pa.Table, column: str, dtype) -> np.ndarray:
-    """A vector column read as any tool can, by the file format's definition (README, Outputs):
-    fixed_size_binary rows holding the row's values little-endian, d_model in the metadata."""
-    array = table.column(column).combine_chunks()
-    return np.frombuffer(array.buffers()[1], np.dtype(dtype).newbyteorder("<")).reshape(
-        len(array), -1
-    )
+def stored_vectors(table: pa.Table, column: str) -> np.ndarray:
+    """A vector column read as any tool can: a fixed-size list of numbers per row."""
+    return np.stack(table.column(column).to_pandas())
 
 
 def test_activation_cache_round_trip(hub_activations):
@@ -152,8 +144,9 @@ def test_activation_cache_round_trip(hub_activations):
         assert table.num_rows == 16 * 15  # position 0 dropped
         assert table.column("pos").to_numpy().min() == 1
         meta = read_metadata(path)
-        assert meta["d_model"] == 32 and meta["vectors"] == {"act": "float16"}
-        stored = stored_vectors(table, "act", np.float16).astype(np.float32)
+        assert meta["d_model"] == 32 and meta["split"] == "eval"
+        stored = stored_vectors(table, "act").astype(np.float32)
+        assert np.array_equal(stored, ActivationFile(path).read()["act"])  # float16 values
         assert (
             meta["layer"] == layer
             and meta["revision"] == "step2"
@@ -176,12 +169,13 @@ def test_activation_cache_round_trip(hub_activations):
 
 def test_reader_streams_a_seeded_shuffle(tmp_path, monkeypatch):
     f = synthetic_file(tmp_path / "a.parquet")
-    assert f.n_rows == 1000 and f.num_row_groups == 16 and f.d_model == 4
-    ordered = torch.cat(list(f.tensors(100)))[:, 0]
-    assert torch.equal(ordered, torch.arange(1000.0))
+    assert f.n_rows == 1000 and len(f.row_group_rows) == 16 and f.d_model == 4
+    ordered = f.read()["act"][:, 0]
+    assert np.array_equal(ordered, np.arange(1000.0))
+    source = FileSource(f)
 
-    def first_epoch(seed):
-        stream = f.shuffled(128, seed=seed)
+    def first_epoch(seed, buffer_rows=8192):
+        stream = source.batches(128, ("act",), seed=seed, buffer_rows=buffer_rows)
         return torch.cat([next(stream)["act"] for _ in range(1000 // 128)])[:, 0]
 
     rows = first_epoch(3)
@@ -190,8 +184,11 @@ def test_reader_streams_a_seeded_shuffle(tmp_path, monkeypatch):
     assert torch.equal(rows, first_epoch(3)) and not torch.equal(rows, first_epoch(4))
     # streaming: the first batch needs only the first buffer of row groups, not the file
     calls = record_row_group_reads(monkeypatch)
-    next(f.shuffled(128, seed=0, buffer_row_groups=4, prefetch=0))
-    assert len(calls) == 4  # with prefetching, a bounded number more: tests/test_activation_io.py
+    first_epoch(0, buffer_rows=4 * 64)
+    assert len(calls) == 16  # a buffer of 4 row groups at a time, read once each
+    calls.clear()
+    next(source.batches(128, ("act",), seed=0, buffer_rows=4 * 64))
+    assert len(calls) == 4  # tests/test_activation_io.py: the order and what is read when
 
 
 def test_unreadable_activation_files_are_named(tmp_path):
@@ -220,7 +217,7 @@ def test_writer_refuses_float16_overflow_and_leaves_nothing(tmp_path):
             np.zeros(1, np.int32),
             torch.tensor([[1e6, 0.0]]),
         )
-    writer.abort()
+    writer.discard()
     assert list(tmp_path.iterdir()) == []
 
 
@@ -253,66 +250,75 @@ def training_config(**over):
     )
 
 
+IDENTITY = {"study": "t", "step": 0, "layer": 0}
+
+
 @pytest.mark.parametrize("name", ["topk", "relu"])
 def test_training_learns_and_writes_every_seed(tmp_path, name):
     acts = sparse_file(tmp_path / "train.parquet")
     hyper = {"topk": {"k": 4, "lr": 0.004}, "relu": {"l1_coefficient": 0.5, "lr": 0.003}}[name]
     arch = REGISTRY[name].Config(architecture=name, **hyper)
-    train_saes(
-        training_config(),
-        name,
-        arch,
-        acts,
-        tmp_path / "out",
-        {"study": "t", "step": 0, "layer": 0},
-        {},
-    )
+    observed = []
+
+    def observe(step, saes):
+        assert all(isinstance(sae, SAE) for by_seed in saes.values() for sae in by_seed.values())
+        observed.append((step, {n: sorted(by_seed) for n, by_seed in saes.items()}))
+
+    training = training_config()
+    source = FileSource(ActivationFile(acts))
+    train_saes(training, {name: arch}, source, tmp_path / "out", IDENTITY, {}, observe)
+    n_steps = 60_000 // 256
+    logged = sorted({*range(0, n_steps, training.log_every), n_steps - 1})  # loss-curve steps
+    assert observed == [(i, {name: [0, 1]}) for i in logged]
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == [name]
     for seed in (0, 1):
-        d = tmp_path / "out" / f"seed{seed}"
+        d = tmp_path / "out" / name / f"seed{seed}"
         cfg = json.loads((d / "cfg.json").read_text())["saedynamics"]
         assert cfg["seed"] == cfg["init_seed"] == seed and cfg["data_seed"] == 0
-        assert cfg["tokens_seen"] == 60_000 // 256 * 256 and cfg["input_scale"] > 0
+        assert cfg["tokens_seen"] == n_steps * 256 and cfg["input_scale"] > 0
+        assert cfg["architecture_name"] == name and cfg["trained_with"] == [name]
         curve = pq.read_table(d / "training.parquet").to_pandas()
         assert curve["fvu"].iloc[-1] < 0.5 * curve["fvu"].iloc[0]
         # the saved SAE works on raw activations as the trained one did on scaled ones (FVU is scale-free)
         sae = load(d)
-        x = torch.cat(list(ActivationFile(acts).tensors(1024)))
+        x = torch.tensor(ActivationFile(acts).read()["act"]).float()
         with torch.no_grad():
             raw_fvu = (((x - sae(x)) ** 2).sum() / ((x - x.mean(0)) ** 2).sum()).item()
         assert raw_fvu == pytest.approx(curve["fvu"].iloc[-5:].mean(), abs=0.05)
+        assert curve["train_step"].tolist() == logged
 
 
 def test_training_is_deterministic_on_cpu(tmp_path):
     acts = sparse_file(tmp_path / "train.parquet")
-    arch = REGISTRY["topk"].Config(architecture="topk", k=4, lr=0.004)
-    for run in ("a", "b"):
-        train_saes(
-            training_config(train_tokens=10_000),
-            "topk",
-            arch,
-            acts,
-            tmp_path / run,
-            {"study": "t", "step": 0, "layer": 0},
-            {},
-        )
-    a = (tmp_path / "a/seed1/sae_weights.safetensors").read_bytes()
-    assert a == (tmp_path / "b/seed1/sae_weights.safetensors").read_bytes()
-    assert a != (tmp_path / "a/seed0/sae_weights.safetensors").read_bytes()
+    topk = REGISTRY["topk"].Config(architecture="topk", k=4, lr=0.004)
+    relu = REGISTRY["relu"].Config(architecture="relu", l1_coefficient=0.5, lr=0.003)
+    training = training_config(train_tokens=10_000)
+    for run, architectures in (("a", {"topk": topk}), ("b", {"topk": topk}),
+                               ("set", {"relu": relu, "topk": topk})):  # fmt: skip
+        source = FileSource(ActivationFile(acts))
+        train_saes(training, architectures, source, tmp_path / run, IDENTITY, {})
+    a = (tmp_path / "a/topk/seed1/sae_weights.safetensors").read_bytes()
+    assert a == (tmp_path / "b/topk/seed1/sae_weights.safetensors").read_bytes()
+    assert a != (tmp_path / "a/topk/seed0/sae_weights.safetensors").read_bytes()
+    # trained in a set with another architecture: the same SAE (the same batches, its own RNG)
+    assert a == (tmp_path / "set/topk/seed1/sae_weights.safetensors").read_bytes()
+    assert (tmp_path / "set/relu/seed1/sae_weights.safetensors").exists()
 
 
 def test_nan_loss_stops_training_and_writes_nothing(tmp_path, capsys):
     acts = sparse_file(tmp_path / "train.parquet")
     arch = REGISTRY["relu"].Config(architecture="relu", lr=1e30)  # diverges on the first update
+    topk = REGISTRY["topk"].Config(architecture="topk", k=4)
     with pytest.raises(
-        TrainingDiverged, match=r"seed 0: the loss is (nan|inf) at training step 1 of"
-    ):
+        TrainingDiverged, match=r"^relu \(step 0, layer 0\), seed 0: the loss is (nan|inf) at "
+        "training step 1 of"
+    ):  # fmt: skip
         train_saes(
             training_config(),
-            "relu",
-            arch,
-            acts,
+            {"topk": topk, "relu": arch},
+            FileSource(ActivationFile(acts)),
             tmp_path / "out",
-            {"study": "t", "step": 0, "layer": 0},
+            IDENTITY,
             {},
         )
     assert not (tmp_path / "out").exists() and not list(tmp_path.glob(".out*"))
@@ -320,8 +326,7 @@ def test_nan_loss_stops_training_and_writes_nothing(tmp_path, capsys):
     settings = {
         "study": "t",
         "training": training_config().model_dump(mode="json"),
-        "architecture_name": "relu",
-        "architecture": arch.model_dump(mode="json"),
+        "architectures": {"relu": arch.model_dump(mode="json")},
     }
     rc = main(
         [
@@ -332,8 +337,6 @@ def test_nan_loss_stops_training_and_writes_nothing(tmp_path, capsys):
             "0",
             "--layer",
             "0",
-            "--architecture",
-            "relu",
             "--activations",
             str(acts),
             "--out",
@@ -341,6 +344,7 @@ def test_nan_loss_stops_training_and_writes_nothing(tmp_path, capsys):
         ]
     )
     assert rc == 1 and "No SAE was written" in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()
 
 
 def test_lr_schedule():
@@ -378,11 +382,12 @@ def test_extra_columns_entropy_and_gradient(hub_stage, tmp_path):
     acts_cfg = ActivationsConfig(layers=[0], extra_columns=["lm_entropy", "lm_grad"])
     cache_activations(acts_cfg, tmp_path / "ckpt", tmp_path / "tokens.parquet", tmp_path / "acts")
     table = pq.read_table(tmp_path / "acts/layer0/eval.parquet")
-    assert read_metadata(tmp_path / "acts/layer0/eval.parquet")["vectors"] == {
-        "act": "float16",
-        "lm_grad": "float32",
-    }
-    stored_grad = stored_vectors(table, "lm_grad", np.float32)
+    extras = ("lm_entropy", "lm_grad")
+    assert pq.read_schema(tmp_path / "acts/layer0/eval.parquet").remove_metadata() == schema(
+        32, extras
+    )
+    stored_grad = stored_vectors(table, "lm_grad")
+    assert stored_grad.dtype == np.float32
     stored_entropy = table.column("lm_entropy").to_numpy()
     # an independent route: gradients w.r.t. hidden_states[1] (block 0's output)
     from transformers import AutoModelForCausalLM
@@ -399,17 +404,12 @@ def test_extra_columns_entropy_and_gradient(hub_stage, tmp_path):
     entropy = -(logp.exp() * logp).sum(-1)[:, 1:].reshape(-1)
     assert np.allclose(stored_entropy, entropy.detach().numpy(), atol=1e-4)
     assert 0 < stored_entropy.max() <= np.log(model.config.vocab_size) + 1e-4
-    # the reader serves them alongside act
-    batch = next(
-        ActivationFile(tmp_path / "acts/layer0/train.parquet").shuffled(
-            64, seed=0, columns=("act", "lm_grad", "lm_entropy")
-        )
-    )
+    # the source serves them alongside act
+    source = FileSource(ActivationFile(tmp_path / "acts/layer0/train.parquet"))
+    batch = next(source.batches(64, ("act", "lm_grad", "lm_entropy"), seed=0, buffer_rows=4096))
     assert batch["lm_grad"].shape == (64, 32) and batch["lm_entropy"].shape == (64,)
-    with pytest.raises(DataError, match="has no column"):
-        next(
-            ActivationFile(tmp_path / "acts/layer0/train.parquet").shuffled(64, 0, ("act", "nope"))
-        )
+    with pytest.raises(DataError, match=r"has no column\(s\) \['nope'\]"):
+        next(source.batches(64, ("act", "nope"), seed=0, buffer_rows=4096))
 
 
 def test_activation_settings_add_the_columns_architectures_need(tiny_raw):

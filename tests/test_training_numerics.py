@@ -9,15 +9,17 @@ import torch
 from saedynamics.config import TrainingConfig
 from saedynamics.errors import ConfigError
 from saedynamics.saes import REGISTRY, load
+from saedynamics.sources import TensorSource
 from saedynamics.training import train_saes
 
-from .synthetic import k_if_any, make_sae, sparse_dataset
+from .synthetic import k_if_any, make_sae, organism_tensors
+
+COLUMNS, _ = organism_tensors(n=4096, d=16, m=32)
 
 
 def train(tmp_path, name="topk", observe=None, **training):
-    data = tmp_path / "organism.parquet"
-    if not data.exists():
-        sparse_dataset(data, n=4096, d=16, m=32)
+    """Train `name` (k = 4 where it has a k) with two seeds on 4096 organism samples; return its
+    directory (seed<s>/ inside), in a new run folder under tmp_path/runs."""
     cls = REGISTRY[name]
     config = TrainingConfig(
         **{
@@ -30,24 +32,31 @@ def train(tmp_path, name="topk", observe=None, **training):
             **training,
         }
     )
-    out = tmp_path / f"{name}-{len(list(tmp_path.iterdir()))}"
+    runs = tmp_path / "runs"
+    out = runs / f"run{len(list(runs.iterdir())) if runs.exists() else 0}"
     arch = cls.Config(architecture=name, **k_if_any(name, 4))
-    train_saes(config, name, arch, data, out, {"study": "t", "step": 0, "layer": 0}, {}, observe)
-    return out
+    identity = {"study": "t", "step": 0, "layer": 0}
+    train_saes(config, {name: arch}, TensorSource(COLUMNS), out, identity, {}, observe)
+    return out / name
+
+
+def each_sae(saes: dict):
+    """The SAEs of the trainer's observe argument ({name: {seed: SAE}})."""
+    return [sae for by_seed in saes.values() for sae in by_seed.values()]
 
 
 def test_bf16_autocast_keeps_fp32_weights_and_optimizer_state(tmp_path):
     seen = []
 
     def observe(step, saes):
-        for sae in saes.values():
+        for sae in each_sae(saes):
             state = [s for p in sae.parameters() for s in sae.optimizer.state[p].values()]
             seen.append({t.dtype for t in state if t.dim() > 0})
             seen.append({p.dtype for p in sae.parameters()})
-            seen.append(torch.is_autocast_enabled("cpu"))
 
     out = train(tmp_path, precision="bf16", observe=observe)
-    assert seen and all(s == {torch.float32} for s in seen if isinstance(s, set))
+    assert len(seen) == 2 * 2 * 8  # every step, both seeds
+    assert all(s == {torch.float32} for s in seen)
     assert load(out / "seed0").provenance["precision"] == "bf16 autocast, fp32 weights"
     assert load(out / "seed0").W_dec.dtype == torch.float32
 
@@ -98,7 +107,7 @@ def test_an_operation_without_deterministic_kernel_names_the_key(tmp_path, monke
     with pytest.raises(ConfigError, match=r"training\.deterministic.*index_add_cuda_") as err:
         train(tmp_path, deterministic=True)
     assert "Traceback" not in str(err.value)
-    assert not any(p.name.startswith("topk") for p in tmp_path.iterdir())  # nothing written
+    assert [p for p in (tmp_path / "runs").rglob("*") if p.is_file()] == []  # nothing written
     assert not torch.are_deterministic_algorithms_enabled()
     with pytest.raises(RuntimeError, match="index_add_cuda_"):  # switch off: torch's own error
         train(tmp_path, deterministic=False)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import base64
+import json
 import os
 import shutil
 import subprocess
@@ -57,34 +58,49 @@ def test_demo_dag_plans_every_stage():
 
 
 @pytest.mark.slow
-def test_tiny_study_end_to_end(tmp_path):
-    wd = copy_workflow(tmp_path)
-    # the copy is no git checkout: the commit comes as the Snakefile passes it to jobs
-    env = {"SAEDYNAMICS_GIT_COMMIT": "0123abc"}
-    run(["--cores", "2", "--configfile", "workflow/configs/tiny.yaml"], cwd=wd, env=env)
-    root = wd / "results/tiny"
+def test_a_study_end_to_end(demo_repo):
+    """The shared end-to-end run (conftest.demo_repo: the tiny config as `demo`, through DVC, which
+    runs Snakemake): every stage's outputs, one job per (step, layer) for training and measuring,
+    provenance, memory, a second run that does nothing, and the report."""
+    raw = yaml.safe_load((demo_repo / "workflow/configs/demo.yaml").read_text())
+    steps, layers = raw["model"]["steps"], raw["activations"]["layers"]
+    n_arch, n_seeds = len(raw["architectures"]), len(raw["training"]["seeds"])
+    root = demo_repo / "results/demo"
     figures = sorted(p.name for p in (root / "figures").iterdir())
     assert len(figures) == 2 * (len(FIGURES) + len(VALIDATION_FIGURES))
     assert all((root / "figures" / f).stat().st_size > 5000 for f in figures)
     recon = pd.read_parquet(root / "tables/reconstruction.parquet")
-    assert len(recon) == 2 * 2 * 2 * 2  # steps x layers x architectures x seeds
+    assert len(recon) == len(steps) * len(layers) * n_arch * n_seeds
     assert recon["fvu"].between(0, 1.5).all() and (recon["l0"] > 0).all()
     cons = pd.read_parquet(root / "tables/consistency.parquet")
-    assert len(cons) == 2 * 2 * 2 and (cons["mcc"] > cons["null_pw_mcc"]).all()
-    assert set(pd.read_parquet(root / "tables/checkpoints.parquet")["step"]) == {0, 32}
+    pairs = n_seeds * (n_seeds - 1) // 2
+    assert len(cons) == len(steps) * len(layers) * n_arch * pairs
+    assert (cons["mcc"] > cons["null_pw_mcc"]).all()
+    assert set(pd.read_parquet(root / "tables/checkpoints.parquet")["step"]) == set(steps)
+    # one train and one measure job per (step, layer), each writing every architecture's files
+    per_layer = {f"step{s}/layer{layer}.tsv" for s in steps for layer in layers}
+    for rule in ("train", "measure"):
+        found = {
+            str(p.relative_to(root / "benchmarks" / rule))
+            for p in (root / "benchmarks" / rule).rglob("*.tsv")
+        }
+        assert found == per_layer, rule
+    cfg = json.loads(next(root.glob("saes/step*/layer*/*/seed0/cfg.json")).read_text())
+    assert cfg["saedynamics"]["trained_with"] == sorted(raw["architectures"])
     # outside a container every artifact still records settings, version and commit
     assert_every_artifact_has_provenance(root, container=None)
     # every job stays far below 4 GB (benchmark files record max RSS in MB)
     rss = [
         pd.read_csv(f, sep="\t")["max_rss"].iloc[0] for f in (root / "benchmarks").rglob("*.tsv")
     ]
-    assert len(rss) > 20 and max(rss) < 4000
+    assert len(rss) == 5 + len(steps) + 3 * len(per_layer) + 1 and max(rss) < 4000
     # a second run has nothing to do
-    again = run(["-n", "--cores", "2", "--configfile", "workflow/configs/tiny.yaml"], cwd=wd)
+    again = run(["-n", "--cores", "2", "--configfile", "workflow/configs/demo.yaml"], cwd=demo_repo)
     assert "Nothing to be done" in again.stdout + again.stderr
     # the report is self-contained: every figure embedded, with its caption
-    run(["--configfile", "workflow/configs/tiny.yaml", "--report", "report.html"], cwd=wd)
-    html = (wd / "report.html").read_text()
+    report = demo_repo.parent / "report.html"
+    run(["--configfile", "workflow/configs/demo.yaml", "--report", str(report)], cwd=demo_repo)
+    html = report.read_text()
     flagged = sorted((root / "figures").iterdir())
     assert flagged
     for path in flagged:

@@ -6,17 +6,15 @@ fixed_size_list<float32>[d_model]. The vectors are plain Arrow lists, so standar
 as numbers:
 
     pd.read_parquet("eval.parquet")                                    # act: an array per row
-    datasets.Dataset.from_parquet("eval.parquet").with_format("numpy")["act"]  # [rows, d_model]
+    datasets.Dataset.from_parquet("eval.parquet").with_format("numpy")[:]["act"]  # [rows, d_model]
 
 (Arrow's fixed-shape tensor extension adds nothing for vectors, and `datasets` 5 refuses it.)
-Lists decode slower than raw bytes, which training never notices: benchmarks/train_throughput.py
-prints the reading share of a grouped job's step time.
+Lists decode slower than raw bytes, which training does not notice (benchmarks/README.md).
 
-Footer metadata, key "saedynamics" (JSON): format_version, d_model, model, revision, commit, step,
-layer, hook, split, context_length, ..., and `norm` (scaling.NormStatistics of the stored values),
-from which the trainer takes its input scale; eval files also carry the LM's eval loss. Every page
-carries Parquet's own CRC32, checked on every read; `ActivationFile` reads the whole file once
-when it opens it, so that a corrupt file fails before any compute, naming its row group.
+Footer metadata, key "saedynamics" (JSON): format_version, d_model, model, revision, step, layer,
+hook, split, ..., `norm` (scaling.NormStatistics of the stored values, for the input scale), and
+in eval files the LM's eval loss. Every page carries Parquet's own CRC32, checked on every read;
+`ActivationFile` reads the whole file once as it opens it: a corrupt file fails before any compute.
 """
 
 from __future__ import annotations
@@ -47,11 +45,11 @@ def schema(d_model: int, extra_columns=()) -> pa.Schema:
     def vector(dtype):  # non-null items: Parquet stores no definition levels for them
         return pa.list_(pa.field("element", dtype, nullable=False), d_model)
 
-    types = {"doc_id": pa.int32(), "pos": pa.int32(), "token_id": pa.int32()}
+    types = dict.fromkeys(("doc_id", "pos", "token_id"), pa.int32())
     types |= {
         "act": vector(pa.float16()),
-        "lm_entropy": pa.float32(),
         "lm_grad": vector(pa.float32()),
+        "lm_entropy": pa.float32(),
     }
     names = ("doc_id", "pos", "token_id", "act", *extra_columns)
     return pa.schema([pa.field(name, types[name], nullable=False) for name in names])
@@ -112,8 +110,17 @@ class ActivationWriter:
     def _write(self, whole_row_groups: bool) -> None:
         table = pa.Table.from_batches(self._pending, schema=self.schema)
         n = table.num_rows - (table.num_rows % self.row_group_rows if whole_row_groups else 0)
-        try:
+        if n == 0:  # pyarrow would write an empty row group
+            return
+        with self._disk_full_named():
             self._writer.write_table(table.slice(0, n), row_group_size=self.row_group_rows)
+        self._pending = table.slice(n).to_batches()
+        self.n_rows += n
+
+    @contextlib.contextmanager
+    def _disk_full_named(self):
+        try:
+            yield
         except OSError as e:
             if e.errno not in (errno.ENOSPC, errno.EDQUOT):
                 raise
@@ -121,8 +128,6 @@ class ActivationWriter:
                 f"{self.path}: {os.strerror(e.errno)} while writing it (the partial file is "
                 f"deleted); {self.advice}"
             ) from None
-        self._pending = table.slice(n).to_batches()
-        self.n_rows += n
 
     def close(self) -> dict:
         self._write(whole_row_groups=False)
@@ -131,7 +136,8 @@ class ActivationWriter:
         self.metadata["norm"] = self.norm.result()
         footer = {METADATA_KEY: json.dumps(self.metadata)} | provenance_metadata(self.provenance)
         self._writer.add_key_value_metadata(footer)
-        self._writer.close()  # the footer: written in place, as the pages were
+        with self._disk_full_named():
+            self._writer.close()  # the footer: written in place, as the pages were
         self._atomic.__exit__(None, None, None)
         self._writer = None
         return self.metadata
@@ -161,31 +167,35 @@ class ActivationFile:
         try:
             self._file = pq.ParquetFile(self.path, page_checksum_verification=True)
             self.metadata = json.loads(self._file.metadata.metadata[METADATA_KEY])
+            found = self.metadata.get("format_version")
         except FileNotFoundError:
             raise DataError(
                 f"{self.path}: no such activation file; run the activations rule"
             ) from None
-        except (OSError, pa.ArrowException, KeyError, TypeError, ValueError) as e:
+        except (OSError, pa.ArrowException, AttributeError, KeyError, TypeError, ValueError) as e:
             why = f"{type(e).__name__}: {' '.join(str(e).split())}"
             raise DataError(
                 f"{self.path}: not a readable activation file ({why}); {RERUN}"
             ) from None
-        if (found := self.metadata.get("format_version")) != FORMAT_VERSION:
+        if found != FORMAT_VERSION:
             raise DataError(
                 f"{self.path}: written in activation format {found}, this saedynamics reads "
                 f"format {FORMAT_VERSION} (vectors as lists of numbers); {RERUN}"
             )
-        self.d_model, self.columns = self.metadata.get("d_model"), self._file.schema_arrow.names
-        wanted = schema(self.d_model, [c for c in self.columns[4:] if c in EXTRA_COLUMNS])
-        if not isinstance(self.d_model, int) or not self._file.schema_arrow.equals(wanted):
+        schema_ = self._file.schema_arrow
+        self.d_model, self.columns = self.metadata.get("d_model"), schema_.names
+        extras = [c for c in self.columns[4:] if c in EXTRA_COLUMNS]
+        if not isinstance(self.d_model, int) or not schema_.equals(schema(self.d_model, extras)):
+            have = [f"{f.name}: {f.type}{'' if f.nullable else ' not null'}" for f in schema_]
             raise DataError(
-                f"{self.path}: its columns are {self._file.schema_arrow} (metadata d_model "
+                f"{self.path}: its columns are {', '.join(have)} (metadata d_model "
                 f"{self.d_model!r}), not those an activation file has; {RERUN}"
             )
-        self.n_rows = self._file.metadata.num_rows
-        meta = self._file.metadata
+        self.norm = self.metadata.get("norm")
+        if not isinstance(self.norm, dict):
+            raise DataError(f"{self.path}: its metadata has no norm statistics; {RERUN}")
+        meta, self.n_rows = self._file.metadata, self._file.metadata.num_rows
         self.row_group_rows = [meta.row_group(i).num_rows for i in range(meta.num_row_groups)]
-        self.norm = self.metadata["norm"]
         self.verified = False
         if verify:
             self.verify()
@@ -221,14 +231,3 @@ class ActivationFile:
     def read(self, columns=("act",)) -> dict[str, np.ndarray]:
         """The whole file as arrays."""
         return self.read_row_groups(range(len(self.row_group_rows)), columns)
-
-    def tensors(self, batch_size: int):
-        """The activations as float32 batches in file order, a row group in memory at a time."""
-        rest = torch.zeros(0, self.d_model)
-        for i in range(len(self.row_group_rows)):
-            rest = torch.cat([rest, torch.from_numpy(self.read_row_groups([i])["act"]).float()])
-            while len(rest) >= batch_size:
-                yield rest[:batch_size]
-                rest = rest[batch_size:]
-        if len(rest):
-            yield rest

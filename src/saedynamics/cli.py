@@ -220,7 +220,7 @@ def cmd_measure(args) -> None:
     for name in args.architectures:  # every SAE checked before any is measured
         by_name[name] = {d: load(d) for d in _seed_dirs(Path(args.saes) / name)}
         _check_d_in(by_name[name], acts.d_model, str(acts.path))
-    x_eval = torch.from_numpy(acts.read()["act"]).to(device)  # float16: half the memory
+    x_eval = torch.tensor(acts.read()["act"], device=device)  # float16: half the memory
 
     def eval_batches():
         return (x.float() for x in x_eval.split(metrics.batch_size))
@@ -304,10 +304,10 @@ def cmd_splice(args) -> None:
     import torch
 
     from saedynamics.artifacts import write_json
-    from saedynamics.caching import block_modules
     from saedynamics.checkpoints import load_model
     from saedynamics.config import ActivationsConfig, MetricsConfig
     from saedynamics.corpus import read_token_sample
+    from saedynamics.hooks import block_modules
     from saedynamics.metrics.reconstruction import spliced_scores
     from saedynamics.resources import resolve_device
     from saedynamics.saes import load

@@ -214,15 +214,19 @@ def train_saes(
 
         replay = {key: state.get("replay_batches", 0) for key, state in states.items()}
         n_replay = max(replay.values(), default=0)
+        started, reading = time.perf_counter(), [0.0]  # seconds spent producing batches
         batches = (
             _scaled(batch, scale)
-            for batch in source.batches(
-                training.batch_size,
-                columns,
-                seed=training.data_seed,
-                buffer_rows=training.shuffle_tokens,
-                device=device,
-                start=start - n_replay,
+            for batch in _timed(
+                source.batches(
+                    training.batch_size,
+                    columns,
+                    seed=training.data_seed,
+                    buffer_rows=training.shuffle_tokens,
+                    device=device,
+                    start=start - n_replay,
+                ),
+                reading,
             )
         )
         if start:  # the inputs before the checkpoint that an architecture keeps (resume_state)
@@ -237,7 +241,6 @@ def train_saes(
                 for sae in saes.values():
                     sae.init_from_sample(sample_x, _own(sae, sample_extras))
             batches = itertools.chain(first, batches)
-        started = time.perf_counter()
 
         with (
             sparse.mode(training.sparse_path),
@@ -284,8 +287,10 @@ def train_saes(
         seconds = time.perf_counter() - started
         tokens = (n_steps - start) * training.batch_size  # trained by this process
         log.info(
-            "%d SAEs x %d tokens in %.1f s (%.0f tokens/s per SAE, %.0f SAE-tokens/s in all)",
+            "%d SAEs x %d tokens in %.1f s (%.0f tokens/s per SAE, %.0f SAE-tokens/s in all); "
+            "reading the batches took %.2f s, %.2f%% of it",
             len(saes), tokens, seconds, tokens / seconds, tokens * len(saes) / seconds,
+            reading[0], 100 * reading[0] / seconds,
         )  # fmt: skip
 
         about = source.description
@@ -323,6 +328,19 @@ def train_saes(
                     write_parquet(tmp / f"seed{seed}" / "training.parquet", curve, provenance)
                 fault_point(f"{n_steps}:during-output")
         checkpoints.finished()
+
+
+def _timed(items: Iterator, clock: list[float]) -> Iterator:
+    """`items`, adding the seconds spent producing each to clock[0] (the reading share; on a GPU
+    the time of an asynchronous copy shows where the copy is waited for)."""
+    while True:
+        t = time.perf_counter()
+        try:
+            item = next(items)
+        except StopIteration:
+            return
+        clock[0] += time.perf_counter() - t
+        yield item
 
 
 def _own(sae: SAE, extras: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:

@@ -20,7 +20,7 @@ from safetensors.torch import load_file
 from saedynamics.saes import REGISTRY, TrainStep, load
 from saedynamics.saes.batchtopk import batch_topk_codes, zipf_targets
 from saedynamics.saes.feature_choice import capacities, feature_choice_codes
-from tests.synthetic import make_sae, recovery, sparse_dataset
+from tests.synthetic import make_sae, organism_tensors, recovery
 
 FAMILY = ["batchtopk", "mutual_choice", "feature_choice", "matryoshka"]
 SAELENS_ATOL = 1e-5  # float32; SAELens orders its floating-point operations differently
@@ -471,9 +471,9 @@ HYPER = {"k": 3, "lr": 8e-3}
 DEAD_BATCHES = {"matryoshka": 20}
 
 
-def held_out(tmp_path, n=4096):
+def held_out(n=4096):
     """Fresh samples of the organism (same dictionary, new codes), raw (unscaled)."""
-    a_true = sparse_dataset(tmp_path / "a_true.parquet", n=10)  # the dictionary only
+    _, a_true = organism_tensors(n=10)  # the dictionary only
     rng = np.random.default_rng(123)
     codes = np.zeros((n, 32))
     active = np.argsort(rng.random((n, 32)), axis=1)[:, :3]
@@ -487,7 +487,7 @@ def test_recovers_the_true_dictionary(tmp_path, name):
     hyper = {**HYPER, "dead_tokens": DEAD_BATCHES.get(name, 5) * 1024}
     scores = recovery(tmp_path, name, hyper, train_tokens=3_000_000)
     assert min(scores) > RECOVERY[name], scores
-    x = held_out(tmp_path)
+    x = held_out()
     for seed in (0, 1):
         sae = load(tmp_path / name / f"seed{seed}")
         with torch.no_grad():

@@ -5,7 +5,8 @@ A train job trains every architecture x seed of a (step, layer) from one stream 
 architecture gives trained alone on the same data order: weights and loss curve. Here with every
 registered architecture at once, at settings under which their stateful parts act within the run
 (resampling, random masks, phases, counters). A resumed set is bitwise the uninterrupted one, and a
-set that cannot fit the device stops before anything is allocated or written, saying how to split it.
+set that cannot fit the device stops before anything is allocated or written, saying how to split
+it.
 """
 
 from __future__ import annotations
@@ -167,18 +168,19 @@ def test_a_resumed_set_is_bitwise_the_uninterrupted_one(tmp_path, source, togeth
         assert record(together / name)["resumed_from_tokens"] == []
 
 
-# ---- memory ---------------------------------------------------------------------------------------
+# ---- memory --------------------------------------------------------------------------------------
 
 
 def test_a_set_that_cannot_fit_stops_before_anything_is_written(tmp_path, source, monkeypatch):
+    short = training(train_tokens=4 * BATCH)
     pair = {"topk": ALL["topk"], "relu_2023": ALL["relu_2023"]}
-    need = training_memory(training(), pair, D, source)
+    need = training_memory(short, pair, D, source)
     total = sum(need.values())
     available = {"bytes": total - 1}
     monkeypatch.setattr("saedynamics.training.available_memory", lambda device: available["bytes"])
     out, resume = tmp_path / "saes", tmp_path / "resume"
     with pytest.raises(ResourceError) as err:
-        train_saes(training(), pair, source, out, IDENTITY, {}, resume_dir=resume)
+        train_saes(short, pair, source, out, IDENTITY, {}, resume_dir=resume)
     message = str(err.value)
     assert "4 SAEs (2 architectures x 2 seeds" in message
     assert f"need about {human_bytes(total)}" in message
@@ -193,7 +195,7 @@ def test_a_set_that_cannot_fit_stops_before_anything_is_written(tmp_path, source
     alone = {"topk": ALL["topk"]}
     available["bytes"] = 1000
     with pytest.raises(ResourceError) as err:
-        train_saes(training(), alone, source, out, IDENTITY, {}, resume_dir=resume)
+        train_saes(short, alone, source, out, IDENTITY, {}, resume_dir=resume)
     assert "2 SAEs (1 architectures x 2 seeds" in str(err.value)
     assert "split_by_architecture" not in str(err.value)
     assert "training.n_latents" in str(err.value)
@@ -201,27 +203,24 @@ def test_a_set_that_cannot_fit_stops_before_anything_is_written(tmp_path, source
 
     # what fits exactly trains
     available["bytes"] = total
-    train_saes(training(train_tokens=4 * BATCH), pair, source, out, IDENTITY, {})
+    train_saes(short, pair, source, out, IDENTITY, {})
     assert sorted(p.name for p in out.iterdir()) == ["relu_2023", "topk"]
 
 
 def test_the_memory_estimate_counts_the_sae_state(tmp_path, source, one_thread):
-    """ "SAE state": per SAE its parameters, their gradients and Adam's two moments (4 x the
-    parameters, float32) and its buffers; counted by hand and in the live SAEs of a training run."""
+    """The estimate's "SAE state": per SAE its parameters, their gradients and Adam's two moments
+    (4 x the parameters, float32) and its buffers; counted by hand and in the live SAEs of a run."""
     pair = {"topk": ALL["topk"], "gated": ALL["gated"]}
     need = training_memory(training(), pair, D, source)
     n, d, fp32, int64 = LATENTS, D, 4, 8
-    topk = (
-        4 * fp32 * (2 * n * d + n + d) + int64 * n
-    )  # W_enc, W_dec, b_enc, b_dec; tokens_since_fired
-    gated = (
-        4 * fp32 * (2 * n * d + 3 * n + d) + int64 * n
-    )  # W_enc, W_dec, b_gate, r_mag, b_mag, b_dec
+    # parameters W_enc, W_dec, b_enc, b_dec; buffer tokens_since_fired
+    topk = 4 * fp32 * (2 * n * d + n + d) + int64 * n
+    # parameters W_enc, W_dec, b_gate, r_mag, b_mag, b_dec; buffer tokens_since_fired
+    gated = 4 * fp32 * (2 * n * d + 3 * n + d) + int64 * n
     assert need["SAE state"] == len(SEEDS) * (topk + gated)
-    assert need["a step"] == 8 * BATCH * LATENTS * fp32
     assert need["kept inputs"] == 0  # neither keeps inputs; relu_2023 keeps its resampling pool
     with_pool = training_memory(training(), {**pair, "r": ALL["relu_2023"]}, D, source)
-    assert with_pool["kept inputs"] == 4 * BATCH * D * fp32
+    assert with_pool["kept inputs"] == 4 * BATCH * D * fp32  # resample_sample_tokens x d_model
 
     held = []
 

@@ -9,8 +9,8 @@ settings that produced it.
 
 from __future__ import annotations
 
+import difflib
 import re
-import textwrap
 from pathlib import Path
 from typing import Annotated, Any, Literal, get_args, get_origin
 
@@ -579,8 +579,11 @@ def _format_errors(
             )
         elif err["type"] == "extra_forbidden":
             allowed = _allowed_keys(model, err["loc"][:-1])
-            listed = "\n      ".join(textwrap.wrap(", ".join(allowed), 90))  # short lines
-            msg = "unknown key" + (f"; allowed keys here: {listed}" if allowed else "")
+            close = difflib.get_close_matches(str(loc[-1]), allowed, n=1)
+            msg = "unknown key"
+            if allowed and (not close or len(allowed) <= 12):  # a long list only when needed
+                msg += f"; allowed keys here: {', '.join(allowed)}"
+            msg += f" (did you mean {close[0]!r}?)" if close else ""
         elif err["type"] == "missing":
             msg = "required key is missing"
         elif err["type"] == "union_tag_invalid":

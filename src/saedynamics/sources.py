@@ -33,6 +33,7 @@ class ShuffledSource:
     d_model: int
     norm: dict  # input-scale statistics (scaling.NormStatistics)
     description: dict  # what the activations are (model, revision, hook, ...), for cfg.json
+    act_bytes = 2  # bytes per activation value as the source keeps them (float16)
 
     def _read(self, blocks: list[int], columns) -> dict[str, np.ndarray | torch.Tensor]:
         """The rows of `blocks`, concatenated in that order."""
@@ -88,7 +89,7 @@ class ShuffledSource:
     def memory_bytes(self, columns, buffer_rows: int) -> int:
         """The most `batches` keeps in memory at once (on the device): one buffer."""
         rows = min(sum(self.block_rows), max(buffer_rows, max(self.block_rows)))
-        row = {"act": 2 * self.d_model, "lm_grad": 4 * self.d_model, "lm_entropy": 4}
+        row = {"act": self.act_bytes * self.d_model, "lm_grad": 4 * self.d_model, "lm_entropy": 4}
         return rows * sum(row[c] for c in columns)
 
 
@@ -138,6 +139,7 @@ class TensorSource(ShuffledSource):
     ):
         self.tensors = {c: v.detach().cpu() for c, v in tensors.items()}
         n, self.d_model = self.tensors["act"].shape
+        self.act_bytes = self.tensors["act"].element_size()
         self.block_rows = [min(block_rows, n - i) for i in range(0, n, block_rows)]
         self.norm, self.description = norm_statistics(self.tensors["act"]), description or {}
 

@@ -135,3 +135,20 @@ def record_row_group_reads(monkeypatch) -> list[int]:
 
     monkeypatch.setattr(ActivationFile, "read_row_groups", recorded)
     return reads
+
+
+def stateful_settings(batch: int) -> dict[str, dict]:
+    """Hyperparameters under which an architecture's state outside its weights acts within 24
+    steps of `batch` tokens: relu_2023 resamples at steps 7, 8, 18 and 19 (its generator and recent
+    inputs), atm masks with probabilities far from 0 (its mask generator), adaptivek reaches its
+    joint phase (deviation weight, probe-loss window)."""
+    return {
+        "relu_2023": {
+            "lr": 0.05,
+            "l1_coefficient": 30.0,
+            "resample_at": (0.3, 0.35, 0.75, 0.8),
+            "resample_sample_tokens": 4 * batch,
+        },
+        "atm": {"threshold_std": 0.0},
+        "adaptivek": {"k_min": 2, "k_max": 8, "phase_ratio": 0.3},
+    }

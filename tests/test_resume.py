@@ -38,6 +38,7 @@ from .synthetic import (
     organism_tensors,
     record_row_group_reads,
     sparse_dataset,
+    stateful_settings,
 )
 
 REPO = Path(__file__).resolve().parents[1]
@@ -97,16 +98,7 @@ def test_shuffled_from_start_batch_continues_the_same_sequence(tmp_path, monkeyp
 # (its init generator and replayed recent inputs), atm masks with probabilities far from 0 (its
 # mask generator), adaptivek is in its joint phase (deviation weight, probe-loss window); the
 # counters of batchtopk and its kin and vsae's noise draws are in use at any step.
-STATEFUL = {
-    "relu_2023": {
-        "lr": 0.05,
-        "l1_coefficient": 30.0,
-        "resample_at": (0.3, 0.35, 0.75, 0.8),
-        "resample_sample_tokens": 4 * BATCH,
-    },
-    "atm": {"threshold_std": 0.0},
-    "adaptivek": {"k_min": 2, "k_max": 8, "phase_ratio": 0.3},
-}
+STATEFUL = stateful_settings(BATCH)
 
 
 class Stop(Exception):

@@ -28,25 +28,14 @@ from saedynamics.saes import REGISTRY
 from saedynamics.sources import TensorSource
 from saedynamics.training import train_saes, training_memory
 
-from .synthetic import k_if_any, organism_tensors
+from .synthetic import k_if_any, organism_tensors, stateful_settings
 
 IDENTITY = {"study": "t", "step": 0, "layer": 0}
 BATCH, D, LATENTS, SEEDS = 64, 16, 64, (0, 1)
 EXTRAS = sorted({c for cls in REGISTRY.values() for c in cls.requires})  # lm_entropy, lm_grad
 
-# Settings under which each architecture's state outside its weights acts within 24 steps (as in
-# tests/test_resume.py): relu_2023 resamples (its generator, recent inputs), atm masks with
-# probabilities far from 0, adaptivek reaches its joint phase.
-STATEFUL = {
-    "relu_2023": {
-        "lr": 0.05,
-        "l1_coefficient": 30.0,
-        "resample_at": (0.3, 0.35, 0.75, 0.8),
-        "resample_sample_tokens": 4 * BATCH,
-    },
-    "atm": {"threshold_std": 0.0},
-    "adaptivek": {"k_min": 2, "k_max": 8, "phase_ratio": 0.3},
-}
+# Settings under which each architecture's state outside its weights acts within 24 steps.
+STATEFUL = stateful_settings(BATCH)
 
 
 def arch(name: str):

@@ -126,14 +126,14 @@ def indexed_activation_file(path, n=1000, d=4, row_group=64) -> ActivationFile:
 def record_row_group_reads(monkeypatch) -> list[int]:
     """The indices of the row groups ActivationFile reads from now on, in order."""
     reads: list[int] = []
-    original = ActivationFile.read_row_groups
+    original = ActivationFile._row_groups
 
-    def recorded(self, ids, columns=("act",)):
+    def recorded(self, ids, columns):
         ids = list(ids)
         reads.extend(ids)
         return original(self, ids, columns)
 
-    monkeypatch.setattr(ActivationFile, "read_row_groups", recorded)
+    monkeypatch.setattr(ActivationFile, "_row_groups", recorded)
     return reads
 
 

@@ -2,19 +2,12 @@
 
 Columns: doc_id, pos, token_id (int32), act (fixed_size_list<float16>[d_model]), and the extra
 columns an architecture requires (config.EXTRA_COLUMNS): lm_entropy float32, lm_grad
-fixed_size_list<float32>[d_model]. The vectors are plain Arrow lists, so standard tools read them
-as numbers:
-
-    pd.read_parquet("eval.parquet")                                    # act: an array per row
-    datasets.Dataset.from_parquet("eval.parquet").with_format("numpy")[:]["act"]  # [rows, d_model]
-
-(Arrow's fixed-shape tensor extension adds nothing for vectors, and `datasets` 5 refuses it.)
-Lists decode slower than raw bytes, which training does not notice (benchmarks/README.md).
-
-Footer metadata, key "saedynamics" (JSON): format_version, d_model, model, revision, step, layer,
-hook, split, ..., `norm` (scaling.NormStatistics of the stored values, for the input scale), and
-in eval files the LM's eval loss. Every page carries Parquet's own CRC32, checked on every read;
-`ActivationFile` reads the whole file once as it opens it: a corrupt file fails before any compute.
+fixed_size_list<float32>[d_model]. Plain Arrow lists (not the fixed-shape tensor extension, which
+`datasets` 5 refuses): pandas and `datasets` read them as numbers (README, Outputs). Footer
+metadata, key "saedynamics" (JSON): format_version, d_model, model, revision, step, layer, hook,
+..., `norm` (scaling.NormStatistics of the stored values) and, in eval files, the LM's eval loss.
+Every page carries Parquet's own CRC32, checked on every read; `ActivationFile` reads the whole file
+once as it opens it, so that a corrupt file fails before any compute, naming its row group.
 """
 
 from __future__ import annotations
@@ -23,6 +16,7 @@ import contextlib
 import errno
 import json
 import os
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -59,16 +53,9 @@ class ActivationWriter:
     """Rows appended in any chunks, written in row groups of `row_group_rows`, renamed into place
     by `close()` (deleted by `discard()`); a full disk is a ResourceError naming the file."""
 
-    def __init__(
-        self,
-        path,
-        d_model: int,
-        metadata: dict,
-        row_group_rows: int = 8192,
-        extra_columns=(),
-        provenance: dict | None = None,
-        disk_full_advice: str = "free space there and rerun",
-    ):
+    def __init__(self, path, d_model: int, metadata: dict, row_group_rows: int = 8192,
+                 extra_columns=(), provenance: dict | None = None,
+                 disk_full_advice: str = "free space there and rerun"):  # fmt: skip
         self.path, self.d_model, self.row_group_rows = Path(path), d_model, row_group_rows
         self.schema = schema(d_model, extra_columns)
         self.metadata = {"format_version": FORMAT_VERSION, **metadata, "d_model": d_model}
@@ -202,32 +189,54 @@ class ActivationFile:
 
     def verify(self) -> None:
         """Read every page once (Parquet checks each against its CRC32)."""
-        for i in range(len(self.row_group_rows)):
-            self.read_row_groups([i], self.columns)
+        for _ in self._row_groups(range(len(self.row_group_rows)), self.columns):
+            pass
         self.verified = True
 
     def read_row_groups(self, ids, columns=("act",)) -> dict[str, np.ndarray]:
         """Row groups `ids`, concatenated in that order, as arrays ([rows, d] for vectors)."""
-        ids = list(ids)
         if missing := [c for c in columns if c not in self.columns]:
             raise DataError(f"{self.path}: has no column(s) {missing}, which an SAE needs; {RERUN}")
-        where = f"{self.path}: row group(s) {ids[:8]} of {len(self.row_group_rows)}"
-        try:
-            table = self._file.read_row_groups(ids, columns=list(columns), use_threads=True)
-        except (OSError, pa.ArrowException) as e:
-            why = " ".join(str(e).split())
-            raise DataError(f"{where} are corrupt ({why}); delete the file and {RERUN}") from None
-        if table.num_rows != sum(self.row_group_rows[i] for i in ids):  # pages of unknown types
-            raise DataError(f"{where} decode short of the footer's row count: corrupt; {RERUN}")
+        ids = list(ids)
+        starts = np.cumsum([0, *(self.row_group_rows[i] for i in ids)])
         out = {}
-        for name in columns:
-            values = table.column(name).combine_chunks()
-            if isinstance(values.type, pa.FixedSizeListType):
-                out[name] = values.flatten().to_numpy().reshape(table.num_rows, self.d_model)
-            else:
-                out[name] = values.to_numpy()
+        for k, part in enumerate(self._row_groups(ids, columns)):  # into place: no second copy
+            for name, values in part.items():
+                if name not in out:
+                    out[name] = np.empty((starts[-1], *values.shape[1:]), values.dtype)
+                out[name][starts[k] : starts[k + 1]] = values
         return out
+
+    def _row_groups(self, ids, columns):
+        """Each row group's arrays, in order, decoded on a few threads: pyarrow decodes one row
+        group's list column on one thread (a reader per thread, sharing the parsed footer)."""
+
+        def decode(i: int) -> dict[str, np.ndarray]:
+            where = f"{self.path}: row group {i} of {len(self.row_group_rows)}"
+            try:
+                reader = pq.ParquetFile(
+                    self.path, metadata=self._file.metadata, page_checksum_verification=True
+                )
+                table = reader.read_row_group(i, columns=list(columns), use_threads=False)
+            except (OSError, pa.ArrowException) as e:
+                why = " ".join(str(e).split())
+                raise DataError(
+                    f"{where} is corrupt ({why}); delete the file and {RERUN}"
+                ) from None
+            if table.num_rows != self.row_group_rows[i]:  # pyarrow skips pages of unknown types
+                raise DataError(f"{where} decodes short of its row count: corrupt; {RERUN}")
+            return {c: _numpy(table.column(c), self.d_model) for c in columns}
+
+        with ThreadPoolExecutor(min(4, os.cpu_count() or 1)) as pool:
+            yield from pool.map(decode, ids)
 
     def read(self, columns=("act",)) -> dict[str, np.ndarray]:
         """The whole file as arrays."""
         return self.read_row_groups(range(len(self.row_group_rows)), columns)
+
+
+def _numpy(column: pa.ChunkedArray, d_model: int) -> np.ndarray:
+    values = column.combine_chunks()
+    if isinstance(values.type, pa.FixedSizeListType):
+        return values.flatten().to_numpy().reshape(len(values), d_model)
+    return values.to_numpy()

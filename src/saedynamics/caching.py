@@ -68,11 +68,8 @@ def cache_activations(
         )
         require_free_space(out_dir, need, what, advice)
     device = resolve_device(cfg.device)
-    model = load_model(
-        checkpoint_dir,
-        dtype=getattr(torch, cfg.model_dtype),
-        cache_dir=getattr(model_cfg, "cache_dir", None),
-    )
+    dtype, cache_dir = getattr(torch, cfg.model_dtype), getattr(model_cfg, "cache_dir", None)
+    model = load_model(checkpoint_dir, dtype=dtype, cache_dir=cache_dir)
     manifest, config = read_json(checkpoint_dir / MANIFEST), model.config
     found = (config.hidden_size, len(block_modules(model)))
     if model_cfg is not None and found != (model_cfg.d_model, model_cfg.num_layers):
@@ -120,15 +117,14 @@ def cache_activations(
             loss_sum, loss_count = 0.0, 0
             starts = range(0, len(windows), cfg.batch_sequences)
             for start in tqdm(starts, desc=f"activations {split}", mininterval=5, unit="batch"):
-                ids = torch.from_numpy(
-                    windows[start : start + cfg.batch_sequences].astype(np.int64)
-                )
-                acts, columns, nll = hooks.run(ids.to(device), logits=split == "eval")
+                batch = windows[start : start + cfg.batch_sequences]
+                ids = torch.from_numpy(batch.astype(np.int64)).to(device)
+                acts, columns, nll = hooks.run(ids, logits=split == "eval")
                 if nll is not None:
                     loss_sum, loss_count = loss_sum + nll.sum().item(), loss_count + nll.numel()
-                pos = np.tile(np.arange(first, ctx, dtype=np.int32), len(ids))
-                docs = np.repeat(doc_ids[start : start + len(ids)], ctx - first)
-                toks = windows[start : start + len(ids), first:].reshape(-1)
+                pos = np.tile(np.arange(first, ctx, dtype=np.int32), len(batch))
+                docs = np.repeat(doc_ids[start : start + len(batch)], ctx - first)
+                toks = batch[:, first:].reshape(-1)
                 for layer, writer in by_layer.items():
                     extra = {name: v[:, first:] for name, v in columns[layer].items()}
                     writer.append(docs, pos, toks, acts[layer][:, first:], **extra)
@@ -155,13 +151,7 @@ def cache_activations(
         hooks.remove()
     seconds = time.perf_counter() - started
     n_tokens = sum(windows.size for _, windows in samples.values())
-    log.info(
-        "step %s: %d tokens x %d layers in %.1f s (%.0f tokens/s); LM eval loss %.4f",
-        manifest["step"],
-        n_tokens,
-        len(cfg.layers),
-        seconds,
-        n_tokens / seconds,
-        lm_stats["lm_eval_loss"],
-    )
+    log.info("step %s: %d tokens x %d layers in %.1f s (%.0f tokens/s); LM eval loss %.4f",
+             manifest["step"], n_tokens, len(cfg.layers), seconds, n_tokens / seconds,
+             lm_stats["lm_eval_loss"])  # fmt: skip
     return lm_stats

@@ -71,7 +71,7 @@ class ShuffledSource:
                 index = torch.from_numpy(index).to(device)
                 while len(index):
                     take, index = index[: batch_size - have], index[batch_size - have :]
-                    parts.append({c: v[take] for c, v in data.items()})
+                    parts.append({c: v.index_select(0, take) for c, v in data.items()})
                     have += len(take)
                     if have == batch_size:
                         yield {c: torch.cat([p[c] for p in parts]).float() for c in data}

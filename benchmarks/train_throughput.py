@@ -12,10 +12,11 @@ file (trained-like activations, stand-in extra columns for the architectures tha
 trained on by real `python -m saedynamics train` jobs: one job for the whole set, as the workflow
 runs it, against one job per architecture (`training.split_by_architecture`), run one after the
 other. Throughput is SAE-tokens/s over the jobs' wall time, start-up included. The reading share
-is the time spent reading (opening and verifying the file, loading it, gathering every batch;
-measured in-process with the same source) over the grouped job's training time, at the
-benchmark's length and extrapolated to the study's (config.yaml: 2.1M cached tokens per (step,
-layer), 50M training tokens per SAE), where the one-time costs scale with the file.
+is the time spent reading (opening and verifying the file, then loading it and gathering every
+batch, which the trainer itself times and logs) over the grouped job's training time, at the
+benchmark's length; and extrapolated to the study's (config.yaml: 2.1M cached tokens per (step,
+layer), 50M training tokens per SAE) from in-process timings of the same source: the one-time
+costs scale with the file, the gathers with the steps.
 
 Data: trained-like activations from a known dictionary (`--true-latents` unit directions, each
 token a sum of `--true-k` of them with Zipf-distributed frequencies and |N(0,1)| magnitudes, plus
@@ -139,8 +140,15 @@ def train_job(data: Path, out: Path, training: dict, architectures: dict, thread
     seconds = time.perf_counter() - started
     if job.returncode != 0:
         raise SystemExit(f"train job failed:\n{job.stderr[-3000:]}")
-    found = re.search(r"SAEs x (\d+) tokens in ([\d.]+) s", job.stderr)
-    return {"wall": seconds, "tokens": int(found[1]), "training": float(found[2])}
+    found = re.search(
+        r"SAEs x (\d+) tokens in ([\d.]+) s.*reading the batches took ([\d.]+) s", job.stderr
+    )
+    return {
+        "wall": seconds,
+        "tokens": int(found[1]),
+        "training": float(found[2]),
+        "reading": float(found[3]),
+    }
 
 
 def reading_costs(data: Path, training: dict, architectures: dict, device) -> dict:
@@ -184,7 +192,8 @@ def grouped_vs_separate(
     steps = grouped["tokens"] // training["batch_size"]
     step = grouped["training"] / steps
     one_time = costs["verify"] + costs["load"]
-    share = (one_time + steps * costs["gather"]) / (grouped["training"] + costs["verify"])
+    # the job's own account (the trainer times every batch it is handed), plus opening the file
+    share = (costs["verify"] + grouped["reading"]) / (costs["verify"] + grouped["training"])
     study_steps = STUDY_TOKENS // training["batch_size"]
     study_one_time = one_time * STUDY_ROWS / len(x)
     study_share = (study_one_time + study_steps * costs["gather"]) / (study_steps * step)

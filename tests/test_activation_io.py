@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import errno
 import os
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -390,3 +391,23 @@ def test_pandas_and_hf_datasets_read_the_vectors_as_numbers(tmp_path, monkeypatc
     act = datasets.Dataset.from_parquet(str(path)).with_format("numpy")[:]["act"]
     assert act.shape == (N, D)
     assert np.array_equal(act, stored.astype(act.dtype))
+
+
+def test_the_readme_lines_read_an_activation_file_as_numbers(tmp_path, monkeypatch):
+    """The two one-liners of README's Outputs section, run as they are there (on a file of ours)."""
+    import re
+
+    import datasets
+
+    monkeypatch.setattr(datasets.config, "HF_DATASETS_CACHE", tmp_path / "hf-datasets")
+    f = indexed_file(tmp_path / "a.parquet")
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    lines = [line for block in re.findall(r"```python\n(.*?)```", readme, re.S)
+             for line in block.splitlines() if "activations/" in line and '["act"]' in line]  # fmt: skip
+    assert len(lines) == 2, lines
+    for line in lines:
+        code = re.sub(r'"results/[^"]+\.parquet"', repr(str(f.path)), line)
+        namespace = {"pd": pd, "datasets": datasets}
+        exec(code, namespace)
+        acts = np.stack(list(namespace["acts"]))
+        assert acts.shape == (N, D) and np.array_equal(acts, f.read()["act"].astype(acts.dtype))

@@ -52,6 +52,7 @@ from saedynamics.activations import ActivationFile, ActivationWriter  # noqa: E4
 from saedynamics.artifacts import sha256_file  # noqa: E402
 from saedynamics.caching import cache_activations  # noqa: E402
 from saedynamics.config import ActivationsConfig  # noqa: E402
+from saedynamics.corpus import SAMPLE_FORMAT  # noqa: E402
 from saedynamics.resources import resolve_device  # noqa: E402
 
 EVAL_SEQUENCES = 2  # cache_activations always does the eval split (full logits): keep it small
@@ -107,27 +108,22 @@ def build_checkpoint(args, root: Path) -> Path:
 
 
 def build_tokens(args, root: Path) -> Path:
-    """A token sample in the `tokens` rule's format: `--sequences` train, EVAL_SEQUENCES eval."""
+    """A token sample in the `tokens` rule's layout (corpus.py): `--sequences` train windows in one
+    shard, EVAL_SEQUENCES eval windows, random token ids."""
     rng = np.random.default_rng(0)
-    ctx, tables = args.context, []
-    splits = {"train": args.sequences, "eval": EVAL_SEQUENCES}
-    for split, n in splits.items():
-        ids = np.arange(n, dtype=np.int32) + (0 if split == "train" else args.sequences)
-        tables.append(
-            pa.table(
-                {
-                    "split": pa.array([split] * (n * ctx)).dictionary_encode(),
-                    "doc_id": np.repeat(ids, ctx),
-                    "pos": np.tile(np.arange(ctx, dtype=np.int32), n),
-                    "token_id": rng.integers(0, args.vocab, n * ctx, dtype=np.int32),
-                }
-            )
-        )
-    table = pa.concat_tables(tables).replace_schema_metadata(
-        {"saedynamics": json.dumps({"context_length": ctx})}
-    )
-    path = root / "tokens.parquet"
-    pq.write_table(table, path)
+    ctx, path = args.context, root / "tokens"
+    path.mkdir()
+    splits = {"train-00000.parquet": args.sequences, "eval.parquet": EVAL_SEQUENCES}
+    first = 0
+    for name, n in splits.items():
+        ids = rng.integers(0, args.vocab, n * ctx, dtype=np.int32)
+        windows = pa.FixedSizeListArray.from_arrays(pa.array(ids), ctx)
+        doc_ids = np.arange(first, first + n, dtype=np.int32)
+        pq.write_table(pa.table({"doc_id": doc_ids, "token_ids": windows}), path / name)
+        first += n
+    shards = [{"file": "train-00000.parquet", "windows": args.sequences}]
+    manifest = {"format": SAMPLE_FORMAT, "context_length": ctx, "shards": shards}
+    (path / "manifest.json").write_text(json.dumps(manifest))
     return path
 
 

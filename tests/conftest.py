@@ -187,7 +187,7 @@ def hub_stage(offline_hub, tmp_path):
     raw = hub_config(tmp_path, offline_hub)
     cfg = load_config(raw)
     build_token_sample(
-        cfg.corpus, cfg.tokens, cfg.model, tmp_path / "tokens.parquet", tmp_path / "tokenizer"
+        cfg.corpus, cfg.tokens, cfg.model, tmp_path / "tokens", tmp_path / "tokenizer"
     )
     download_checkpoint(cfg.model, 2, tmp_path / "ckpt", [])
     return raw, tmp_path

@@ -495,7 +495,7 @@ def entry_point_runs(cases: list[Case], tmp_path: Path, overrides=()) -> dict[st
             {"key": key, "kind": kind, "path": path, "argv": argv, "cwd": str(wd), "log": log}
         )
 
-    outputs = ["--out-tokens", "results/tiny/tokens.parquet", "--out-tokenizer", "results/tiny/t"]
+    outputs = ["--out-tokens", "results/tiny/tokens", "--out-tokenizer", "results/tiny/t"]
     for case, case_id in zip(cases, ids(cases), strict=True):
         path = str(write_case(case, configs))
         job(case_id, "snakemake", path, "snakemake", "--cores", "1", "--configfile", path)

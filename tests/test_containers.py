@@ -137,7 +137,7 @@ def test_bare_use_apptainer_gets_the_gpu_binds_and_caches_without_flags(tmp_path
     env, log = _standin_env(tmp_path)
     run(
         [
-            "results/tiny/tokens.parquet",
+            "results/tiny/tokens",
             "--cores",
             "all",
             "--use-apptainer",

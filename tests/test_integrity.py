@@ -152,7 +152,7 @@ def hub_study(hub_copy, tmp_path):
     raw["model"]["cache_dir"] = str(hub_copy)
     cfg = load_config(raw)
     build_token_sample(
-        cfg.corpus, cfg.tokens, cfg.model, tmp_path / "tokens.parquet", tmp_path / "tokenizer"
+        cfg.corpus, cfg.tokens, cfg.model, tmp_path / "tokens", tmp_path / "tokenizer"
     )
     download_checkpoint(cfg.model, 0, tmp_path / "ckpt", [])
     return raw, tmp_path
@@ -169,7 +169,7 @@ def activations_cli(capsys, raw: dict, root: Path) -> str:
         "--checkpoint",
         root / "ckpt",
         "--tokens",
-        root / "tokens.parquet",
+        root / "tokens",
         "--out",
         out,
     )
@@ -584,7 +584,7 @@ def test_splice_refuses_saes_of_another_width(hub_study, capsys):
         "--checkpoint",
         root / "ckpt",
         "--tokens",
-        root / "tokens.parquet",
+        root / "tokens",
         "--saes",
         saes,
         "--out",

@@ -150,7 +150,7 @@ def test_files_without_provenance_are_named(tmp_path):
 def test_hub_tokenizer_and_converted_checkpoint_record_provenance(offline_hub, tmp_path):
     """The Hub path, which the tiny study does not take: tokenizer directory, converted weights."""
     cfg = load_config(hub_config(tmp_path, offline_hub))
-    tokens, tokenizer = tmp_path / "tokens.parquet", tmp_path / "tokenizer"
+    tokens, tokenizer = tmp_path / "tokens", tmp_path / "tokenizer"
     build_token_sample(cfg.corpus, cfg.tokens, cfg.model, tokens, tokenizer, PROVENANCE)
     assert read_provenance(tokens) == read_provenance(tokenizer) == PROVENANCE
     assert load_tokenizer(tokenizer)("the quick fox")["input_ids"]  # HF ignores the manifest

@@ -51,7 +51,7 @@ def activations_argv(raw: dict, root: Path, out: Path) -> list[str]:
         "--checkpoint",
         str(root / "ckpt"),
         "--tokens",
-        str(root / "tokens.parquet"),
+        str(root / "tokens"),
         "--out",
         str(out),
     ]

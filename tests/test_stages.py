@@ -45,15 +45,17 @@ def test_token_sample_is_fixed_and_split(tmp_path, tiny_cfg):
     for run in ("a", "b"):
         out = tmp_path / run
         build_token_sample(
-            tiny_cfg.corpus, tiny_cfg.tokens, tiny_cfg.model, out / "tokens.parquet", out / "tok"
+            tiny_cfg.corpus, tiny_cfg.tokens, tiny_cfg.model, out / "tokens", out / "tok"
         )
-        paths.append(out / "tokens.parquet")
+        paths.append(out / "tokens")
     train_a, train_b = read_token_sample(paths[0], "train"), read_token_sample(paths[1], "train")
     assert np.array_equal(train_a[1], train_b[1]) and np.array_equal(train_a[0], train_b[0])
     docs_eval, eval_tokens = read_token_sample(paths[0], "eval")
     assert train_a[1].shape == (400, 32) and eval_tokens.shape == (40, 32)
     assert not set(docs_eval) & set(train_a[0])  # disjoint windows
-    assert pq.read_schema(paths[0]).names == ["split", "doc_id", "pos", "token_id"]
+    shards = sorted(p.name for p in paths[0].iterdir())
+    assert shards == ["eval.parquet", "manifest.json", "train-00000.parquet"]
+    assert pq.read_schema(paths[0] / "eval.parquet").names == ["doc_id", "token_ids"]
     assert (tmp_path / "a/tok/tokenizer.json").exists()
 
 
@@ -117,9 +119,7 @@ def hub_activations(hub_stage):
     """Tokens (local files corpus, hub tokenizer), checkpoint step2, and its cached activations."""
     raw, root = hub_stage
     cfg = load_config(raw)
-    stats = cache_activations(
-        cfg.activations, root / "ckpt", root / "tokens.parquet", root / "acts"
-    )
+    stats = cache_activations(cfg.activations, root / "ckpt", root / "tokens", root / "acts")
     return cfg, root, stats
 
 
@@ -133,7 +133,7 @@ def test_activation_cache_round_trip(hub_activations):
     from transformers import AutoModelForCausalLM
 
     model = AutoModelForCausalLM.from_pretrained(root / "ckpt").eval()
-    docs, windows = read_token_sample(root / "tokens.parquet", "eval")
+    docs, windows = read_token_sample(root / "tokens", "eval")
     ids = torch.from_numpy(windows.astype(np.int64))
     with torch.no_grad():
         out = model(input_ids=ids, labels=ids, output_hidden_states=True)
@@ -361,7 +361,7 @@ def test_activations_config_rejects_layers_the_checkpoint_lacks(hub_activations)
     cfg, root, _ = hub_activations
     with pytest.raises(DataError, match=r"the model has 2 layers; layers \[3\] do not exist"):
         cache_activations(
-            ActivationsConfig(layers=[0, 3]), root / "ckpt", root / "tokens.parquet", root / "x"
+            ActivationsConfig(layers=[0, 3]), root / "ckpt", root / "tokens", root / "x"
         )
     assert not (root / "x").exists() or not any((root / "x").rglob("*.parquet"))
 
@@ -380,7 +380,7 @@ def test_token_sample_too_small(tiny_cfg, tmp_path):
 
 def test_extra_columns_entropy_and_gradient(hub_stage, tmp_path):
     acts_cfg = ActivationsConfig(layers=[0], extra_columns=["lm_entropy", "lm_grad"])
-    cache_activations(acts_cfg, tmp_path / "ckpt", tmp_path / "tokens.parquet", tmp_path / "acts")
+    cache_activations(acts_cfg, tmp_path / "ckpt", tmp_path / "tokens", tmp_path / "acts")
     table = pq.read_table(tmp_path / "acts/layer0/eval.parquet")
     extras = ("lm_entropy", "lm_grad")
     assert pq.read_schema(tmp_path / "acts/layer0/eval.parquet").remove_metadata() == schema(
@@ -393,7 +393,7 @@ def test_extra_columns_entropy_and_gradient(hub_stage, tmp_path):
     from transformers import AutoModelForCausalLM
 
     model = AutoModelForCausalLM.from_pretrained(tmp_path / "ckpt").eval()
-    _, windows = read_token_sample(tmp_path / "tokens.parquet", "eval")
+    _, windows = read_token_sample(tmp_path / "tokens", "eval")
     ids = torch.from_numpy(windows.astype(np.int64))
     embeds = model.get_input_embeddings()(ids).detach().requires_grad_(True)
     out = model(inputs_embeds=embeds, output_hidden_states=True)

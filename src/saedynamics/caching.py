@@ -34,7 +34,7 @@ log = logging.getLogger(__name__)
 def cache_activations(
     cfg: ActivationsConfig,
     checkpoint_dir: Path,
-    tokens_parquet: Path,
+    tokens_dir: Path,
     out_dir: Path,
     provenance: dict | None = None,
     model_cfg=None,
@@ -50,7 +50,7 @@ def cache_activations(
 
     first, extras = int(cfg.drop_first_position), tuple(cfg.extra_columns)
     # the token sample and the disk space first: cheap to check, where loading the model is not
-    samples = {split: read_token_sample(tokens_parquet, split) for split in ("train", "eval")}
+    samples = {split: read_token_sample(tokens_dir, split) for split in ("train", "eval")}
     tokens = {split: windows[:, first:].size for split, (_, windows) in samples.items()}
     advice = (
         "free space on that disk, or lower tokens.train_sequences or cache fewer activations.layers"

@@ -126,6 +126,7 @@ def cmd_tokens(args) -> None:
         Path(args.out_tokens),
         Path(args.out_tokenizer),
         provenance=_provenance(s),
+        work_dir=Path(args.work) if args.work else None,
     )
 
 
@@ -467,8 +468,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_check_config, threads=None)
 
     p = command("tokens", cmd_tokens, "draw the fixed token sample and its tokenizer")
-    p.add_argument("--out-tokens", required=True)
+    p.add_argument("--out-tokens", required=True, help="tokens/ (the sample's shards inside)")
     p.add_argument("--out-tokenizer", required=True)
+    p.add_argument(
+        "--work",
+        help="where the sample is built and a killed job resumes (outside the outputs); "
+        "default: a sibling of --out-tokens",
+    )
 
     p = command("checkpoint", cmd_checkpoint, "download one Hub checkpoint (with manifest)")
     p.add_argument("--step", type=int, required=True)

@@ -68,6 +68,12 @@ class TokensConfig(StrictModel):
         default=None, gt=0, description="windows in the train split; None: all that remain"
     )
     eval_sequences: int = Field(default=64, gt=0)
+    shard_sequences: int = Field(
+        default=65536,
+        gt=0,
+        description="train windows per shard of the sample (a killed tokens job resumes after "
+        "the last one written)",
+    )
     seed: int = 0
 
 

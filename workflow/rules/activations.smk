@@ -1,7 +1,7 @@
 rule activations:
     input:
         checkpoint=f"{R}/checkpoints/step{{step}}",
-        tokens=f"{R}/tokens.parquet",
+        tokens=f"{R}/tokens",
     output:
         expand(
             f"{R}/activations/step{{step}}/layer{{layer}}/{{split}}.parquet",

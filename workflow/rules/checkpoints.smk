@@ -24,7 +24,7 @@ else:
 
     rule micro_lm:
         input:
-            tokens=f"{R}/tokens.parquet",
+            tokens=f"{R}/tokens",
             tokenizer=f"{R}/tokenizer",
         output:
             checkpoints=[directory(f"{R}/checkpoints/step{s}") for s in CFG.model.schedule()],

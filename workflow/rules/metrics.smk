@@ -54,7 +54,7 @@ else:
 rule splice:
     input:
         checkpoint=f"{R}/checkpoints/step{{step}}",
-        tokens=f"{R}/tokens.parquet",
+        tokens=f"{R}/tokens",
         saes=lambda wc: [
             f
             for a in ARCHITECTURES

@@ -109,7 +109,15 @@ def test_unreadable_config_files(tmp_path):
 
 def test_stage_settings_are_minimal_slices(tiny_cfg):
     train = tiny_cfg.stage_settings("train", "topk")  # a job of one architecture
-    assert set(train) == {"study", "training", "architectures"}
+    # the tiny config streams: its train jobs run the checkpoint, as the activations stage would
+    assert set(train) == {"study", "training", "architectures", "activations", "model"}
+    assert train["activations"] == tiny_cfg.stage_settings("activations")["activations"]
+    assert tiny_cfg.stage_settings("activations")["splits"] == ["eval"]
+    cached = tiny_cfg.model_copy(
+        update={"training": tiny_cfg.training.model_copy(update={"source": "cache"})}
+    )
+    assert set(cached.stage_settings("train")) == {"study", "training", "architectures"}
+    assert cached.stage_settings("activations")["splits"] == ["train", "eval"]
     assert list(train["architectures"]) == ["topk"] and train["architectures"]["topk"]["k"] == 4
     # the default job: every architecture of the (step, layer)
     assert list(tiny_cfg.stage_settings("train")["architectures"]) == ["topk", "relu"]

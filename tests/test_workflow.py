@@ -87,6 +87,12 @@ def test_a_study_end_to_end(demo_repo):
         assert found == per_layer, rule
     cfg = json.loads(next(root.glob("saes/step*/layer*/*/seed0/cfg.json")).read_text())
     assert cfg["saedynamics"]["trained_with"] == sorted(raw["architectures"])
+    # the tiny config streams its training activations: no train split is cached anywhere
+    assert raw["training"]["source"] == "stream"
+    assert sorted(p.name for p in root.glob("activations/step*/layer*/*")) == ["eval.parquet"] * (
+        len(steps) * len(layers)
+    )
+    assert cfg["saedynamics"]["activations"]["model"] == "micro"
     # outside a container every artifact still records settings, version and commit
     assert_every_artifact_has_provenance(root, container=None)
     # every job stays far below 4 GB (benchmark files record max RSS in MB)

@@ -38,19 +38,18 @@ def cache_activations(
     out_dir: Path,
     provenance: dict | None = None,
     model_cfg=None,
+    splits=("train", "eval"),
 ) -> dict[str, float]:
-    """Write out_dir/layer<L>/{train,eval}.parquet for every configured layer; return LM eval stats.
-
-    The checkpoint is verified against its manifest first (`checkpoints.load_model`). `model_cfg`
-    (the study's model config), if given: the HF cache to fetch a corrupt file again through, and
-    the d_model and number of layers the checkpoint must have. All files are left, or none.
-    """
+    """Write out_dir/layer<L>/<split>.parquet for every layer and split; return LM eval stats
+    (from the eval split, always cached). The checkpoint is verified against its manifest first
+    (`checkpoints.load_model`). `model_cfg` (the study's), if given: the HF cache to fetch a corrupt
+    file again through, and the d_model and layers the checkpoint must have."""
     from saedynamics.checkpoints import load_model
     from saedynamics.corpus import read_token_sample
 
     first, extras = int(cfg.drop_first_position), tuple(cfg.extra_columns)
     # the token sample and the disk space first: cheap to check, where loading the model is not
-    samples = {split: read_token_sample(tokens_dir, split) for split in ("train", "eval")}
+    samples = {split: read_token_sample(tokens_dir, split) for split in splits}
     tokens = {split: windows[:, first:].size for split, (_, windows) in samples.items()}
     advice = (
         "free space on that disk, or lower tokens.train_sequences or cache fewer activations.layers"
@@ -62,9 +61,10 @@ def cache_activations(
             estimate_activation_bytes(n, d_model, extras, cfg.row_group_rows)
             for n in tokens.values()
         )
+        counts = " and ".join(f"{split} {n}" for split, n in tokens.items())
         what = (
-            f"{out_dir}/layer<L>/{{train,eval}}.parquet for layers {cfg.layers} (train "
-            f"{tokens['train']} and eval {tokens['eval']} tokens per layer, d_model {d_model})"
+            f"{out_dir}/layer<L>/{{{','.join(splits)}}}.parquet for layers {cfg.layers} "
+            f"({counts} tokens per layer, d_model {d_model})"
         )
         require_free_space(out_dir, need, what, advice)
     device = resolve_device(cfg.device)
@@ -84,7 +84,7 @@ def cache_activations(
         raise DataError(f"{checkpoint_dir}: {e}") from None
     lm_stats, writers, started = {}, [], time.perf_counter()
     try:
-        for split in ("train", "eval"):
+        for split in splits:
             doc_ids, windows = samples[split]
             ctx = windows.shape[1]
             if ctx > config.max_position_embeddings:

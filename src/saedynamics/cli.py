@@ -170,6 +170,7 @@ def cmd_activations(args) -> None:
         Path(args.out),
         provenance=_provenance(s),
         model_cfg=model,
+        splits=tuple(s.get("splits", ("train", "eval"))),
     )
 
 
@@ -193,14 +194,44 @@ def cmd_train(args) -> None:
             )
         architectures[name] = _validate(REGISTRY[kind].Config, raw, f"architectures.{name}")
     identity = {"study": s["study"], "step": args.step, "layer": args.layer}
+    if training.source == "stream":
+        source = _stream_source(args, s, training)
+    elif args.activations:
+        source = FileSource(_activation_file(args))
+    else:
+        raise ConfigError("training.source is 'cache': give --activations (train.parquet)")
     train_saes(
         training,
         architectures,
-        FileSource(_activation_file(args)),
+        source,
         Path(args.out),
         identity,
         _provenance(s),
         resume_dir=Path(args.resume_dir) if args.resume_dir else None,
+    )
+
+
+def _stream_source(args, s: dict, training):
+    """training.source stream: the checkpoint run over the token sample, checked against the
+    layer's eval cache (whose norm statistics give the input scale)."""
+    from saedynamics.config import ActivationsConfig, ModelConfig
+    from saedynamics.resources import resolve_device
+    from saedynamics.streaming import StreamSource
+
+    missing = [f"--{n}" for n in ("checkpoint", "tokens", "eval") if not getattr(args, n)]
+    if missing:
+        raise ConfigError(f"training.source is 'stream': give {', '.join(missing)}")
+    cfg = _validate(ActivationsConfig, s["activations"], "activations")
+    model = _validate(ModelConfig, s["model"], "model")
+    eval_args = argparse.Namespace(activations=args.eval, step=args.step, layer=args.layer)
+    return StreamSource(
+        Path(args.checkpoint),
+        Path(args.tokens),
+        args.layer,
+        _activation_file(eval_args),
+        cfg,
+        resolve_device(training.device),
+        cache_dir=getattr(model, "cache_dir", None),
     )
 
 
@@ -501,7 +532,10 @@ def build_parser() -> argparse.ArgumentParser:
         "--architecture",
         help="with --config: train this architecture alone (default: every one of the config)",
     )
-    p.add_argument("--activations", required=True, help="train.parquet")
+    p.add_argument("--activations", help="training.source cache: train.parquet")
+    p.add_argument("--checkpoint", help="training.source stream: checkpoints/step<N>/")
+    p.add_argument("--tokens", help="training.source stream: the token sample, tokens/")
+    p.add_argument("--eval", help="training.source stream: the layer's eval.parquet (input scale)")
     p.add_argument(
         "--out", required=True, help="saes/step<N>/layer<L>/ (<architecture>/seed<s>/ inside)"
     )

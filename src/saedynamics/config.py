@@ -262,6 +262,12 @@ class TrainingConfig(StrictModel):
         description="rows of the shuffle buffer (part of the data order, sources.py): activations "
         "that fit it are read once and kept on the training device",
     )
+    source: Literal["cache", "stream"] = Field(
+        default="cache",
+        description="cache: train on activations cached to Parquet (the activations rule writes "
+        "train.parquet); stream: run the checkpoint over the token sample inside the train job, "
+        "no training cache on disk (streaming.py; the study's scale)",
+    )
     split_by_architecture: bool = Field(
         default=False,
         description="one train job and one measure job per (step, layer, architecture) instead of "
@@ -528,9 +534,17 @@ class StudyConfig(StrictModel):
             for arch in self.architectures.values():
                 needed |= set(REGISTRY[arch.architecture].requires)
             out["activations"]["extra_columns"] = sorted(needed)
+            # the train split is cached only for training.source cache
+            out["splits"] = ["eval"] if self.training.source == "stream" else ["train", "eval"]
         if stage == "train":  # the job's set: one architecture, or all (architecture None)
             names = list(self.architectures) if architecture is None else [architecture]
             out["architectures"] = {name: dump["architectures"][name] for name in names}
+            if self.training.source == "stream":  # how the job computes its activations
+                out["activations"] = dump["activations"]
+                out["activations"]["extra_columns"] = self.stage_settings("activations")[
+                    "activations"
+                ]["extra_columns"]
+                out["model"] = dump["model"]
         return out
 
 

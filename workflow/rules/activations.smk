@@ -6,7 +6,7 @@ rule activations:
         expand(
             f"{R}/activations/step{{step}}/layer{{layer}}/{{split}}.parquet",
             layer=LAYERS,
-            split=["train", "eval"],
+            split=SPLITS,
             allow_missing=True,
         ),
     log:

@@ -64,6 +64,8 @@ STEPS = CFG.model.steps
 LAYERS = CFG.activations.layers
 ARCHITECTURES = list(CFG.architectures)
 SEEDS = CFG.training.seeds
+STREAM = CFG.training.source == "stream"  # activations computed inside the train jobs
+SPLITS = ["eval"] if STREAM else ["train", "eval"]  # the activation caches written
 SAE_FILES = ["cfg.json", "sae_weights.safetensors", "training.parquet"]
 METRICS = ["reconstruction", "consistency", "superposition"]
 FIGURE_FILES = expand(
@@ -102,3 +104,21 @@ def metric_files(step, layer, architecture):
         metric=METRICS,
         allow_missing=True,
     )
+
+
+def train_input(wildcards):
+    """What a train job reads: its train activations (training.source cache), or the checkpoint,
+    the token sample and the layer's eval cache for the input scale (stream)."""
+    layer_dir = f"{R}/activations/step{wildcards.step}/layer{wildcards.layer}"
+    if STREAM:
+        return {
+            "checkpoint": f"{R}/checkpoints/step{wildcards.step}",
+            "tokens": f"{R}/tokens",
+            "eval": f"{layer_dir}/eval.parquet",
+        }
+    return {"activations": f"{layer_dir}/train.parquet"}
+
+
+def train_input_args(wildcards, input):
+    """The train command's input arguments: --activations, or --checkpoint --tokens --eval."""
+    return " ".join(f"--{name} {input[name]}" for name in train_input(wildcards))

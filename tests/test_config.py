@@ -211,3 +211,38 @@ def test_yaml_scientific_notation_is_a_number_where_a_number_is_expected(tmp_pat
     path.write_text(text.replace("n_latents: 64", "n_latents: 6.45e1"))  # not whole: still refused
     with pytest.raises(ConfigError, match=r"training\.n_latents: .*valid integer \(got 64\.5\)"):
         load_config(path)
+
+
+def test_the_study_budget_against_a_hand_count(tiny_raw, capsys):
+    """budget.study_budget on the tiny config, every number counted by hand here."""
+    from saedynamics.budget import GPUS, study_budget
+
+    raw = copy.deepcopy(tiny_raw)
+    raw["training"]["save_dtype"] = "float16"
+    cfg = load_config(raw)
+    b = study_budget(cfg, gpu="A100", utilisation=0.5)
+    d, n, ctx, layers, vocab = 16, 64, 32, 2, 300  # tiny: d_model, n_latents, context, LM layers
+    rows = 400 * 31  # train windows x kept positions
+    assert b["saes"] == 2 * 2 * 2 * 2 and b["jobs"] == 2 * 2  # steps x layers (x archs x seeds)
+    assert b["epochs"] == pytest.approx(16384 / rows)
+    sae = 2 * d * n + n + d
+    assert b["disk"]["SAEs"] == 16 * sae * 2  # float16
+    assert b["disk"]["token sample"] == 440 * ctx * 4
+    assert b["disk"]["eval caches"] == 2 * 2 * 40 * 31 * 2 * d
+    assert b["disk"]["train caches"] == 0  # stream
+    assert b["disk"]["resume state (one job at a time)"] == 2 * 2 * sae * 12
+    sae_flops = 2 * 2 * 16384 * (2 * 2 * 12 * d * n)
+    block = 24 * d * d + 4 * ctx * d
+    lm = 2 * 2 * 16384 * ((0 + 1) * block + (1 + 1) * block) / 2  # layers 0 and 1, no extras
+    assert b["flops"] == {"SAE sets": sae_flops, "LM forward passes": lm}
+    assert b["lm_share"] == pytest.approx(lm / (sae_flops + lm))
+    assert b["gpu_hours"] == pytest.approx((sae_flops + lm) / (GPUS["A100"] * 0.5) / 3600)
+    # an architecture that needs the LM's gradient: the whole model, and twice what is above
+    raw["architectures"]["gsae"] = {"architecture": "gsae", "k": 4}
+    g = study_budget(load_config(raw))
+    whole, above = layers * block + 2 * vocab * d, [block + 2 * vocab * d, 2 * vocab * d]
+    assert g["flops"]["LM forward passes"] == 2 * 2 * 16384 * sum(whole + 2 * a for a in above) / 2
+    # check-config prints it
+    assert main(["check-config", str(REPO / "workflow/configs/tiny.yaml")]) == 0
+    out = capsys.readouterr().out
+    assert "16 SAEs in 4 train jobs" in out and "LM share of the FLOPs" in out

@@ -381,11 +381,13 @@ def test_token_sample_too_small(tiny_cfg, tmp_path):
 def test_extra_columns_entropy_and_gradient(hub_stage, tmp_path):
     acts_cfg = ActivationsConfig(layers=[0], extra_columns=["lm_entropy", "lm_grad"])
     cache_activations(acts_cfg, tmp_path / "ckpt", tmp_path / "tokens", tmp_path / "acts")
-    table = pq.read_table(tmp_path / "acts/layer0/eval.parquet")
+    table = pq.read_table(tmp_path / "acts/layer0/train.parquet")  # training reads them
     extras = ("lm_entropy", "lm_grad")
-    assert pq.read_schema(tmp_path / "acts/layer0/eval.parquet").remove_metadata() == schema(
+    assert pq.read_schema(tmp_path / "acts/layer0/train.parquet").remove_metadata() == schema(
         32, extras
     )
+    # the measurements read only the activations: the eval split stores no extra columns
+    assert pq.read_schema(tmp_path / "acts/layer0/eval.parquet").remove_metadata() == schema(32)
     stored_grad = stored_vectors(table, "lm_grad")
     assert stored_grad.dtype == np.float32
     stored_entropy = table.column("lm_entropy").to_numpy()
@@ -393,7 +395,7 @@ def test_extra_columns_entropy_and_gradient(hub_stage, tmp_path):
     from transformers import AutoModelForCausalLM
 
     model = AutoModelForCausalLM.from_pretrained(tmp_path / "ckpt").eval()
-    _, windows = read_token_sample(tmp_path / "tokens", "eval")
+    _, windows = read_token_sample(tmp_path / "tokens", "train")
     ids = torch.from_numpy(windows.astype(np.int64))
     embeds = model.get_input_embeddings()(ids).detach().requires_grad_(True)
     out = model(inputs_embeds=embeds, output_hidden_states=True)

@@ -47,7 +47,11 @@ def cache_activations(
     from saedynamics.checkpoints import load_model
     from saedynamics.corpus import read_token_sample
 
-    first, extras = int(cfg.drop_first_position), tuple(cfg.extra_columns)
+    first = int(cfg.drop_first_position)
+
+    def columns_of(split: str) -> tuple[str, ...]:  # measurements read the eval activations only
+        return tuple(cfg.extra_columns) if split == "train" else ()
+
     # the token sample and the disk space first: cheap to check, where loading the model is not
     samples = {split: read_token_sample(tokens_dir, split) for split in splits}
     tokens = {split: windows[:, first:].size for split, (_, windows) in samples.items()}
@@ -58,8 +62,8 @@ def cache_activations(
     with contextlib.suppress(OSError, ValueError, KeyError, TypeError):  # else load_model says why
         d_model = int(read_json(checkpoint_dir / "config.json")["hidden_size"])
         need = len(cfg.layers) * sum(
-            estimate_activation_bytes(n, d_model, extras, cfg.row_group_rows)
-            for n in tokens.values()
+            estimate_activation_bytes(n, d_model, columns_of(split), cfg.row_group_rows)
+            for split, n in tokens.items()
         )
         counts = " and ".join(f"{split} {n}" for split, n in tokens.items())
         what = (
@@ -78,13 +82,15 @@ def cache_activations(
             f"layers, the config's model.d_model is {model_cfg.d_model} and model.num_layers "
             f"{model_cfg.num_layers}; fix the config or rerun the checkpoint rule"
         )
-    try:
-        hooks = LayerHooks(model.to(device).requires_grad_(False), cfg.layers, extras)
-    except DataError as e:
-        raise DataError(f"{checkpoint_dir}: {e}") from None
+    model, hooks = model.to(device).requires_grad_(False), None
+    if missing := [layer for layer in cfg.layers if layer >= found[1]]:
+        raise DataError(
+            f"{checkpoint_dir}: the model has {found[1]} layers; layers {missing} do not exist"
+        )
     lm_stats, writers, started = {}, [], time.perf_counter()
     try:
         for split in splits:
+            hooks = LayerHooks(model, cfg.layers, columns_of(split))
             doc_ids, windows = samples[split]
             ctx = windows.shape[1]
             if ctx > config.max_position_embeddings:
@@ -92,24 +98,17 @@ def cache_activations(
                     f"tokens.context_length {ctx} exceeds the model's max_position_embeddings "
                     f"{config.max_position_embeddings}"
                 )
-            metadata = {
-                "model": manifest.get("repo_id") or "micro",
-                "revision": manifest["revision"],
-                "commit": manifest.get("commit"),
-                "step": manifest["step"],
-                "split": split,
-                "dtype": "float16",
-                "context_length": ctx,
-                "first_position": first,
-                "vocab_size": config.vocab_size,
-            }
+            metadata = {"model": manifest.get("repo_id") or "micro", "revision": manifest["revision"],
+                        "commit": manifest.get("commit"), "step": manifest["step"], "split": split,
+                        "dtype": "float16", "context_length": ctx, "first_position": first,
+                        "vocab_size": config.vocab_size}  # fmt: skip
             by_layer = {}
             for layer in cfg.layers:
                 hook = {"layer": layer, "hook": f"gpt_neox.layers.{layer}",
                         "hook_point": f"blocks.{layer}.hook_resid_post"}  # fmt: skip
                 path = out_dir / f"layer{layer}" / f"{split}.parquet"
                 by_layer[layer] = ActivationWriter(
-                    path, config.hidden_size, metadata | hook, cfg.row_group_rows, extras,
+                    path, config.hidden_size, metadata | hook, cfg.row_group_rows, columns_of(split),
                     provenance, f"this step's activations take about {human_bytes(need)} in all: "
                     f"{advice}, then rerun",
                 )  # fmt: skip
@@ -133,6 +132,7 @@ def cache_activations(
             for writer in by_layer.values():
                 writer.metadata.update(lm_stats)
                 writer.close()
+            hooks.remove()
     except BaseException as e:
         for writer in writers:  # all files or none: the ones already in place go too
             writer.discard()
@@ -148,7 +148,8 @@ def cache_activations(
             ) from None
         raise
     finally:
-        hooks.remove()
+        if hooks is not None:
+            hooks.remove()
     seconds = time.perf_counter() - started
     n_tokens = sum(windows.size for _, windows in samples.values())
     log.info("step %s: %d tokens x %d layers in %.1f s (%.0f tokens/s); LM eval loss %.4f",

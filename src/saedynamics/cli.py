@@ -104,14 +104,16 @@ def _identity(args, settings: dict, name: str, sae) -> dict:
 
 
 def cmd_check_config(args) -> None:
+    from saedynamics.budget import format_budget, study_budget
     from saedynamics.config import load_config
 
     cfg = load_config(args.path)
     print(
         f"{args.path}: valid; study {cfg.study!r}, {len(cfg.model.steps)} steps x "
         f"{len(cfg.activations.layers)} layers x {len(cfg.architectures)} architectures x "
-        f"{len(cfg.training.seeds)} seeds"
+        f"{len(cfg.training.seeds)} seeds, training.source {cfg.training.source}"
     )
+    print(format_budget(study_budget(cfg)))
 
 
 def cmd_tokens(args) -> None:

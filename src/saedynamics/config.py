@@ -262,6 +262,11 @@ class TrainingConfig(StrictModel):
         description="rows of the shuffle buffer (part of the data order, sources.py): activations "
         "that fit it are read once and kept on the training device",
     )
+    save_dtype: Literal["float32", "float16", "bfloat16"] = Field(
+        default="float32",
+        description="dtype of the saved SAE weights (trained in float32 either way): float16 "
+        "halves a study's largest artifact at ~5e-4 relative rounding (check-config's budget)",
+    )
     source: Literal["cache", "stream"] = Field(
         default="cache",
         description="cache: train on activations cached to Parquet (the activations rule writes "

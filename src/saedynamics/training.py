@@ -322,7 +322,7 @@ def train_saes(
                         },
                     }
                     saes[name, seed].exported(scale).save(
-                        tmp / f"seed{seed}", metadata, ours, provenance
+                        tmp / f"seed{seed}", metadata, ours, provenance, training.save_dtype
                     )
                     curve = pa.Table.from_pylist(curves[name, seed])
                     write_parquet(tmp / f"seed{seed}" / "training.parquet", curve, provenance)

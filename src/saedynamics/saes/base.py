@@ -300,13 +300,15 @@ class SAE(nn.Module):
         metadata: dict[str, Any],
         record: dict[str, Any],
         provenance: dict[str, Any] | None = None,
+        dtype: str = "float32",
     ) -> None:
         """Write `directory` (SAELens layout: cfg.json + sae_weights.safetensors), atomically.
 
         `metadata`: SAELens's cfg.json "metadata"; `record`: ours (identity, seeds, tokens seen),
-        under "saedynamics"; `provenance`: in cfg.json and in the weights' header.
+        under "saedynamics"; `provenance`: in cfg.json and in the weights' header; `dtype`: of the
+        saved weights (training.save_dtype; `load` computes in float32 whatever it reads).
         """
-        cfg = self.saelens_config()
+        cfg = self.saelens_config() | {"dtype": dtype}
         # SAELens reads cfg.json as its v6 format only when it names a 6.x version
         cfg["metadata"] = {"sae_lens_version": "6.0.0", **metadata}
         cfg["saedynamics"] = {
@@ -320,7 +322,8 @@ class SAE(nn.Module):
                 f"SAELens has no {self.architecture!r} architecture: load this SAE with "
                 "saedynamics.saes.load(directory)"
             )
-        tensors = {k: v.detach().cpu().contiguous() for k, v in self.weights().items()}
+        kind = getattr(torch, dtype)
+        tensors = {k: v.detach().cpu().to(kind).contiguous() for k, v in self.weights().items()}
         with atomic_directory(directory) as tmp:
             write_json(tmp / "cfg.json", cfg, provenance)
             write_safetensors(tmp / "sae_weights.safetensors", tensors, provenance)

@@ -144,3 +144,22 @@ def test_a_work_folder_of_other_settings_is_discarded(tmp_path, tiny_cfg):
     assert job.returncode == 0, job.stderr
     assert "resuming" not in job.stderr
     assert TokenSample(out).manifest["seed"] == 7
+
+
+def test_an_unreachable_dataset_or_missing_files_stop_the_tokens_stage(tmp_path, tiny_cfg):
+    """The Hub is offline in the tests, as it is on this build machine: a dataset not in the HF
+    cache stops the stage with one message naming the key; nothing is written."""
+    from saedynamics.config import CorpusConfig
+
+    hub = CorpusConfig(source="hub", dataset="saedynamics-tests/no-such-corpus")
+    out = tmp_path / "tokens"
+    with pytest.raises(DataError) as error:
+        build_token_sample(hub, tiny_cfg.tokens, tiny_cfg.model, out, tmp_path / "tok")
+    message = str(error.value)
+    assert message.startswith("corpus.dataset 'saedynamics-tests/no-such-corpus': cannot be read")
+    assert "the Hugging Face Hub is unreachable from this machine" in message
+    assert "\n" not in message and not list(tmp_path.iterdir())
+    files = CorpusConfig(source="files", data_files=[str(tmp_path / "nope/*.jsonl")])
+    with pytest.raises(DataError, match=r"corpus.data_files: \[.*nope/\*.jsonl'\] match no file"):
+        build_token_sample(files, tiny_cfg.tokens, tiny_cfg.model, out, tmp_path / "tok")
+    assert not list(tmp_path.iterdir())

@@ -24,6 +24,7 @@ ends with the same shards as an uninterrupted run.
 from __future__ import annotations
 
 import functools
+import glob
 import itertools
 import logging
 import os
@@ -63,14 +64,24 @@ def iter_texts(corpus: CorpusConfig) -> Iterator[str]:
 
         ds = datasets.Dataset.from_dict({"text": [topics[k] for k in sorted(topics)]})
     elif corpus.source == "hub":
-        ds = datasets.load_dataset(
-            corpus.dataset,
-            corpus.subset,
-            split=corpus.split,
-            revision=corpus.revision,
-            streaming=True,
-        )
+        try:
+            ds = datasets.load_dataset(
+                corpus.dataset,
+                corpus.subset,
+                split=corpus.split,
+                revision=corpus.revision,
+                streaming=True,
+            )
+        except (ConnectionError, OSError, ValueError) as e:  # also datasets' DatasetNotFoundError
+            raise DataError(
+                f"corpus.dataset {corpus.dataset!r}: cannot be read ({' '.join(str(e).split())}): "
+                "the Hugging Face Hub is unreachable from this machine (or HF_HUB_OFFLINE is set) "
+                "and the dataset is not in its cache, or there is no such dataset; nothing was "
+                "written"
+            ) from None
     else:
+        if missing := [f for f in corpus.data_files if not glob.glob(f)]:
+            raise DataError(f"corpus.data_files: {missing} match no file; nothing was written")
         ds = datasets.load_dataset(
             corpus.format, data_files=corpus.data_files, split=corpus.split, streaming=True
         )

@@ -197,6 +197,9 @@ def test_a_killed_stream_job_resumes_bitwise(study, tmp_path):
         assert all(torch.equal(ours[name][k], theirs[name][k]) for k in ours[name]), name
     cfg = json.loads((out / "topk/seed0/cfg.json").read_text())["saedynamics"]
     assert cfg["activations"]["model"] and cfg["input_scale"] > 0
+    assert cfg["activations_source"] == "stream"
+    eval_norm = ActivationFile(root / f"acts/layer{LAYER}/eval.parquet").norm
+    assert cfg["input_statistics"] == json.loads(json.dumps(eval_norm))  # from the eval cache
 
 
 # ---- refused before training ----------------------------------------------------------------------

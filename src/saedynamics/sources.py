@@ -121,7 +121,7 @@ class FileSource(ShuffledSource):
             "step",
             "layer",
         )
-        self.description = {k: meta.get(k) for k in keys}
+        self.description = {k: meta.get(k) for k in keys} | {"source": "cache"}
 
     def _read(self, blocks, columns):
         return self.file.read_row_groups(blocks, columns)
@@ -141,7 +141,8 @@ class TensorSource(ShuffledSource):
         n, self.d_model = self.tensors["act"].shape
         self.act_bytes = self.tensors["act"].element_size()
         self.block_rows = [min(block_rows, n - i) for i in range(0, n, block_rows)]
-        self.norm, self.description = norm_statistics(self.tensors["act"]), description or {}
+        self.norm = norm_statistics(self.tensors["act"])
+        self.description = {"source": "tensors", **(description or {})}
 
     def _read(self, blocks, columns):
         rows = torch.cat(

@@ -315,6 +315,8 @@ def train_saes(
                         "tokens_seen": n_steps * training.batch_size,
                         "resumed_from_tokens": resumed.resumed_from_tokens,
                         "input_scale": scale,
+                        "input_statistics": source.norm,  # the train cache's, or the eval cache's
+                        "activations_source": about.get("source"),  # cache, stream or tensors
                         "precision": "fp32" if amp_dtype is None else "bf16 autocast, fp32 weights",
                         "deterministic_algorithms": training.deterministic,
                         "activations": {

@@ -150,3 +150,32 @@ def test_render_all_writes_every_format(tables, tmp_path):
     )
     for p in again:
         assert p.read_bytes() == (tmp_path / p.name).read_bytes(), p.name
+
+
+def test_an_undefined_score_is_a_labelled_gap_not_a_number(tmp_path):
+    """CE-loss recovered is NaN at step 0 (zero-ablation costs nothing there): every line has a
+    gap at step 0, where a dotted line says why; the other steps are drawn."""
+    rows = []
+    for ident in identity():
+        for seed in SEEDS:
+            undefined = ident["step"] == 0
+            rows.append(
+                ident
+                | {
+                    "seed": seed,
+                    "ce_loss_score": np.nan if undefined else 0.5 + 0.1 * seed,
+                    "ce_loss_score_reason": "zero-ablation loss ..." if undefined else None,
+                }
+            )
+    pd.DataFrame(rows).to_parquet(tmp_path / "spliced.parquet")
+    figures._style()
+    fig = figures.ce_recovered(tmp_path)
+    for ax in fig.axes:
+        drawn = [line for line in ax.get_lines() if not line.get_label().startswith("_")]
+        assert len(drawn) == len(ARCHS)
+        for line in drawn:
+            x, y = line.get_data()
+            assert list(x) == STEPS and np.isnan(y[0]) and np.allclose(y[1:], 0.6)
+        texts = [t.get_text() for t in ax.texts]
+        assert texts == ["undefined: zero-ablation loss ≤ clean loss"], texts
+    plt.close(fig)

@@ -312,7 +312,15 @@ def test_reconstruction_metrics_against_their_definitions():
         out["dead_fraction"] == pytest.approx((density == 0).mean()) and out["dead_fraction"] >= 0.1
     )
     assert out["dense_fraction_10pct"] == pytest.approx((density > 0.1).mean())
-    # gamma is the argmin of sum |x_hat / gamma - x|^2 (searched numerically over u = 1 / gamma)
+    # these reconstructions point away from the inputs (sum <x, x_hat> < 0): no shrinkage factor
+    assert (X * Xh).sum() < 0 and np.isnan(out["shrinkage_gamma"])
+    assert "not positively aligned" in out["shrinkage_gamma_reason"] and out["fvu_reason"] is None
+    assert out["n_tokens"] == 999
+    # aligned ones: gamma is the argmin of sum |x_hat / gamma - x|^2 (searched over u = 1 / gamma)
+    with torch.no_grad():
+        sae.b += 50
+        Xh = sae.decode(sae.encode(x)).double().numpy()
+    out = evaluate(sae, torch.split(x, 128))
     u = minimize_scalar(
         lambda u: ((u * Xh - X) ** 2).sum(),
         bounds=(-10, 10),
@@ -320,7 +328,7 @@ def test_reconstruction_metrics_against_their_definitions():
         options={"xatol": 1e-12},
     ).x
     assert out["shrinkage_gamma"] == pytest.approx(1 / u, rel=1e-6)
-    assert out["n_tokens"] == 999
+    assert out["shrinkage_gamma_reason"] is None
 
 
 def test_batch_fvu_is_the_same_formula():
@@ -409,14 +417,23 @@ class _Noisy(_Identity):
         return f + 0.5 * torch.randn(f.shape, generator=torch.Generator().manual_seed(0))
 
 
+def predictive_neox():
+    """A tiny GPT-NeoX that predicts its input token (unembedding = 20 x embedding), run on windows
+    that repeat one token: zero-ablating a layer costs it ~5 nats, so the scores are defined."""
+    from .conftest import tiny_neox
+
+    model = tiny_neox(300, seed=1)
+    with torch.no_grad():
+        model.get_output_embeddings().weight.copy_(model.get_input_embeddings().weight * 20)
+    first = torch.randint(0, 300, (6, 1), generator=torch.Generator().manual_seed(2))
+    return model, first.repeat(1, 20)
+
+
 @pytest.mark.parametrize("first_position", [0, 1])
 def test_spliced_scores_identity_one_zero_zero(first_position):
     from saedynamics.metrics.reconstruction import spliced_scores
 
-    from .conftest import tiny_neox
-
-    model = tiny_neox(300, seed=1)
-    ids = torch.randint(0, 300, (6, 20), generator=torch.Generator().manual_seed(2))
+    model, ids = predictive_neox()
     saes = {"identity": _Identity(), "zero": _Zero(), "noisy": _Noisy()}
     out = spliced_scores(
         model, model.gpt_neox.layers[0], ids, saes, first_position, batch_sequences=4
@@ -444,17 +461,47 @@ def test_every_architecture_splices_into_the_model():
     from saedynamics.metrics.reconstruction import spliced_scores
     from saedynamics.saes import REGISTRY
 
-    from .conftest import tiny_neox
     from .synthetic import k_if_any, make_sae
 
-    model = tiny_neox(300, seed=1)
-    ids = torch.randint(0, 300, (3, 12), generator=torch.Generator().manual_seed(2))
+    model, ids = predictive_neox()
+    ids = ids[:3, :12]
     saes = {}
     for name in REGISTRY:
         saes[name] = make_sae(name, 32, 64, **k_if_any(name, 4)).eval()
     out = spliced_scores(model, model.gpt_neox.layers[0], ids, saes, 1, batch_sequences=2)
     assert set(out["saes"]) == set(REGISTRY)
     assert all(np.isfinite(v["ce_loss_score"]) for v in out["saes"].values())
+
+
+def test_a_ratio_is_reported_only_over_a_clearly_positive_denominator():
+    from saedynamics.metrics.reconstruction import ratio_or_reason
+
+    assert ratio_or_reason(3.0, 4.0, 0.01, "why") == (0.75, None)
+    for denominator in (0.01, 0.0, -2.0):  # at the margin, zero, negative
+        value, reason = ratio_or_reason(3.0, denominator, 0.01, "why")
+        assert np.isnan(value) and reason == "why"
+
+
+def test_spliced_scores_are_nan_with_a_reason_where_ablation_costs_nothing():
+    """An LM at initialisation (LM step 0) predicts about as well zero-ablated as clean: the
+    denominators are ~0 or negative, and the scores must be NaN with the reason, not numbers."""
+    from saedynamics.metrics.reconstruction import ABLATION_MARGIN_NATS, spliced_scores
+
+    from .conftest import tiny_neox
+
+    model = tiny_neox(300, seed=1)  # random init: near-uniform predictions
+    ids = torch.randint(0, 300, (6, 20), generator=torch.Generator().manual_seed(2))
+    out = spliced_scores(model, model.gpt_neox.layers[0], ids, {"identity": _Identity()}, 0, 4)
+    assert out["ce_zero"] - out["ce_orig"] <= ABLATION_MARGIN_NATS  # the step-0 situation
+    assert out["kl_zero"] <= ABLATION_MARGIN_NATS
+    scores = out["saes"]["identity"]
+    assert np.isnan(scores["ce_loss_score"]) and np.isnan(scores["kl_score"])
+    assert "not above the clean loss" in scores["ce_loss_score_reason"]
+    assert "nothing to recover" in scores["kl_score_reason"]
+    assert np.isfinite(scores["delta_ce"])  # a difference, not a ratio: still meaningful
+    model, ids = predictive_neox()
+    defined = spliced_scores(model, model.gpt_neox.layers[0], ids, {"identity": _Identity()}, 0, 4)
+    assert defined["saes"]["identity"]["ce_loss_score_reason"] is None
 
 
 def test_compare_latent_masks_follow_the_partner():

@@ -388,6 +388,8 @@ def cmd_splice(args) -> None:
             scores["ce_loss_score"],
             scores["kl_score"],
         )
+    if (reason := next(iter(out["saes"].values()))["ce_loss_score_reason"]) is not None:
+        log.warning("CE recovered and KL score are undefined (NaN): %s", reason)
     write_json(
         args.out,
         {

@@ -117,9 +117,10 @@ def _panels(df: pd.DataFrame, title: str, height: float = 3.0, rows: int = 1):
 def _draw_lines(ax, df: pd.DataFrame, value: str, styles: dict, x: str = "step", **line) -> None:
     """One line per architecture: mean +- std over seeds (or seed pairs) of `value` against `x`."""
     for name, style in styles.items():
-        g = df[df["architecture"] == name].groupby(x)[value].agg(["mean", "std"]).fillna(0)
+        g = df[df["architecture"] == name].groupby(x)[value].agg(["mean", "std"])
         if g.empty:
             continue
+        g["std"] = g["std"].fillna(0)  # one seed: no band; an undefined mean stays NaN, a gap
         kw = {"color": style["color"], "marker": style["marker"], "ms": 4, "label": style["label"]}
         ax.plot(g.index, g["mean"], **(kw | line))
         ax.fill_between(
@@ -132,13 +133,43 @@ def _draw_lines(ax, df: pd.DataFrame, value: str, styles: dict, x: str = "step",
         )
 
 
-def _lines_vs_step(df: pd.DataFrame, value: str, ylabel: str, title: str, null: str | None = None):
-    """Mean +- std over seeds (or pairs) of `value` against the step, one panel per layer."""
+def _mark_undefined(ax, sub: pd.DataFrame, value: str, label: str) -> None:
+    """A labelled dotted line at each step where `value` is undefined (NaN) for every SAE: the
+    line has a gap there, and the reader sees why rather than a number that means nothing."""
+    undefined = sub.groupby("step")[value].apply(lambda v: v.isna().all())
+    for step in undefined[undefined].index:
+        ax.axvline(step, color="0.55", ls=":", lw=1)
+        ax.text(
+            step,
+            0.5,
+            label,
+            transform=ax.get_xaxis_transform(),
+            rotation=90,
+            ha="center",
+            va="center",
+            fontsize=7,
+            color="0.3",
+            bbox={"facecolor": "white", "edgecolor": "none", "pad": 1},
+        )
+
+
+def _lines_vs_step(
+    df: pd.DataFrame,
+    value: str,
+    ylabel: str,
+    title: str,
+    null: str | None = None,
+    undefined: str | None = None,
+):
+    """Mean +- std over seeds (or pairs) of `value` against the step, one panel per layer;
+    `undefined` labels the steps where the value is NaN for every SAE."""
     styles = architecture_styles(df)
     fig, axes = _panels(df, title)
     for layer, ax in axes.items():
         sub = df[df["layer"] == layer]
         _draw_lines(ax, sub, value, styles)
+        if undefined is not None:
+            _mark_undefined(ax, sub, value, undefined)
         if null is not None:
             ax.axhline(
                 sub[null].mean(), color="0.45", ls="--", lw=1, label="random dictionaries (null)"
@@ -261,6 +292,7 @@ def ce_recovered(tables: Path):
         "ce_loss_score",
         "CE-loss recovered (1: as the LM, 0: as zero-ablation)",
         "SAEs spliced into the LM: next-token loss recovered across training",
+        undefined="undefined: zero-ablation loss ≤ clean loss",
     )
 
 

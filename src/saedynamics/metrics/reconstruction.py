@@ -12,6 +12,10 @@ Definitions, with t over all eval tokens and x_bar the mean over the whole eval 
   latent density = fraction of tokens on which a latent fires; dead: density 0 over the eval set;
           dense: density > 1% and > 10%
 The variance is accumulated with Chan's parallel update, stable where the mean is large.
+
+A ratio is reported only where its denominator is clearly positive (`ratio_or_reason`); elsewhere
+it is NaN and the row's `<metric>_reason` says why, so that no table holds a number that means
+nothing (e.g. CE-loss recovered at LM step 0, where zero-ablation costs nothing to recover).
 """
 
 from __future__ import annotations
@@ -20,6 +24,19 @@ from collections.abc import Iterable
 
 import torch
 from torch import Tensor
+
+# Splicing scores divide by what zero-ablating the layer costs (nats per token). Below this the
+# cost is noise: at LM step 0 the zero-ablated model predicts as well as the clean one.
+ABLATION_MARGIN_NATS = 0.01
+
+
+def ratio_or_reason(
+    numerator: float, denominator: float, margin: float, why: str
+) -> tuple[float, str | None]:
+    """(numerator / denominator, None) where denominator > margin, else (NaN, why)."""
+    if denominator > margin:
+        return numerator / denominator, None
+    return float("nan"), why
 
 
 def batch_fvu(x: Tensor, x_hat: Tensor) -> Tensor:
@@ -68,16 +85,21 @@ def evaluate(sae, batches: Iterable[Tensor]) -> dict:
     if n == 0:
         raise ValueError("evaluate() got no activations")
     density = (fired / n).cpu()
-    fvu = sse / m2
+    fvu, fvu_reason = ratio_or_reason(sse, m2, 0.0, "the eval activations have no variance")
+    gamma, gamma_reason = ratio_or_reason(
+        xhat_sq, dot, 0.0, "the reconstructions are not positively aligned with the inputs"
+    )
     return {
         "n_tokens": n,
         "fvu": fvu,
+        "fvu_reason": fvu_reason,
         "explained_variance": 1.0 - fvu,
         "mse": sse / (n * sae.d_in),
         "sse_per_token": sse / n,
         "cossim": cos_sum / n,
         "l2_ratio": ratio_sum / n,
-        "shrinkage_gamma": xhat_sq / dot if dot else float("nan"),
+        "shrinkage_gamma": gamma,
+        "shrinkage_gamma_reason": gamma_reason,
         "l0": l0_sum / n,
         "l1": l1_sum / n,
         "dead_fraction": (density == 0).double().mean().item(),
@@ -103,6 +125,9 @@ def spliced_scores(
         ce_loss_score = (L_zero - L_sae) / (L_zero - L_orig)     (1: as the model, 0: as ablation)
         kl_score      = (KL_zero - KL_sae) / KL_zero,  KL_x = mean_t sum_v p_orig log(p_orig / p_x)
         delta_ce      = L_sae - L_orig                           (the JumpReLU/BatchTopK papers)
+
+    Both scores are NaN, with `ce_loss_score_reason` / `kl_score_reason`, where the ablation costs
+    at most ABLATION_MARGIN_NATS (L_zero - L_orig or KL_zero): there is nothing to recover.
 
     `saes`: key -> SAE (encode/decode on raw activations). Returns {"ce_orig", "ce_zero", "kl_zero",
     "n_tokens", "saes": {key: {"ce_sae", "kl_sae", "ce_loss_score", "kl_score", "delta_ce"}}}.
@@ -166,15 +191,23 @@ def spliced_scores(
         "n_tokens": n_tokens,
         "saes": {},
     }
+    margin = ABLATION_MARGIN_NATS
+    ce_why = (
+        f"zero-ablation loss {ce_zero:.4f} is not above the clean loss {ce_orig:.4f}"
+        f" by more than {margin} nats: nothing to recover"
+    )
+    kl_why = f"zero-ablation KL {kl_zero:.4f} is at most {margin} nats: nothing to recover"
     for key, acc in per_sae.items():
         ce_sae, kl_sae = acc["ce"] / n_tokens, acc["kl"] / n_tokens
+        ce_score, ce_reason = ratio_or_reason(ce_zero - ce_sae, ce_zero - ce_orig, margin, ce_why)
+        kl_score, kl_reason = ratio_or_reason(kl_zero - kl_sae, kl_zero, margin, kl_why)
         out["saes"][key] = {
             "ce_sae": ce_sae,
             "kl_sae": kl_sae,
             "delta_ce": ce_sae - ce_orig,
-            "ce_loss_score": (ce_zero - ce_sae) / (ce_zero - ce_orig)
-            if ce_zero != ce_orig
-            else float("nan"),
-            "kl_score": (kl_zero - kl_sae) / kl_zero if kl_zero > 0 else float("nan"),
+            "ce_loss_score": ce_score,
+            "ce_loss_score_reason": ce_reason,
+            "kl_score": kl_score,
+            "kl_score_reason": kl_reason,
         }
     return out

@@ -149,6 +149,6 @@ def stateful_settings(batch: int) -> dict[str, dict]:
             "resample_at": (0.3, 0.35, 0.75, 0.8),
             "resample_sample_tokens": 4 * batch,
         },
-        "atm": {"threshold_std": 0.0},
+        "atm": {"threshold_std": 0.0, "mask_rate": 1.0},
         "adaptivek": {"k_min": 2, "k_max": 8, "phase_ratio": 0.3},
     }

@@ -96,8 +96,9 @@ def test_shuffled_from_start_batch_continues_the_same_sequence(tmp_path, monkeyp
 # Settings under which each architecture's resume state matters after the resume point at step 16
 # of 24 (test_the_resume_state_matters_...): relu_2023 resamples before and after it
 # (its init generator and replayed recent inputs), atm masks with probabilities far from 0 (its
-# mask generator), adaptivek is in its joint phase (deviation weight, probe-loss window); the
-# counters of batchtopk and its kin and vsae's noise draws are in use at any step.
+# mask generator), adaptivek is in its joint phase (deviation weight, probe-loss window); vsae's
+# noise draws are in use at any step. (The BatchTopK family keeps its threshold counters in
+# buffers, saved with the weights: it has no resume state to lose.)
 STATEFUL = stateful_settings(BATCH)
 
 

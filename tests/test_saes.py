@@ -79,6 +79,101 @@ def test_relu_loss_by_hand():
         assert torch.isclose(out.total, mse + lam * l1, rtol=1e-5), step
 
 
+def tiny(name, d_in, d_sae, **hyper):
+    """A small SAE whose parameters a test sets one by one."""
+    cls = REGISTRY[name]
+    return cls(d_in, d_sae, cls.Config(architecture=name, **hyper))
+
+
+@torch.no_grad()
+def set_parameters(sae, **values):
+    for name, value in values.items():
+        getattr(sae, name).copy_(torch.tensor(value, dtype=torch.float32))
+    return sae
+
+
+def test_relu_equations_by_hand():
+    """April 2024: f = ReLU(W_enc x + b_enc) (no b_dec subtracted), x_hat = W_dec f + b_dec,
+    L = |x - x_hat|^2 + lambda sum_i f_i |d_i|, lambda = 5 ramped from 0 over 5% of training;
+    at export f_i |d_i| with unit decoder rows."""
+    sae = tiny("relu", 2, 2)  # the defaults: lambda 5, warm-up 5%
+    set_parameters(
+        sae,
+        W_enc=[[1.0, 0.0], [1.0, 2.0]],
+        b_enc=[0.0, -1.0],
+        W_dec=[[0.3, 0.4], [0.0, 2.0]],  # decoder norms 0.5 and 2
+        b_dec=[1.0, -1.0],
+    )
+    x = torch.tensor([[1.0, 1.0], [2.0, 0.0]])
+    # token 1: pre = (2, 1), x_hat = (0.6 + 1, 0.8 + 2 - 1), error (-0.6, -0.8), penalty 1 + 2
+    # token 2: pre = (2, -1), x_hat = (1.6, -0.2), error (0.4, 0.2), penalty 1
+    mse, l1 = (1.0 + 0.2) / 2, (3.0 + 1.0) / 2
+    for step, lam in [(TrainStep(1, 100), 5.0 * 0.01 / 0.05), (TrainStep(10, 100), 5.0)]:
+        out = sae.loss(x, step)
+        assert np.allclose(out.codes.detach().numpy(), [[2.0, 1.0], [2.0, 0.0]])
+        assert np.allclose(out.x_hat.detach().numpy(), [[1.6, 1.8], [1.6, -0.2]], atol=1e-6)
+        assert out.terms["mse"].item() == pytest.approx(mse, rel=1e-5)
+        assert out.terms["l1"].item() == pytest.approx(l1, rel=1e-6)
+        assert out.total.item() == pytest.approx(mse + lam * l1, rel=1e-5), step  # 2.6, 10.6
+    exported = sae.exported(1.0)
+    assert np.allclose(exported.encode(x).detach().numpy(), [[1.0, 2.0], [1.0, 0.0]], atol=1e-6)
+    assert np.allclose(exported.W_dec.detach().numpy(), [[0.6, 0.8], [0.0, 1.0]], atol=1e-6)
+
+
+def test_topk_equations_by_hand():
+    """Gao et al.: z = TopK(W_enc (x - b_pre)), x_hat = W_dec z + b_pre (section 2.3);
+    AuxK (A.2): the top-k_aux dead latents model e = x - x_hat, L_aux = |e - e_hat|^2 / |e - mean e|^2,
+    weighted alpha = 1/32 and by V = mean |x - mean x|^2 (our unnormalised reconstruction loss);
+    Multi-TopK (5.3): + L(4k) / 8."""
+    sae = tiny("topk", 2, 4, k=1, aux_k=1, dead_tokens=1)
+    rows = [[1.0, 0.0], [0.0, 1.0], [0.6, 0.8], [-0.8, 0.6]]
+    set_parameters(sae, W_dec=rows, W_enc=np.array(rows).T, b_dec=[1.0, 1.0])
+    assert not sae.b_enc.requires_grad  # the equation has no latent bias
+    sae.tokens_since_fired.copy_(torch.tensor([0, 0, 5, 5]))  # latents 2 and 3 are dead
+    x = torch.tensor([[3.0, 1.5], [1.5, 3.0]])
+    # token 1: x - b_pre = (2, 0.5), pre = (2, 0.5, 1.6, -1.3): latent 0, x_hat = (3, 1), e = (0, .5)
+    # token 2: x - b_pre = (0.5, 2), pre = (0.5, 2, 1.9, 0.8): latent 1, x_hat = (1, 3), e = (.5, 0)
+    mse = (0.5**2 + 0.5**2) / 2
+    # AuxK: the best dead latent is 2 on both tokens: e_hat = 1.6 d_2 = (0.96, 1.28) and
+    # 1.9 d_2 = (1.14, 1.52); |e - mean e|^2 = 0.125 on each token
+    aux = ((0.96**2 + 0.78**2) + (0.64**2 + 1.52**2)) / (2 * 0.125)  # 17
+    variance = (2 * 0.75**2 + 2 * 0.75**2) / 2  # V = 1.125
+    out = sae.loss(x, TrainStep(0, 1))
+    assert np.allclose(out.codes.detach().numpy(), [[2.0, 0, 0, 0], [0, 2.0, 0, 0]])
+    assert np.allclose(out.x_hat.detach().numpy(), [[3.0, 1.0], [1.0, 3.0]], atol=1e-6)
+    assert out.terms["mse"].item() == pytest.approx(mse, rel=1e-6)
+    assert out.terms["auxk"].item() == pytest.approx(aux, rel=1e-5)
+    assert out.total.item() == pytest.approx(mse + variance * aux / 32, rel=1e-5)  # 0.84765625
+    # Multi-TopK: 4k = 4 latents, ReLU(pre): x_hat = (3.96, 2.78) and (2.0, 5.0)
+    sae.cfg = sae.cfg.model_copy(update={"multi_topk": True})
+    mse_4k = ((0.96**2 + 1.28**2) + (0.5**2 + 2.0**2)) / 2  # 3.405
+    out = sae.loss(x, TrainStep(0, 1))
+    assert out.terms["mse_4k"].item() == pytest.approx(mse_4k, rel=1e-5)
+    assert out.total.item() == pytest.approx(mse + variance * aux / 32 + mse_4k / 8, rel=1e-5)
+
+
+def test_topk_encoder_init_matches_reconstruction_norm():
+    """A.1: the encoder is scaled at init so that reconstructions have the inputs' norm."""
+    sae = make("topk", k=4)
+    x = torch.randn(256, 8) * 3.0 + 1.0
+    W_dec = sae.W_dec.detach().numpy().copy()
+    sae.init_from_sample(x)
+    W_enc, b_pre = sae.W_enc.detach().numpy(), sae.b_dec.detach().numpy()
+    scale = W_enc[0, 0] / W_dec[0, 0]
+    assert np.allclose(W_enc, scale * W_dec.T, rtol=1e-5) and scale != pytest.approx(1.0)
+    # by hand: top-4 of ReLU((x - b_pre) W_enc), decoded without b_pre
+    centred = x.numpy() - b_pre
+    pre = centred @ W_enc
+    kth = np.sort(pre, axis=1)[:, -4][:, None]
+    codes = np.where(pre >= kth, np.maximum(pre, 0), 0.0)
+    norms = np.linalg.norm(codes @ W_dec, axis=1)
+    assert norms.mean() == pytest.approx(np.linalg.norm(centred, axis=1).mean(), rel=1e-4)
+    unscaled = make("topk", k=4, encoder_init_rescale=False)
+    unscaled.init_from_sample(x)
+    assert torch.allclose(unscaled.W_enc, unscaled.W_dec.T)
+    assert make("topk", encoder_bias=True).b_enc.requires_grad
+
+
 def test_auxk_by_hand():
     # 2 tokens, 4 latents (3 dead), d = 2, k_aux = 2
     x = torch.tensor([[1.0, 0.0], [0.0, 2.0]])

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 
+import numpy as np
 import pytest
 import torch
 from pydantic import ValidationError
@@ -102,7 +103,9 @@ def test_init():
     for sae in (relu, jump, gated):
         assert torch.allclose(sae.W_enc, sae.W_dec.T)
         assert torch.allclose(sae.W_dec.norm(dim=1), torch.ones(32), atol=1e-6)
-    assert torch.allclose(jump.threshold, torch.full((32,), 0.1))
+    # the paper's theta_0 = 0.001 at E|x|^2 = 1, in the trainer's units (E|x|^2 = d_in = 8)
+    assert torch.allclose(jump.threshold, torch.full((32,), 0.001 * 8**0.5))
+    assert jump.bandwidth == pytest.approx(0.001 * 8**0.5)
     assert not hasattr(gated, "b_enc")
     for p in (gated.b_gate, gated.r_mag, gated.b_mag, gated.b_dec):
         assert torch.equal(p, torch.zeros_like(p))
@@ -166,6 +169,127 @@ def test_gated_loss_by_hand():
     for key, value in {"mse": mse, "l1": l1, "aux": aux}.items():
         assert torch.isclose(out.terms[key], value, rtol=1e-5), key
     assert torch.allclose(out.codes, f) and torch.allclose(sae.encode(x), f)
+
+
+# ---- defining equations, on examples small enough to compute by hand -----------------------------
+
+
+def tiny(name, d_in, d_sae, **hyper):
+    """A small SAE whose parameters a test sets one by one (`set_parameters`)."""
+    cls = REGISTRY[name]
+    return cls(d_in, d_sae, cls.Config(architecture=name, **hyper))
+
+
+@torch.no_grad()
+def set_parameters(sae, **values):
+    for name, value in values.items():
+        getattr(sae, name).copy_(torch.tensor(value, dtype=torch.float32))
+    return sae
+
+
+def test_relu_2023_equations_by_hand():
+    """Bricken et al.: f = ReLU(W_e (x - b_d) + b_e), x_hat = W_d f + b_d, L = |x - x_hat|^2
+    + lambda |f|_1; resampling draws inputs with p = loss^2 / sum loss^2 and sets
+    d_i = x/|x|, W_e[:, i] = 0.2 * mean live encoder norm * x/|x|, b_e,i = 0."""
+    sae = tiny("relu_2023", 2, 3, l1_coefficient=2.0, l1_warmup_fraction=0.0)
+    set_parameters(
+        sae,
+        W_enc=[[1.0, 0.5, 0.0], [0.0, 1.0, 2.0]],  # encoder norms 1, 1.118, 2
+        b_enc=[0.0, -0.5, 0.1],
+        W_dec=[[1.0, 0.0], [0.0, 1.0], [0.6, 0.8]],
+        b_dec=[1.0, 1.0],
+    )
+    x = torch.tensor([[2.0, 1.0], [1.0, 3.0]])
+    # token 1: x - b_d = (1, 0), pre = (1, 0, 0.1), x_hat = (1 + 0.06 + 1, 0.08 + 1)
+    # token 2: x - b_d = (0, 2), pre = (0, 1.5, 4.1), x_hat = (2.46 + 1, 1.5 + 3.28 + 1)
+    codes = [[1.0, 0.0, 0.1], [0.0, 1.5, 4.1]]
+    x_hat = [[2.06, 1.08], [3.46, 5.78]]
+    losses = [0.06**2 + 0.08**2, 2.46**2 + 2.78**2]  # 0.01, 13.78
+    mse, l1 = sum(losses) / 2, (1.1 + 5.6) / 2
+    out = sae.loss(x, TrainStep(0, 10))
+    assert np.allclose(out.codes.detach().numpy(), codes, atol=1e-6)
+    assert np.allclose(out.x_hat.detach().numpy(), x_hat, atol=1e-5)
+    assert out.terms["mse"].item() == pytest.approx(mse, rel=1e-5)
+    assert out.terms["l1"].item() == pytest.approx(l1, rel=1e-6)
+    assert out.total.item() == pytest.approx(mse + 2.0 * l1, rel=1e-5)  # 13.595
+
+    squared = np.array(losses) ** 2
+    assert np.allclose(sae.resampling_probabilities(x).numpy(), squared / squared.sum())
+    # latent 1 is dead; token 2 is drawn (p = 1 - 5e-7); live encoder norms 1 and 2
+    sae.fired_since_resample.copy_(torch.tensor([True, False, True]))
+    sae.generator = torch.Generator().manual_seed(0)
+    assert sae.resample(x).tolist() == [1]
+    direction = np.array([1.0, 3.0]) / np.sqrt(10.0)
+    assert np.allclose(sae.W_dec[1].detach().numpy(), direction, atol=1e-6)
+    assert np.allclose(
+        sae.W_enc[:, 1].detach().numpy(), 0.2 * (1.0 + 2.0) / 2 * direction, atol=1e-6
+    )
+    assert sae.b_enc[1].item() == 0.0
+
+
+def test_jumprelu_equations_by_hand():
+    """f = z H(z - theta); L = |x - x_hat|^2 + lambda sum_i H(z_i - theta_i) (eqs. 8-10);
+    pseudo-derivatives -(theta/eps) K and -(1/eps) K, K(u) = 1[|u| < 1/2] (eqs. 11, 12),
+    times theta for the trained log theta."""
+    eps, lam, theta = 0.2, 0.6, 0.5  # windows: |z - 0.5| < 0.1
+    sae = tiny("jumprelu", 2, 2, bandwidth=eps, l0_coefficient=lam, l0_warmup_fraction=0.0)
+    eye = [[1.0, 0.0], [0.0, 1.0]]
+    set_parameters(sae, W_enc=eye, W_dec=eye, log_threshold=[np.log(theta)] * 2)
+    # pre = x: latent 0 sees 0.45 (below theta, in the window), 0.58 (above, in it), 0.9;
+    # latent 1 sees 0.3, 0.62 and 0.75, none in its window
+    x = torch.tensor([[0.45, 0.3], [0.58, 0.62], [0.9, 0.75]])
+    out = sae.loss(x, TrainStep(0, 1))
+    assert np.allclose(out.codes.detach().numpy(), [[0, 0], [0.58, 0.62], [0.9, 0.75]])
+    mse, l0 = (0.45**2 + 0.3**2) / 3, 4 / 3
+    assert out.terms["mse"].item() == pytest.approx(mse, rel=1e-5)
+    assert out.terms["l0"].item() == pytest.approx(l0, rel=1e-6)
+    assert out.total.item() == pytest.approx(mse + lam * l0, rel=1e-5)  # 0.8975
+
+    grad = torch.autograd.grad(out.total, sae.log_threshold)[0].numpy()
+    # latent 0: reconstruction, token 0.45: dL/df = -2 * 0.45 / 3 = -0.3, times -(theta/eps)
+    # = -2.5: +0.75; the 0.58 token is reconstructed exactly (dL/df = 0). L0: two tokens in
+    # the window, lambda / B * -(1/eps) each: 0.2 * -5 * 2 = -2. Chain factor theta = 0.5.
+    assert np.allclose(grad, [theta * (0.75 - 2.0), 0.0], atol=1e-6)  # -0.625
+    # appendix J's alternative: the step sees f, which is 0 for the 0.45 token (outside)
+    sae.cfg = sae.cfg.model_copy(update={"l0_input": "magnitude"})
+    out = sae.loss(x, TrainStep(0, 1))
+    grad = torch.autograd.grad(out.total, sae.log_threshold)[0].numpy()
+    assert np.allclose(grad, [theta * (0.75 - 1.0), 0.0], atol=1e-6)  # -0.125
+
+
+def test_gated_equations_by_hand():
+    """pi_gate = (x - b_dec) W_gate + b_gate, pi_mag = (x - b_dec) (W_gate exp(r_mag)) + b_mag,
+    f = 1[pi_gate > 0] ReLU(pi_mag); L = |x - x_hat|^2 + lambda |ReLU(pi_gate)|_1
+    + |x - (ReLU(pi_gate) sg(W_dec) + sg(b_dec))|^2."""
+    sae = tiny("gated", 2, 2, l1_coefficient=0.7, l1_warmup_fraction=0.0)
+    set_parameters(
+        sae,
+        W_enc=[[1.0, -1.0], [0.5, 1.0]],  # W_gate
+        b_gate=[0.2, -0.1],
+        r_mag=[np.log(2.0), 0.0],  # the magnitude path scales latent 0 by 2
+        b_mag=[-0.5, 0.3],
+        W_dec=[[1.0, 0.0], [0.6, 0.8]],
+        b_dec=[0.5, -0.5],
+    )
+    x = torch.tensor([[1.5, 0.5], [0.5, 1.0]])
+    # token 1: x_c = (1, 1): pi_gate = (1.7, -0.1), pi_mag = (2.5, 0.3): latent 1 gated off
+    # token 2: x_c = (0, 1.5): pi_gate = (0.95, 1.4), pi_mag = (1.0, 1.8)
+    codes = [[2.5, 0.0], [1.0, 1.8]]
+    x_hat = [[3.0, -0.5], [2.58, 0.94]]
+    mse = ((1.5**2 + 1.0**2) + (2.08**2 + 0.06**2)) / 2  # 3.79
+    l1 = (1.7 + (0.95 + 1.4)) / 2  # 2.025
+    # the gate's reconstructions: (2.2, -0.5) and (2.29, 0.62)
+    aux = ((0.7**2 + 1.0**2) + (1.79**2 + 0.38**2)) / 2  # 2.41925
+    out = sae.loss(x, TrainStep(0, 1))
+    assert np.allclose(out.codes.detach().numpy(), codes, atol=1e-6)
+    assert np.allclose(out.x_hat.detach().numpy(), x_hat, atol=1e-6)
+    for key, value in {"mse": mse, "l1": l1, "aux": aux}.items():
+        assert out.terms[key].item() == pytest.approx(value, rel=1e-5), key
+    assert out.total.item() == pytest.approx(mse + 0.7 * l1 + aux, rel=1e-5)  # 7.62675
+    # with tied weights the gate is a JumpReLU of pi_mag at theta = b_mag - exp(r_mag) b_gate
+    pi_mag = np.array([[2.5, 0.3], [1.0, 1.8]])
+    theta = np.array([-0.5 - 2.0 * 0.2, 0.3 - 1.0 * -0.1])  # (-0.9, 0.4)
+    assert np.allclose(np.where(pi_mag > theta, np.maximum(pi_mag, 0), 0.0), codes)
 
 
 # ---- defining properties -------------------------------------------------------------------------
@@ -452,4 +576,5 @@ def test_jumprelu_recovers_the_dictionary(tmp_path):
     # latents as true directions, so each latent that dies (about 3 of 32 here) is a direction
     # lost: 0.8.
     hyper = {"l0_coefficient": 0.5, "lr": 0.008, "dead_tokens": 20_000}
+    hyper |= {"bandwidth": 0.1, "init_threshold": 0.1}  # the values it was measured with
     assert min(recovery(tmp_path, "jumprelu", hyper)) > 0.8

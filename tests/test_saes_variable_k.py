@@ -47,6 +47,13 @@ def aux_by_hand(x, x_hat, values, W_dec, dead, k_aux):
     return ((e - e_hat) ** 2).sum() / ((e - e.mean(dim=0)) ** 2).sum()
 
 
+def set_parameters(sae, **values):
+    """Overwrite parameters with the hand-chosen numbers of an equation test."""
+    with torch.no_grad():
+        for name, value in values.items():
+            getattr(sae, name).copy_(torch.tensor(value, dtype=torch.float32))
+
+
 def test_registered():
     assert {"vsae", "topafa", "adaptivek"} <= set(REGISTRY)
     assert REGISTRY["adaptivek"].requires == ("lm_entropy",)
@@ -108,6 +115,64 @@ def test_vsae_kl_is_the_closed_form_gaussian_kl():
     expected = kl_divergence(Normal(mu, 1.0), Normal(0.0, 1.0)).sum(dim=-1).mean()
     assert torch.isclose(fixed.loss(x, TrainStep(0, 10)).terms["kl"], expected, rtol=1e-5)
     assert not hasattr(fixed, "W_var")
+
+
+def test_vsae_equations_by_hand():
+    """One token, 3 latents, k = 2: mu, log sigma^2 (one clamped at 2), z = mu + sigma eps, the
+    top-2 by |z| with its sign, and KL = 1/2 sum_i (mu_i^2 + sigma_i^2 - 1 - log sigma_i^2)."""
+    sae = make("vsae", d_in=2, d_sae=3, k=2, kl_coeff=2.0, kl_warmup_fraction=0.1)
+    set_parameters(
+        sae,
+        W_enc=[[1.0, 0.5, -1.0], [0.5, -1.0, 0.25]],
+        b_enc=[0.5, 0.0, 0.2],
+        W_var=[[0.5, 0.0, 5.0], [0.0, -1.0, 0.0]],
+        b_var=[-2.0, -2.0, -2.0],
+        W_dec=[[1.0, 0.0], [0.0, 1.0], [1.0, 1.0]],
+        b_dec=[0.1, -0.2],
+    )
+    x = torch.tensor([[1.0, -2.0]])
+    eps = [1.0, -4.0, 0.5]
+    sae.noise = lambda like: torch.tensor([eps])
+    # by hand: pre = x W_enc + b_enc = (0.5, 2.5, -1.3); raw log-variances (-1.5, 0, 3) -> clamp 2
+    mu = [0.5, 2.5, 0.0]
+    log_var = [-1.5, 0.0, 2.0]
+    z = [m + math.exp(lv / 2) * e for m, lv, e in zip(mu, log_var, eps, strict=True)]
+    assert [round(v, 6) for v in z] == [0.972367, -1.5, 1.359141]
+    f = [0.0, z[1], z[2]]  # the two largest |z|: latents 1 (negative, kept) and 2
+    kl = sum(0.5 * (m**2 + math.exp(lv) - 1 - lv) for m, lv in zip(mu, log_var, strict=True))
+    assert math.isclose(kl, 5.806093, abs_tol=1e-6)
+    x_hat = [f[0] + f[2] + 0.1, f[1] + f[2] - 0.2]
+    mse = (1.0 - x_hat[0]) ** 2 + (-2.0 - x_hat[1]) ** 2
+    out = sae.loss(x, TrainStep(5, 100))  # progress 0.05: half the 10% KL warm-up
+    assert torch.allclose(sae.mean(x), torch.tensor([mu]))
+    assert torch.allclose(sae.log_var(x), torch.tensor([log_var]))
+    assert torch.allclose(out.codes, torch.tensor([f]), atol=1e-6)
+    assert math.isclose(out.terms["kl"].item(), kl, rel_tol=1e-6)
+    assert math.isclose(out.terms["mse"].item(), mse, rel_tol=1e-6)
+    assert math.isclose(out.total.item(), mse + 2.0 * 0.5 * kl, rel_tol=1e-6)
+    # inference: no noise, z = mu, top-2 of mu
+    assert torch.allclose(sae.encode(x), torch.tensor([[0.5, 2.5, 0.0]]))
+    # fixed variance: the mu-dependent part of the KL, 1/2 sum mu^2 = 1/2 (0.25 + 6.25)
+    fixed = make("vsae", d_in=2, d_sae=3, k=2, var_flag="fixed", fixed_std=0.0)
+    fixed.load_state_dict(sae.state_dict(), strict=False)
+    assert math.isclose(fixed.loss(x, TrainStep(5, 100)).terms["kl"].item(), 3.25, rel_tol=1e-6)
+
+
+def test_vsae_init_defaults_and_no_decoder_constraint():
+    sae = make("vsae", d_in=8, d_sae=32)
+    assert torch.allclose(sae.W_dec.norm(dim=1), torch.full((32,), 0.1))
+    assert torch.equal(sae.W_enc, sae.W_dec.T) and not sae.b_enc.any() and not sae.b_dec.any()
+    assert torch.equal(sae.b_var, torch.full((32,), -2.0))  # sigma^2 = e^-2 at init
+    cfg = sae.cfg
+    assert (cfg.k, cfg.var_flag, cfg.kl_coeff, cfg.kl_warmup_fraction) == (32, "learned", 1.0, 0.1)
+    assert sae.lr == 5e-4 and cfg.aux_alpha == 1 / 32 and not sae.apply_b_dec_to_input
+    # April mode: the decoder is unconstrained, its norms move freely
+    x = torch.randn(16, 8)
+    out = sae.loss(x, TrainStep(0, 10))
+    with torch.no_grad():
+        sae.W_dec.mul_(3.0)
+    sae.after_step(out, x)
+    assert torch.allclose(sae.W_dec.norm(dim=1), torch.full((32,), 0.3))
 
 
 def test_vsae_samples_in_training_and_not_at_inference():
@@ -188,7 +253,7 @@ def test_vsae_save_load_and_sae_lens(tmp_path):
     sae = make("vsae", k=5, seed=2)
     randomise(sae)
     with torch.no_grad():
-        sae.b_enc[:20] = -5.0  # some tokens have fewer than k positive pre-activations
+        sae.b_enc[:26] = -5.0  # some tokens have fewer than k positive pre-activations
     exported = sae.exported(1.7)
     exported.save(tmp_path / "sae", {"hook_name": "blocks.0.hook_resid_post"}, {"seed": 2})
     cfg = json.loads((tmp_path / "sae/cfg.json").read_text())
@@ -206,6 +271,59 @@ def test_vsae_save_load_and_sae_lens(tmp_path):
 
 
 # ---- topafa --------------------------------------------------------------------------------------
+
+
+def test_topafa_equations_by_hand():
+    """Two tokens, 4 latents: ranking by a_i |d_i|, k = argmin_j |c_j - |x - b_dec||, and
+    L_AFA = mean_b (|f| - |target|)^2 with the centred and the paper's input target."""
+    sae = make("topafa", d_in=2, d_sae=4, afa_coeff=0.5)
+    b_dec = [0.5, -1.0]
+    set_parameters(
+        sae,
+        W_enc=[[1.0, 0.0, -0.5, -1.0], [0.0, 1.0, 0.5, 0.0]],
+        W_dec=[[1.0, 0.0], [0.0, 1.2], [0.0, 2.0], [0.6, 0.8]],  # |d| = 1, 1.2, 2, 1
+        b_dec=b_dec,
+    )
+    x_c = [[2.1, 2.8], [3.0, 1.0]]  # |x_c| = 3.5 and sqrt(10)
+    x = torch.tensor([[c[0] + b_dec[0], c[1] + b_dec[1]] for c in x_c])
+    # token 0: a = (2.1, 2.8, 0.35, 0); a|d| = (2.1, 3.36, 0.7, 0); sorted s = (11.2896, 4.41, 0.49)
+    #   c = (3.36, 3.9623, 4.0236): nearest to 3.5 at j = 1 -> keeps latent 1 only
+    # token 1: a = (3, 1, 0, 0); a|d| = (3, 1.2, 0, 0); c = (3, 3.2311, 3.2311): nearest to
+    #   sqrt(10) = 3.1623 at j = 2 (the first of the tie) -> keeps latents 0 and 1
+    c0 = [math.sqrt(sum([11.2896, 4.41, 0.49][:j])) for j in (1, 2, 3)]
+    assert min(range(3), key=lambda j: abs(c0[j] - 3.5)) + 1 == 1
+    c1 = [math.sqrt(sum([9.0, 1.44, 0.0][:j])) for j in (1, 2, 3)]
+    assert min(range(3), key=lambda j: abs(c1[j] - math.sqrt(10))) + 1 == 2
+    f = [[0.0, 2.8, 0.0, 0.0], [3.0, 1.0, 0.0, 0.0]]
+    out = sae.loss(x, TrainStep(0, 1))
+    assert torch.allclose(out.codes, torch.tensor(f), atol=1e-6)
+    assert torch.equal(sae.encode(x), out.codes)
+    # x_hat = f W_dec + b_dec: (0.5, 2.36) and (3.5, 0.2); x = (2.6, 1.8) and (3.5, 0)
+    mse = ((2.6 - 0.5) ** 2 + (1.8 - 2.36) ** 2 + 0.0 + 0.2**2) / 4  # element mean
+    afa_centred = ((2.8 - 3.5) ** 2 + (math.sqrt(10) - math.sqrt(10)) ** 2) / 2
+    assert math.isclose(out.terms["mse"].item(), mse, rel_tol=1e-5)
+    assert math.isclose(out.terms["afa"].item(), afa_centred, rel_tol=1e-5)
+    assert math.isclose(out.total.item(), mse + 0.5 * afa_centred, rel_tol=1e-5)
+    # the paper's target |z| = |x|: sqrt(10) and 3.5
+    literal = make("topafa", d_in=2, d_sae=4, afa_target="input")
+    literal.load_state_dict(sae.state_dict())
+    afa_input = ((2.8 - math.sqrt(10)) ** 2 + (math.sqrt(10) - 3.5) ** 2) / 2
+    afa = literal.loss(x, TrainStep(0, 1)).terms["afa"].item()
+    assert math.isclose(afa, afa_input, rel_tol=1e-5)
+
+
+def test_topafa_init_defaults_and_unit_decoder():
+    sae = make("topafa", d_in=8, d_sae=32)
+    assert not hasattr(sae, "b_enc") and torch.equal(sae.W_enc, sae.W_dec.T)
+    assert sae.lr == 3e-4 and sae.adam_betas((0.9, 0.999)) == (0.9, 0.99)
+    cfg = sae.cfg
+    assert (cfg.afa_coeff, cfg.aux_penalty, cfg.afa_target) == (1 / 32, 1 / 32, "centred")
+    x = torch.randn(16, 8)
+    out = sae.loss(x, TrainStep(0, 10))
+    with torch.no_grad():
+        sae.W_dec.mul_(3.0)
+    sae.after_step(out, x)  # decoder rows back at unit norm
+    assert torch.allclose(sae.W_dec.norm(dim=1), torch.ones(32))
 
 
 def test_topafa_k_minimises_the_norm_gap_by_brute_force():
@@ -236,7 +354,7 @@ def test_topafa_k_minimises_the_norm_gap_by_brute_force():
     capped = make("topafa", k_max=2)
     capped.load_state_dict(sae.state_dict())
     assert ((capped.encode(x) != 0).sum(dim=1) <= 2).all()
-    assert make("topafa", d_in=8, d_sae=32).k_cap == 8
+    assert make("topafa", d_in=8, d_sae=32).k_cap == 31  # no cap by default (the reference)
 
 
 def test_topafa_loss_by_hand():
@@ -278,6 +396,38 @@ def test_topafa_export_and_round_trip(tmp_path):
 def expected_k(score: float, k_min=20, k_max=320) -> int:
     value = k_min + (k_max - k_min) / (1 + math.exp(-6 * (score / 10 - 0.5)))
     return round(min(max(value, k_min), k_max))
+
+
+def test_adaptivek_equations_by_hand():
+    """k = round(clamp(k_min + sigmoid(6 (s / 10 - 0.5)) (k_max - k_min), k_min, k_max)) with
+    s = clamp(w . x + b, 0, 10), on four tokens whose k are worked out below."""
+    sae = make("adaptivek", d_in=2, d_sae=12, k_min=2, k_max=10)
+    set_parameters(sae, probe_w=[1.0, 2.0], probe_b=[0.5])
+    x = torch.tensor([[1.0, 1.0], [-3.0, 0.0], [4.0, 4.0], [2.0, 0.25]])
+    # w . x + b = 3.5, -2.5, 12.5, 3.0 -> s = 3.5, 0, 10, 3.0
+    # 6 (s/10 - 0.5) = -0.9, -3, 3, -1.2; sigmoid = 0.28905, 0.04743, 0.95257, 0.23148
+    # 2 + 8 sigmoid = 4.312, 2.379, 9.621, 3.852 -> k = 4, 2, 10, 4
+    score = [3.5, 0.0, 10.0, 3.0]
+    by_formula = [round(2 + 8 / (1 + math.exp(-6 * (s / 10 - 0.5)))) for s in score]
+    assert by_formula == [4, 2, 10, 4]
+    assert sae.score(x).tolist() == score
+    assert sae.k_of(sae.score(x)).tolist() == [4, 2, 10, 4]
+    # each token keeps its k largest activations
+    with torch.no_grad():
+        sae.b_dec.zero_()
+        sae.W_enc.zero_()
+        sae.b_enc.copy_(torch.arange(1.0, 13.0))  # a = 1 .. 12 for every token
+    kept = [[0.0] * (12 - k) + [float(v) for v in range(13 - k, 13)] for k in [4, 2, 10, 4]]
+    assert sae.encode(x).tolist() == kept
+
+
+def test_adaptivek_defaults_are_the_reference_run():
+    sae = make("adaptivek", d_in=8, d_sae=512)
+    cfg = sae.cfg
+    assert (cfg.k_min, cfg.k_max, cfg.l1_weight, cfg.probe_weight) == (20, 320, 0.005, 0.05)
+    assert cfg.phase_ratio == 0.9 and cfg.aux_alpha == 1 / 32 and sae.lr == 1e-3
+    assert sae.default_b_dec_init == "geometric_median" and sae.unit_norm_decoder
+    assert torch.equal(sae.W_enc, sae.W_dec.T)
 
 
 def test_adaptivek_k_follows_the_probe_and_each_token_keeps_its_k():

@@ -16,16 +16,21 @@ import torch
 from saedynamics.config import ValidationConfig
 from saedynamics.metrics.superposition import effective_features
 from saedynamics.toy import (
+    feature_densities,
     organism_conditions,
     organism_sample,
     organism_validation,
+    superposition_setting,
     superposition_validation,
     tied_sae_codes,
+    train_tied_saes,
     train_toy_models,
     weight_effective_features,
 )
 
-SMALL_SWEEP = ValidationConfig(toy_models=6, toy_steps=1500, toy_samples=4000, toy_sae_steps=1500)
+SMALL_SWEEP = ValidationConfig(  # 4000 samples in batches of 512: 8 SAE steps an epoch
+    toy_models=6, toy_steps=1500, toy_samples=4000, toy_sae_epochs=190
+)
 SMALL_ORGANISM = ValidationConfig(
     organism_samples=8192, organism_tokens=200_000, organism_batch=512, organism_seeds=[0, 1, 2]
 )
@@ -83,7 +88,8 @@ def test_sae_effective_features_track_ground_truth():
     result = superposition_validation(SMALL_SWEEP)
     assert len(result["models"]) == SMALL_SWEEP.toy_models
     densities = [m["density"] for m in result["models"]]
-    assert densities[0] == pytest.approx(SMALL_SWEEP.toy_min_density) and densities[-1] == 1.0
+    assert densities[0] == pytest.approx(SMALL_SWEEP.toy_min_density)
+    assert densities[-1] == pytest.approx(SMALL_SWEEP.toy_max_density)
     for m in result["models"]:
         assert {"density", "f_true", "f_sae", "psi_frob"} <= set(m)
         assert 1.0 <= m["f_true"] <= SMALL_SWEEP.toy_features
@@ -94,13 +100,74 @@ def test_sae_effective_features_track_ground_truth():
     json.dumps(result, allow_nan=False)
 
 
+def test_superposition_json_states_r_and_its_setting():
+    cfg = ValidationConfig(toy_models=3, toy_steps=20, toy_samples=300, toy_sae_epochs=3)
+    result = superposition_validation(cfg)
+    assert result["pearson_r"] is None or -1.0 <= result["pearson_r"] <= 1.0
+    settings = result["settings"]
+    for key in ValidationConfig.paper_superposition_settings():
+        assert settings[key] == getattr(cfg, key), key  # every toy setting that matters
+    assert settings["seed"] == cfg.seed and settings["sae_latents"] == 40
+    assert result["paper_setting"] is False
+    differs = result["differs_from_paper"]
+    assert differs["toy_models"] == {"paper": 100, "ours": 3}
+    assert differs["toy_sae_batch"] == {"paper": 128, "ours": 512}
+    assert "toy_hidden" not in differs and "toy_sae_l1" not in differs
+    assert [m["sae_epochs"] for m in result["models"]] == [3, 3, 3]
+    json.dumps(result, allow_nan=False)
+
+
+def test_paper_setting_is_recognised():
+    paper = ValidationConfig.paper_superposition()
+    assert superposition_setting(paper) == {"paper_setting": True, "differs_from_paper": {}}
+    assert (paper.toy_models, paper.toy_features, paper.toy_hidden) == (100, 20, 5)
+    assert (paper.toy_sae_batch, paper.toy_sae_epochs, paper.toy_sae_patience) == (128, 800, 10)
+    densities = feature_densities(paper)  # S in [0.001, 0.999]
+    assert densities[0] == pytest.approx(0.001) and densities[-1] == pytest.approx(0.999)
+    reduced = superposition_setting(ValidationConfig.paper_superposition(toy_steps=10))
+    assert reduced["differs_from_paper"] == {"toy_steps": {"paper": 10_000, "ours": 10}}
+    with pytest.raises(ValueError):
+        ValidationConfig(toy_min_density=0.5, toy_max_density=0.1)
+
+
+def test_early_stopping_keeps_each_sae_where_it_stopped(one_thread):
+    # The SAEs that stop leave the batch; the others go on exactly as if trained alone, so an SAE
+    # that stopped after E epochs equals one trained for E epochs without early stopping.
+    h = torch.rand(4, 300, 5, generator=torch.Generator().manual_seed(0))
+    h = h * torch.tensor([0.1, 0.5, 2.0, 4.0])[:, None, None]
+    cfg = ValidationConfig(toy_sae_batch=64, toy_sae_epochs=60, toy_sae_patience=1, toy_sae_lr=3e-3)
+    e, b, epochs = train_tied_saes(h, cfg, torch.Generator().manual_seed(1))
+    assert epochs.min() < 60  # some stopped early
+    for i, n in enumerate(epochs.tolist()):
+        short = cfg.model_copy(update={"toy_sae_epochs": n, "toy_sae_patience": 0})
+        e_i, b_i, _ = train_tied_saes(h, short, torch.Generator().manual_seed(1))
+        assert torch.equal(e_i[i], e[i]) and torch.equal(b_i[i], b[i]), i
+
+
+def test_f_true_of_a_hand_computed_toy_model():
+    # W [N = 2, M = 3]: column norms 3, 4 and 0 (an unrepresented feature)
+    w = torch.tensor([[3.0, 0.0, 0.0], [0.0, 4.0, 0.0]])
+    p = np.array([9, 16]) / 25  # p_i ~ |W_:,i|^2
+    assert weight_effective_features(w) == pytest.approx(math.exp(-(p * np.log(p)).sum()))
+    q = np.array([3, 4]) / 7  # p_i ~ |W_:,i|
+    assert weight_effective_features(w, power=1.0) == pytest.approx(
+        math.exp(-(q * np.log(q)).sum())
+    )
+
+
 def test_superposition_validation_is_deterministic():
-    cfg = ValidationConfig(toy_models=3, toy_steps=50, toy_samples=500, toy_sae_steps=50, seed=3)
+    cfg = ValidationConfig(toy_models=3, toy_steps=50, toy_samples=500, toy_sae_epochs=50, seed=3)
     threads = torch.get_num_threads()
-    a = superposition_validation(cfg)
+
+    def run(c):
+        result = superposition_validation(c)
+        del result["wall_seconds"]  # the one field that may differ
+        return result
+
+    a = run(cfg)
     assert torch.get_num_threads() == threads  # restored
-    assert superposition_validation(cfg) == a
-    assert superposition_validation(cfg.model_copy(update={"seed": 4})) != a
+    assert run(cfg) == a
+    assert run(cfg.model_copy(update={"seed": 4})) != a
 
 
 # ---- the model organism ---------------------------------------------------------------------------

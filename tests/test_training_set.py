@@ -197,13 +197,14 @@ def test_a_set_that_cannot_fit_stops_before_anything_is_written(tmp_path, source
 
 
 def test_the_memory_estimate_counts_the_sae_state(tmp_path, source, one_thread):
-    """The estimate's "SAE state": per SAE its parameters, their gradients and Adam's two moments
-    (4 x the parameters, float32) and its buffers; counted by hand and in the live SAEs of a run."""
+    """The estimate's "SAE state": per SAE its parameters, the trained ones' gradients and Adam's
+    two moments (4 x, float32) and its buffers; counted by hand and in the live SAEs of a run."""
     pair = {"topk": ALL["topk"], "gated": ALL["gated"]}
     need = training_memory(training(), pair, D, source)
     n, d, fp32, int64 = LATENTS, D, 4, 8
-    # parameters W_enc, W_dec, b_enc, b_dec; buffer tokens_since_fired
-    topk = 4 * fp32 * (2 * n * d + n + d) + int64 * n
+    # parameters W_enc, W_dec, b_dec and b_enc (held at 0: no gradient or moments); buffer
+    # tokens_since_fired
+    topk = 4 * fp32 * (2 * n * d + d) + fp32 * n + int64 * n
     # parameters W_enc, W_dec, b_gate, r_mag, b_mag, b_dec; buffer tokens_since_fired
     gated = 4 * fp32 * (2 * n * d + 3 * n + d) + int64 * n
     assert need["SAE state"] == len(SEEDS) * (topk + gated)
@@ -220,6 +221,9 @@ def test_the_memory_estimate_counts_the_sae_state(tmp_path, source, one_thread):
         for by_seed in saes.values():
             for sae in by_seed.values():
                 for p in sae.parameters():
+                    if not p.requires_grad:
+                        total += p.numel() * p.element_size()
+                        continue
                     moments = [t for t in sae.optimizer.state[p].values() if t.dim() > 0]
                     assert len(moments) == 2 and p.grad is not None
                     total += sum(t.numel() * t.element_size() for t in [p, p.grad, *moments])

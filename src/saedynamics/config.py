@@ -373,17 +373,28 @@ class MetricsConfig(StrictModel):
 class ValidationConfig(StrictModel):
     """The metrics against known ground truth, on toy models (toy.py), at every run."""
 
-    # Toy models of superposition (Elhage et al. 2022; Bereska et al. 2025 section 5.1)
+    # Toy models of superposition (Elhage et al. 2022; Bereska et al. 2025 section 5.1). The defaults
+    # are a reduced setting that runs in seconds; `ValidationConfig.paper_superposition()` (toy.py
+    # PAPER_SUPERPOSITION) is the paper's, and the validation JSON states which one ran.
     toy_models: int = Field(default=20, ge=3, description="models in the feature-sparsity sweep")
     toy_features: int = Field(default=20, gt=0, description="M input features of each toy model")
     toy_hidden: int = Field(default=5, gt=0, description="N hidden neurons (N < M: superposition)")
     toy_importance_decay: float = Field(default=0.7, gt=0, le=1, description="importance 0.7^i")
     toy_min_density: float = Field(default=0.001, gt=0, le=1, description="sweep: 1 - S from here")
-    toy_steps: int = Field(default=3000, gt=0, description="Adam steps per toy model")
+    toy_max_density: float = Field(default=0.999, gt=0, le=1, description="... to here")
+    toy_steps: int = Field(default=3000, gt=0, description="AdamW steps per toy model (paper 10^4)")
+    toy_batch: int = Field(default=256, gt=0, description="toy-model batch (Elhage et al.: 1024)")
+    toy_lr: float = Field(default=3e-3, gt=0, description="toy AdamW lr (Elhage et al.: 1e-3)")
+    toy_weight_decay: float = Field(default=0.01, ge=0, description="AdamW's (PyTorch default)")
     toy_samples: int = Field(default=10_000, gt=0, description="hidden activations per toy model")
     toy_sae_expansion: int = Field(default=8, gt=0, description="tied SAE latents / N (paper: 8)")
     toy_sae_l1: float = Field(default=0.1, ge=0, description="tied SAE L1 coefficient (paper: 0.1)")
-    toy_sae_steps: int = Field(default=3000, gt=0)
+    toy_sae_lr: float = Field(default=1e-3, gt=0, description="tied SAE Adam lr (paper: 1e-3)")
+    toy_sae_batch: int = Field(default=512, gt=0, description="tied SAE batch (paper: 128)")
+    toy_sae_epochs: int = Field(default=150, gt=0, description="tied SAE epochs, max (paper: 800)")
+    toy_sae_patience: int = Field(
+        default=0, ge=0, description="early stopping on the epoch's training loss (paper 10; 0 off)"
+    )
     # The model organism of seed consistency (Song, Muhamed et al. 2025 section 1.4)
     organism_latents: int = Field(default=32, gt=0, description="true dictionary size m")
     organism_dims: int = Field(default=16, gt=0, description="n")
@@ -400,6 +411,48 @@ class ValidationConfig(StrictModel):
         if len(set(v)) != len(v) or any(s < 0 for s in v):
             raise ValueError(f"organism_seeds {v} must be distinct seeds >= 0")
         return v
+
+    @model_validator(mode="after")
+    def _density_range(self) -> ValidationConfig:
+        if self.toy_min_density > self.toy_max_density:
+            raise ValueError(
+                f"toy_min_density {self.toy_min_density} > toy_max_density {self.toy_max_density}"
+            )
+        return self
+
+    @staticmethod
+    def paper_superposition_settings() -> dict:
+        """The toy fields in Bereska et al. 2025's setting (section 5.1, arXiv 2512.13568; blog).
+
+        Paper: 100 models, S in [0.001, 0.999], M = 20 -> N = 5, importance 0.7^i, 10,000 samples,
+        SAE 8x with l1 0.1. The authors' `train_sae` (experiments/adversarial/sae.py): Adam lr
+        1e-3, batch 128, <= 800 epochs, patience 10. "Following Elhage et al. ... trained to
+        convergence": their notebook's AdamW, lr 1e-3, batch 1024, 10,000 steps.
+        """
+        return {
+            "toy_models": 100,
+            "toy_features": 20,
+            "toy_hidden": 5,
+            "toy_importance_decay": 0.7,
+            "toy_min_density": 0.001,
+            "toy_max_density": 0.999,
+            "toy_steps": 10_000,
+            "toy_batch": 1024,
+            "toy_lr": 1e-3,
+            "toy_weight_decay": 0.01,
+            "toy_samples": 10_000,
+            "toy_sae_expansion": 8,
+            "toy_sae_l1": 0.1,
+            "toy_sae_lr": 1e-3,
+            "toy_sae_batch": 128,
+            "toy_sae_epochs": 800,
+            "toy_sae_patience": 10,
+        }
+
+    @classmethod
+    def paper_superposition(cls, **overrides) -> ValidationConfig:
+        """This config in Bereska et al.'s toy setting (other fields at their defaults)."""
+        return cls(**{**cls.paper_superposition_settings(), **overrides})
 
 
 class FiguresConfig(StrictModel):

@@ -105,7 +105,7 @@ def required_columns(architectures: dict[str, ArchitectureConfig]) -> tuple[str,
 
 def training_memory(training: TrainingConfig, architectures, d_in: int, source) -> dict[str, int]:
     """An estimate of the bytes a set takes on its device, by part (tests check it against what
-    training allocates): every SAE's parameters, gradients and Adam moments (4x the parameters)
+    training allocates): every SAE's parameters, gradients and Adam moments (4x the trained ones)
     and buffers; the inputs an architecture keeps (the 2023 resampling pool: the trainer's batches,
     shared by the SAEs that keep them); one SAE's step at a time (~8 [batch, latents] float32
     tensors: pre-activations, codes, masks and their gradients); the source's shuffle buffer."""
@@ -115,8 +115,9 @@ def training_memory(training: TrainingConfig, architectures, d_in: int, source) 
         with torch.device("meta"):  # shapes only: nothing is allocated
             sae = cls(d_in, training.n_latents, arch)
         params = sum(p.numel() * p.element_size() for p in sae.parameters())
+        trained = sum(p.numel() * p.element_size() for p in sae.parameters() if p.requires_grad)
         buffers = sum(b.numel() * b.element_size() for b in sae.buffers())
-        state += len(training.seeds) * (4 * params + buffers)
+        state += len(training.seeds) * (params + 3 * trained + buffers)
     kept = max(REGISTRY[a.architecture].kept_input_tokens(a) for a in architectures.values())
     return {
         "SAE state": state,

@@ -1,5 +1,7 @@
-"""AdaptiveK SAE (Yao, Zhang & Du 2025, arXiv 2508.17320; reference code hiyukie/adaptiveK
-`dictionary_learning/trainers/dynamic_topk.py`; spec/sae-variants.md section 7).
+"""AdaptiveK SAE (Yao, Zhang & Du 2025, "AdaptiveK: Complexity-Driven Sparse Autoencoders for
+Interpretable Language Model Representations", arXiv 2508.17320, ACL Findings 2026; reference code
+hiyukie/adaptiveK 3d03020 `dictionary_learning/trainers/dynamic_topk.py`; spec/sae-variants.md
+section 7; docs/parts/adaptivek.md).
 
 Method. A linear probe reads how complex the input's context is, and the SAE spends more latents on
 more complex contexts:
@@ -13,8 +15,11 @@ more complex contexts:
 k is not differentiable, so the probe gets no gradient from L_SAE. Training has three phases:
 (1) in `init_from_sample`, the probe is fitted by closed-form ridge regression (bias unregularised,
 lambda chosen by 5-fold cross-validation over {0.01, 0.1, 1, 10, 100, 1000}, scored by the RMSE of
-the clamped scores); (2) until `phase_ratio` of training, L_SAE alone, probe frozen; (3) then
-jointly L_SAE + probe_weight * (MSE(s, y) + lambda |w|^2 / 2 + c_dev (|w - w0| + |b - b0|)), where
+the clamped scores). The paper writes the ridge loss as 1/n sum (y - w.x - b)^2 + lambda/2 |w|^2
+but its closed form as w = (A^T A + lambda I)^-1 A^T y, which is that of sum (...)^2 + lambda |w|^2;
+we follow the closed form, as the reference computes it. (2) Until `phase_ratio` of training,
+L_SAE alone, probe frozen. (3) Then jointly
+L_SAE + probe_weight * (MSE(s, y) + lambda |w|^2 / 2 + c_dev (|w - w0| + |b - b0|)), where
 (w0, b0) is the ridge fit and c_dev starts at 0.2 and is multiplied by 0.8 (floor 0.01) when the
 probe loss fell by more than 5% over the last 3 joint steps, else by 1.2 (ceiling 0.5).
 Inference: s -> k -> per-token top-k, batch-independent; the probe (probe_w [d_in], probe_b [1])

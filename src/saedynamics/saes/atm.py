@@ -1,73 +1,62 @@
 """Adaptive Temporal Masking, ATM (Li & Ren 2025, "Time-Aware Feature Selection: Adaptive Temporal
-Masking for Stable Sparse Autoencoder Training", arXiv 2510.08855).
+Masking for Stable Sparse Autoencoder Training", ICLR 2025 workshop XAI4Science, arXiv 2510.08855).
 
-Only the abstract was available when this was written (spec section 11, *(abstract only)*): ATM
-tracks each latent's activation magnitude, frequency and reconstruction contribution over training,
-turns them into an importance score, and masks latents at random with a probability set by
-statistical thresholding of the scores; the base is an L1-penalised ReLU SAE. Everything below the
-abstract is the spec's *(proposed)* form: **a proposal, to be replaced once the paper's method text
-is read**; every constant is a config option.
+Source of the equations. The paper's method section could not be read here (no copy of its body
+was reachable; see docs/parts/atm.md). What follows is the abstract plus the two equations that a
+rendering of the paper quotes verbatim, the threshold theta_t = mu_t + c sigma_t and the masking
+probability p(masked) = 1 - exp(-r (theta_t - Importance(t)) / theta_t); everything the two leave
+open is a config option: the literal reading where there is one, else a value chosen and
+measured (below).
 
-Method. A ReLU SAE in the recipe of Towards Monosemanticity (Bricken et al. 2023):
+Method. An L1-penalised ReLU SAE (the paper's base; Bricken et al. 2023 recipe) whose latents are
+masked at random during training:
 
     pre = (x - b_dec) W_enc + b_enc,   f = ReLU(pre) * M,   x_hat = f W_dec + b_dec
     loss = mean_b |x - x_hat|^2 + lambda(t) * mean_b |f|_1
 
-with lambda warming up linearly from 0 over the first `l1_warmup_fraction` of training. After each
-optimiser step, exponential moving averages (rate `ema_beta`) over the step's codes f:
+lambda warms up linearly from 0 over the first `l1_warmup_fraction` of training.
 
-    m_i = E |f_i|,   p_i = E 1[f_i > 0],   r_i = E |f_i d_i|^2
+Temporal importance. After each optimiser step, exponential moving averages (rate `ema_beta`) over
+the step's codes f of the three quantities the abstract names, per latent i:
 
-Importance and masking probability, from the averages normalised by their mean over latents
-(n(v)_i = v_i / mean_j v_j, dimensionless, mean 1):
+    m_i = EMA E_b |f_i|               activation magnitude
+    p_i = EMA E_b 1[f_i > 0]          activation frequency
+    e_i = EMA E_b |f_i d_i|^2         reconstruction contribution (energy of its share of x_hat)
 
-    I_i = (n(m)_i n(p)_i n(r)_i)^(1/3)            (`importance = "product"`; "sum": their mean)
-    tau = mean(I) - c std(I)
-    q_i = sigmoid((tau - I_i) / (T std(I))) = sigmoid((-c - z_i) / T),   z_i = (I_i - mean I) / std I
+    Importance_i = m_i p_i e_i                        (`importance = "product"`, default)
+                 = m_i/mean(m) + p_i/mean(p) + e_i/mean(e)   (`importance = "sum"`)
 
-From the step `mask_warmup_fraction * total` on, every training step (module in training mode)
-draws one mask per latent, M_i ~ Bernoulli(1 - q_i), shared by the batch's tokens (spec: "M_i per
-step"); before it M = 1. The population std is used (no Bessel correction).
+Statistical threshold and masking probability (the quoted equations), over the d_sae latents:
 
-Inference: deterministic, no mask: f = ReLU((x - b_dec) W_enc + b_enc), x_hat = f W_dec + b_dec,
-which is SAELens `standard` with apply_b_dec_to_input = True; ATM is saved as that.
+    theta = mu + c sigma,   mu = mean_i Importance_i,   sigma = std_i Importance_i (population)
+    q_i = 1 - exp(-r (theta - Importance_i) / theta)   if Importance_i < theta, else 0
+
+so a latent far below the threshold is masked with probability up to 1 - exp(-r), one at the
+threshold never. q is unchanged when every importance is multiplied by a constant (theta scales
+with it), so the units of the statistics and the input scale do not matter. With no statistics yet
+(theta <= 0) nothing is masked.
+
+Masking. From the step `mask_warmup_fraction * total` on (the curriculum: the EMAs first see enough
+steps to rank latents), every training step (module in training mode) draws one mask per latent,
+M_i ~ Bernoulli(1 - q_i), shared by the batch's tokens; before it M = 1.
+
+Inference: no mask (masking is a training procedure): f = ReLU((x - b_dec) W_enc + b_enc),
+x_hat = f W_dec + b_dec, which is SAELens `standard` with apply_b_dec_to_input = True.
 
 Init and constraint (Bricken): decoder rows at unit norm, held there with the gradient projected
 onto the sphere (spec 0.1 family 1); W_enc = W_dec^T; b_enc = 0; b_dec = geometric median of the
-first batch.
+first batch. With unit rows e_i = EMA E_b f_i^2.
 
-Choices where the abstract is silent, with reasons:
-- Base recipe: Bricken's unit-norm decoder rather than norms folded into the penalty (`relu`), so
-  that m_i, r_i and the L1 measure the latent itself: with free decoder norms f_i and |d_i| trade
-  off and a latent could look important by scale alone. With unit rows r_i = E f_i^2.
-- Statistics are taken from the codes the loss used (masked): the importance is the latent's
-  actual recent contribution. A latent masked often therefore loses importance and is masked more;
-  this feedback is what makes the masking a selection over time rather than a dropout. Setting
-  `mask_warmup_fraction = 1` turns masking off (a plain Bricken ReLU SAE, the ablation baseline).
-- Normalisation by the mean over latents: scale-free (the input scale and E|f| do not matter), and
-  the start-up bias of the EMAs (they start at 0, no bias correction) cancels in it.
-- Importance as the geometric mean of the three normalised statistics: the spec's product form,
-  taken to the power 1/3 (same ranking) so that I stays in the units of its factors: a plain
-  product cubes their spread, and its few largest values would dominate std(I) and so the
-  threshold. "sum" is the spec's other form.
-- T is measured in standard deviations of I (the spec's T times std(I)), so q depends only on how
-  far a latent's importance lies below the population, not on how spread the importances are:
-  with a fixed T a tightly clustered, healthy dictionary would be masked almost at random.
-- c = 3.0, the usual outlier cut: only latents whose importance is anomalously low for this
-  dictionary are masked, not a fixed share of it. The abstract claims ATM keeps reconstruction
-  quality; a dictionary of equally useful latents should then be left almost alone: a latent of
-  average importance is masked with probability sigmoid(-c / T) = 6e-6. T = 0.25: q rises from
-  0.02 to 0.98 as I goes from 2 to 4 std below the mean. (On the synthetic organism, c = 2,
-  T = 0.5 masked a healthy dictionary enough to cost 0.05 of recovery MCC; c = 3, T = 0.25 left
-  it within seed noise of masking switched off.)
-- ema_beta = 0.99 (spec), i.e. a memory of about 100 steps. mask_warmup_fraction = 0.1: masking
-  starts after the L1 warm-up (0.05) and after the EMAs have seen enough steps to rank latents.
-- lambda = 5.0: Anthropic's April-2024 value (spec 1b, as `relu` and `relu_2023`), quoted for inputs
-  scaled to E|x| = sqrt(d) as the trainer scales them; with unit decoder rows |f|_1 is that
-  penalty sum_i f_i |d_i|, so the unit carries over. lr 1e-3: dictionary_learning's
-  `StandardTrainer`, the reference code of the Bricken recipe (as `relu_2023`).
-- The masks come from a random stream of their own, seeded from the init generator, so a run is
-  reproducible from its seed.
+Defaults the paper's text would fix but could not be read (docs/parts/atm.md gives the reasons):
+c = 1.0 (theta one standard deviation above the mean importance: nearly every latent is a
+candidate, the least important the likeliest); r = 0.1 (a latent far below theta is masked with
+probability up to 1 - exp(-0.1) = 0.095; in our runs 6-7% of the latents per step. r = 1 masks
+about half of them every step and cost 0.15-0.2 of dictionary recovery on the synthetic organism,
+against the paper's claim that ATM keeps reconstruction quality); ema_beta = 0.99;
+mask_warmup_fraction = 0.1; lambda = 5.0 (Anthropic's value for inputs scaled to E|x| = sqrt(d));
+lr 1e-3 (dictionary_learning's StandardTrainer).
+The masks come from a random stream of their own, seeded from the init generator, so a run is
+reproducible from its seed and a killed job resumes bitwise.
 """
 
 from __future__ import annotations
@@ -99,11 +88,16 @@ class ATMSAE(SAE):
         )
         importance: Literal["product", "sum"] = Field(
             default="product",
-            description="combine the normalised statistics by geometric mean or arithmetic mean",
+            description="Importance = m p e ('product'), or the sum of the three, each divided "
+            "by its mean over latents ('sum')",
         )
-        threshold_std: float = Field(default=3.0, ge=0, description="c: tau = mean(I) - c std(I)")
-        temperature: float = Field(
-            default=0.25, gt=0, description="T, in standard deviations of the importance"
+        threshold_std: float = Field(
+            default=1.0, description="c of the threshold theta = mu + c sigma of the importances"
+        )
+        mask_rate: float = Field(
+            default=0.1,
+            gt=0,
+            description="r of q = 1 - exp(-r (theta - I) / theta): at most 1 - exp(-r) masked",
         )
         mask_warmup_fraction: float = Field(
             default=0.1, ge=0, le=1, description="fraction of training before masking starts"
@@ -133,18 +127,27 @@ class ATMSAE(SAE):
 
     @torch.no_grad()
     def importance(self) -> Tensor:
-        """I_i from the normalised EMAs (n(v) = v / mean v)."""
-        stats = torch.stack([getattr(self, name) for name in STATISTICS])
-        stats = stats / stats.mean(dim=1, keepdim=True).clamp_min(torch.finfo(stats.dtype).tiny)
-        return stats.prod(dim=0).pow(1 / 3) if self.cfg.importance == "product" else stats.mean(0)
+        """Importance_i from the EMAs m (magnitude), p (frequency), e (contribution)."""
+        m, p, e = (getattr(self, name) for name in STATISTICS)
+        if self.cfg.importance == "product":
+            return m * p * e
+        tiny = torch.finfo(m.dtype).tiny
+        return sum(v / v.mean().clamp_min(tiny) for v in (m, p, e))
+
+    @torch.no_grad()
+    def threshold(self, importance: Tensor) -> Tensor:
+        """theta = mu + c sigma over latents (population std)."""
+        return importance.mean() + self.cfg.threshold_std * importance.std(correction=0)
 
     @torch.no_grad()
     def mask_probabilities(self) -> Tensor:
-        """q_i = sigmoid((tau - I_i) / (T std I)), tau = mean I - c std I."""
+        """q_i = 1 - exp(-r (theta - I_i) / theta) below the threshold, 0 above it."""
         importance = self.importance()
-        std = importance.std(correction=0).clamp_min(torch.finfo(importance.dtype).eps)
-        z = (importance - importance.mean()) / std
-        return torch.sigmoid((-self.cfg.threshold_std - z) / self.cfg.temperature)
+        theta = self.threshold(importance)
+        if theta <= 0:  # no statistics yet (or c sigma below -mu): nothing to rank by
+            return torch.zeros_like(importance)
+        shortfall = ((theta - importance) / theta).clamp_min(0)
+        return -torch.expm1(-self.cfg.mask_rate * shortfall)
 
     @torch.no_grad()
     def sample_mask(self) -> Tensor:

@@ -1,37 +1,58 @@
 """BatchTopK SAE (Bussmann, Leask & Nanda 2024, "BatchTopK Sparse Autoencoders", arXiv 2412.06410).
 
-Method. a = ReLU((x - b_dec) W_enc + b_enc) for a batch of B tokens; training keeps the k*B largest
-entries of the flattened B x F matrix a and zeroes the rest, so the number of active latents varies
-per token with mean exactly k (fewer only if fewer than k*B entries are positive); x_hat = f W_dec
-+ b_dec. Loss = mean_b |x - x_hat|^2 + aux_alpha * AuxK (spec section 0.3: the top-aux_k dead
-latents model the detached residual). Bussmann's `l1_coeff` (default 0) is left out.
+Method (paper section 3). For a batch X of B tokens the encoder pre-activations are
+pre = (x - b_dec) W_enc + b_enc and
 
-Inference. The batch allocation depends on the other tokens of the batch, so inference uses one
-global threshold theta instead: f = ReLU(pre) * 1[pre > theta], theta learned during training from
-the batch minimum of the selected (positive) activations. It is stored as the buffer `threshold`
-[d_sae] with all entries equal, so that the exported SAE is exactly a SAELens `jumprelu` SAE
-(W_enc, b_enc, W_dec, b_dec, threshold; apply_b_dec_to_input True), as SAELens saves BatchTopK.
+    f(X) = BatchTopK(ReLU(pre(X)))      keep the k*B largest entries of the flattened B x F matrix,
+    x_hat = f W_dec + b_dec,
 
-Choices where the references differ (spec section 3):
-- Threshold EMA: SAELens / Bussmann's matryoshka_sae form, rate 0.01 per step from the first step
-  (`threshold_rate`, `threshold_start_step`), not dictionary_learning's 0.999 from step 1000: a
-  memory of ~100 steps forgets the noisy early values as well, and it gives every trained SAE a
-  threshold after its first step, however short the run. Unlike SAELens (which starts the EMA at 0
-  and so is biased low for its first few hundred steps) the first update sets theta to the batch
-  value, as dictionary_learning does. dictionary_learning's form: threshold_rate 0.001,
-  threshold_start_step 1000.
-- Before the first update (pitfall 7), theta = 0 and encode() gives the dense ReLU codes, which is
-  also what SAELens computes from such a file; the trainer updates theta after every step, so this
-  only concerns an untrained SAE.
-- Decoder: unit rows with the gradient projected (spec 0.1 family 1; Bussmann, dictionary_learning),
-  not SAELens' rescale_acts_by_decoder_norm; then the input-scale fold leaves the pre-activations
-  and so theta unchanged. b_enc is used (dictionary_learning, SAELens; Bussmann's is unused,
-  pitfall 1); the AuxK residual is detached (pitfall 2); dead latents are counted in tokens
-  (`dead_tokens`, pitfall 3); the whole batch is flattened (pitfall 4).
-- Init: tied (W_enc = W_dec^T), unit decoder rows, b_enc = 0, b_dec = geometric median of the init
-  sample (dictionary_learning). Defaults: aux_k = d_in // 2, aux_alpha = 1/32, lr 2e-4 /
-  sqrt(d_sae / 2^14) and Adam (0.9, 0.999), the trainer's (dictionary_learning's rule and betas;
-  Bussmann used lr 3e-4, betas (0.9, 0.99): set `lr`, `adam_betas`).
+so the number of active latents varies per token with mean exactly k (fewer only if fewer than k*B
+entries are positive). The loss adds the auxiliary loss of Gao et al. 2024 (App. A.2): the top-aux_k
+dead latents model the residual e = sg(x - x_hat) as e_hat = sum_{i in I} ReLU(pre_i) d_i, and
+
+    L = mean_b |x - x_hat|^2 + aux_alpha * mean_b |e - e_hat|^2,
+
+both squared errors in the same unit, as the authors' code computes them (`aux_form =
+"squared_error"`). dictionary_learning divides the auxiliary error by the residual's variance
+(spec 0.3, `aux_form = "normalised"`), which next to an unnormalised reconstruction error weakens
+AuxK by that variance (~ the MSE, tens to hundreds here). The term logged as "auxk" is the
+normalised one for every aux_form (comparable across architectures). Bussmann's `l1_coeff`
+(default 0) is left out.
+
+Inference (section 3). BatchTopK makes a token's codes depend on the rest of its batch, so at
+inference the paper replaces it by a JumpReLU with one global threshold theta,
+
+    f(x) = ReLU(pre) * 1[pre > theta],     theta = E_X[ min{ z_ij(X) : z_ij(X) > 0 } ],
+
+the average over a number of batches X of the smallest activation BatchTopK kept in the batch.
+The paper says "average"; it does not say which batches. We take the arithmetic mean over the
+training batches of the last `threshold_window` (10%) of training, where the SAE is (nearly) the one
+exported: a threshold averaged over earlier batches describes a different encoder. Measured on the
+demo's layer-2 activations (throwaway script, k = 8, 93 steps): the previous estimate, an EMA with
+rate 0.01 from the first step (Bussmann's matryoshka_sae code, SAELens), was 1.62 and gave an
+inference L0 of 3.6; the average over the last 10% of batches gave 1.10 and L0 7.9, the final SAE's
+own batch minimum averaged over held-out batches 1.10 and L0 8.0. The EMA form stays available
+(`threshold_estimate = "ema"`, `threshold_rate`, `threshold_start_step`; dictionary_learning:
+rate 0.001 from step 1000). Before the window the threshold follows that EMA, so that an SAE looked
+at during training has a usable theta; the window's first batch restarts the average.
+
+theta is the buffer `threshold` [d_sae] with all entries equal, so the exported SAE is exactly a
+SAELens `jumprelu` SAE (W_enc, b_enc, W_dec, b_dec, threshold; apply_b_dec_to_input True), as SAELens
+saves BatchTopK. theta is in pre-activation units: the decoder rows are unit norm (nothing folded)
+and the input-scale fold (W_enc * s, W_dec / s, b_dec / s) leaves the pre-activations and so theta
+unchanged.
+Before the first update theta = 0 and encode() gives the dense ReLU codes (dictionary_learning's
+pitfall 7), which is also what SAELens computes from such a file.
+
+Init and constraint: tied (W_enc = W_dec^T), unit decoder rows held by gradient projection and
+renormalisation (Bussmann, dictionary_learning), b_enc = 0, b_dec = geometric median of the init
+sample (dictionary_learning; Bussmann starts b_dec at 0). b_enc is used (dictionary_learning,
+SAELens; Bussmann's is declared but unused, pitfall 1); the AuxK residual is detached (pitfall 2);
+dead latents are counted in tokens (`dead_tokens`, pitfall 3); the whole batch is flattened
+(pitfall 4). Defaults: aux_k = d_in // 2, aux_alpha = 1/32, lr 2e-4 / sqrt(d_sae / 2^14) and Adam
+(0.9, 0.999) (dictionary_learning's rule and betas; the paper's code used lr 3e-4, betas (0.9, 0.99),
+top_k_aux 512, batch 4096: set `lr`, `adam_betas`, `aux_k`). docs/parts/batchtopk.md lists every
+choice.
 
 This module also holds the machinery that Mutual Choice and Feature Choice (Ayonrinde 2024) share:
 the Zipf density law, its online fit and `aux_zipf` (`ZipfSAE`, `zipf_targets`); see those modules.
@@ -39,6 +60,7 @@ the Zipf density law, its online fit and `aux_zipf` (`ZipfSAE`, `zipf_targets`);
 
 from __future__ import annotations
 
+import math
 from typing import Literal
 
 import torch
@@ -71,12 +93,30 @@ class BatchTopKSAE(SAE):
         k: int = Field(
             default=32, gt=0, description="mean active latents per token (k * B per batch)"
         )
+        aux_form: Literal["squared_error", "normalised"] = Field(
+            default="squared_error",
+            description="AuxK in the reconstruction's unit, aux_alpha * mean_b |e - e_hat|^2 "
+            "(the authors' code), or normalised by the residual's variance (dictionary_learning, "
+            "spec 0.3)",
+        )
+        threshold_estimate: Literal["mean", "ema"] = Field(
+            default="mean",
+            description="inference threshold: mean of the batch minima over the last "
+            "threshold_window of training (paper section 3), or their EMA (SAELens, Bussmann's "
+            "matryoshka_sae, dictionary_learning)",
+        )
+        threshold_window: float = Field(
+            default=0.1,
+            gt=0,
+            le=1,
+            description="fraction of training, at its end, whose batches the mean threshold averages",
+        )
         threshold_rate: float = Field(
             default=0.01,
             gt=0,
             le=1,
-            description="EMA rate of the inference threshold (SAELens, Bussmann 0.01; "
-            "dictionary_learning 0.001)",
+            description="EMA rate of the threshold (the ema estimate, and the mean estimate "
+            "before its window; SAELens, Bussmann 0.01; dictionary_learning 0.001)",
         )
         threshold_start_step: int = Field(
             default=0, ge=0, description="first step that updates the threshold (dl: 1000)"
@@ -93,7 +133,13 @@ class BatchTopKSAE(SAE):
     def __init__(self, d_in: int, d_sae: int, cfg: ArchitectureConfig, generator=None):
         super().__init__(d_in, d_sae, cfg, generator)
         self.register_buffer("threshold", torch.zeros(d_sae))
-        self.steps_done = self.threshold_updates = 0  # training only: in checkpoints, not SAEs
+        # training state, in checkpoints but not in saved SAEs: the running average of the
+        # threshold's window, and counters of steps and threshold updates
+        self.register_buffer("threshold_sum", torch.zeros(d_sae, dtype=torch.float64))
+        self.register_buffer("threshold_count", torch.zeros(d_sae, dtype=torch.float64))
+        self.register_buffer("steps_done", torch.zeros((), dtype=torch.long))
+        self.register_buffer("threshold_updates", torch.zeros((), dtype=torch.long))
+        self.current_step: TrainStep | None = None  # set by loss(), read by after_step()
 
     def default_lr(self) -> float:
         return 2e-4 / (self.d_sae / 2**14) ** 0.5
@@ -114,6 +160,15 @@ class BatchTopKSAE(SAE):
         aux_k = self.cfg.aux_k or self.d_in // 2
         return "auxk", auxk_loss(x, x_hat, pre, self.W_dec, self.dead_mask(), aux_k)
 
+    def aux_scale(self, x: Tensor, x_hat: Tensor) -> Tensor | float:
+        """The factor that turns the logged AuxK, normalised by the residual's variance, into the
+        paper's squared error: mean_b |e - mean_b e|^2, so that scale * AuxK = mean_b |e - e_hat|^2
+        (e = x - x_hat detached); 1 with aux_form "normalised"."""
+        if self.cfg.aux_form == "normalised":
+            return 1.0
+        residual = (x - x_hat).detach()
+        return (residual - residual.mean(dim=0)).pow(2).sum(dim=-1).mean()
+
     def reconstruction_loss(
         self, x: Tensor, codes: Tensor, mse: Tensor
     ) -> tuple[Tensor, dict[str, Tensor]]:
@@ -122,13 +177,14 @@ class BatchTopKSAE(SAE):
         return mse, {}
 
     def loss(self, x: Tensor, step: TrainStep, extras=None) -> LossOutput:
+        self.current_step = step
         pre = self.pre_acts(x)
         codes = self.train_codes(pre)
         x_hat = self.decode(codes)
         mse = mean_squared_error(x, x_hat)
         rec, terms = self.reconstruction_loss(x, codes, mse)
         name, aux = self.aux_loss(x, x_hat, pre)
-        total = rec + self.cfg.aux_alpha * aux
+        total = rec + self.cfg.aux_alpha * self.aux_scale(x, x_hat) * aux
         return LossOutput(total, {"mse": mse, **terms, name: aux}, codes, x_hat)
 
     @torch.no_grad()
@@ -138,30 +194,44 @@ class BatchTopKSAE(SAE):
             self.update_threshold(out.codes.detach())
         self.steps_done += 1
 
-    def resume_state(self) -> dict:
-        counters = {"steps_done": self.steps_done, "threshold_updates": self.threshold_updates}
-        return {**super().resume_state(), **counters}
-
-    def load_resume_state(self, state: dict, replayed: list[Tensor]) -> None:
-        super().load_resume_state(state, replayed)
-        self.steps_done, self.threshold_updates = state["steps_done"], state["threshold_updates"]
+    def in_threshold_window(self) -> bool:
+        """Whether this step's batch belongs to the average that estimates theta (the last
+        threshold_window of training; every step when the step is unknown)."""
+        step = self.current_step
+        if self.cfg.threshold_estimate != "mean" or step is None:
+            return self.cfg.threshold_estimate == "mean"
+        window = max(1, math.ceil(self.cfg.threshold_window * step.total))
+        return step.index >= step.total - window
 
     @torch.no_grad()
     def update_threshold(self, codes: Tensor) -> None:
-        """theta <- EMA of the smallest selected activation of the batch (one value for all)."""
+        """theta <- estimate of E_X[min{z(X) > 0}] (one value for all latents)."""
         smallest = codes.masked_fill(codes <= 0, float("inf")).min().expand(self.d_sae)
-        self.ema_threshold_(smallest, where=smallest.isfinite())
+        self.estimate_threshold_(smallest, where=smallest.isfinite())
 
     @torch.no_grad()
-    def ema_threshold_(self, value: Tensor, where: Tensor | None = None) -> None:
+    def estimate_threshold_(self, value: Tensor, where: Tensor | None = None) -> None:
+        """Fold this batch's statistic `value` [d_sae] into theta, at the latents `where` (all if
+        None): the running mean inside the threshold window (the EMA before it is then forgotten),
+        the EMA otherwise."""
+        where = torch.ones_like(value, dtype=torch.bool) if where is None else where
+        if not self.in_threshold_window():
+            self.ema_threshold_(value, where)
+            return
+        self.threshold_sum += torch.where(where, value.double(), 0.0)
+        self.threshold_count += where.double()
+        mean = self.threshold_sum / self.threshold_count.clamp_min(1)
+        self.threshold.copy_(torch.where(self.threshold_count > 0, mean, self.threshold.double()))
+        self.threshold_updates += 1
+
+    @torch.no_grad()
+    def ema_threshold_(self, value: Tensor, where: Tensor) -> None:
         """threshold <- (1 - rate) threshold + rate value (the value itself at the first update),
-        only at the latents `where` (all if None)."""
+        only at the latents `where`."""
         value = value.to(self.threshold.dtype)
         if self.threshold_updates > 0:
             value = torch.lerp(self.threshold, value, self.cfg.threshold_rate)
-        if where is not None:
-            value = torch.where(where, value, self.threshold)
-        self.threshold.copy_(value)
+        self.threshold.copy_(torch.where(where, value, self.threshold))
         self.threshold_updates += 1
 
 

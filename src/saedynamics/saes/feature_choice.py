@@ -5,16 +5,17 @@ Method. The pre-activations Z = (x - b_dec) W_enc + b_enc of a batch of B tokens
 affinities; each latent i chooses its m_i tokens of largest Z_:,i, f = ReLU(Z) * S, so a latent
 fires on at most m_i tokens of a batch and a token on any number of latents. The capacities follow
 a Zipf law and sum to the budget M = k * B (mean k active latents per token, as BatchTopK).
-x_hat = f W_dec + b_dec; loss = mean_b |x - x_hat|^2 + aux_alpha * aux_zipf, AuxK (spec 0.3) over
-the dead and under-utilised latents, i.e. those whose EMA firing density p_i is below
-gamma * m_i / B (`batchtopk.ZipfSAE`).
+x_hat = f W_dec + b_dec; loss = mean_b |x - x_hat|^2 + aux_alpha * aux_zipf (in the reconstruction's
+unit, BatchTopK's `aux_form`), AuxK (spec 0.3) over the dead and under-utilised latents, i.e. those
+whose EMA firing density p_i is below gamma * m_i / B (`batchtopk.ZipfSAE`).
 
-Inference. The allocation needs the batch, so each latent gets a threshold theta_i, the EMA of the
-m_i-th largest ReLU(Z_:,i) of each training batch (the smallest activation it kept, or 0 when it
+Inference. The allocation needs the batch, so each latent gets a threshold theta_i, the average of
+the m_i-th largest ReLU(Z_:,i) of each training batch (the smallest activation it kept, or 0 when it
 had fewer than m_i positive ones): f_i = ReLU(pre_i) * 1[pre_i > theta_i], which fires on about
 m_i / B of the tokens. theta is the buffer `threshold` [d_sae], so the exported SAE is a SAELens
-`jumprelu` SAE. Same EMA as BatchTopK (rate 0.01 from the first step, first update = the batch
-value; before it theta = 0 gives dense ReLU codes).
+`jumprelu` SAE. The average is BatchTopK's estimate per latent (the mean over the batches of the
+last `threshold_window` of training, the EMA before it; `threshold_estimate = "ema"` for the EMA
+throughout; before the first update theta = 0 gives dense ReLU codes).
 
 Init and constraint are not specified by the paper; as BatchTopK (spec 8, proposed): tied init,
 unit decoder rows with the gradient projected, geometric-median b_dec, b_enc = 0; aux_k = d_in // 2,
@@ -87,4 +88,4 @@ class FeatureChoiceSAE(ZipfSAE):
             return
         ranked = codes.topk(m_max, dim=0).values  # latent i's kept values, then zeros
         value = ranked.gather(0, (m - 1).clamp_min(0)[None])[0]
-        self.ema_threshold_(value, where=m > 0)
+        self.estimate_threshold_(value, where=m > 0)

@@ -1,10 +1,11 @@
 """Gated SAE (Rajamanoharan et al. 2024, "Improving Dictionary Learning with Gated Sparse
-Autoencoders"; spec/sae-variants.md section 5). SAELens `gated`.
+Autoencoders", arXiv 2404.16014; spec/sae-variants.md section 5). SAELens `gated`.
 
-Method. The encoder separates which latents fire from how strongly, with one shared weight:
+Method (section 3). The encoder separates which latents fire from how strongly, with one shared
+weight:
     x_c = x - b_dec
     pi_gate = x_c W_gate + b_gate                       (decides firing)
-    pi_mag  = x_c (W_gate * exp(r_mag)) + b_mag         (magnitude; W_gate rescaled per latent)
+    pi_mag  = x_c W_mag + b_mag,  (W_mag)_ij = exp(r_mag,j) (W_gate)_ij   (weight sharing)
     f = 1[pi_gate > 0] * ReLU(pi_mag),  x_hat = f W_dec + b_dec.
 Loss = mean_b [ |x - x_hat|^2 + lambda |ReLU(pi_gate)|_1
                 + |x - (ReLU(pi_gate) sg(W_dec) + sg(b_dec))|^2 ].
@@ -12,9 +13,12 @@ The gate is not differentiable, so the third (auxiliary) term is the path by whi
 trains W_gate and b_gate: it decodes the gate's activations through a frozen copy of the decoder,
 so that it does not pull the decoder itself. As in the paper's code, dictionary_learning and
 SAELens, only the decoding is frozen: b_dec also enters x_c, and through x_c every term (the
-auxiliary one included) reaches b_dec. The L1 is not weighted by decoder norms (GDM).
+auxiliary one included) reaches b_dec. The L1 is not weighted by decoder norms: the decoder rows
+are held at unit norm. With the weights shared, the Gated encoder is a JumpReLU of pi_mag with
+per-latent threshold b_mag,i - exp(r_mag,i) b_gate,i (the paper's remark, which Jumping Ahead
+builds on).
 
-Init (spec 5): decoder rows random at unit norm, W_gate = W_dec^T, r_mag = b_gate = b_mag = 0,
+Init: decoder rows random at unit norm, W_gate = W_dec^T, r_mag = b_gate = b_mag = 0,
 b_dec = 0. Constraint: unit decoder rows with gradient projection (ConstrainedAdam; shared in
 `base`). Inference: the same deterministic gate and magnitude. Saved tensors, SAELens' names:
 W_enc (= W_gate), b_gate, r_mag, b_mag, W_dec, b_dec; there is no b_enc. Folding the input scale

@@ -1,56 +1,49 @@
-"""JumpReLU SAE (Rajamanoharan et al. 2024, "Jumping Ahead"; Gemma Scope; spec/sae-variants.md
-section 4). SAELens `jumprelu`.
+"""JumpReLU SAE (Rajamanoharan et al. 2024, "Jumping Ahead: Improving Reconstruction Fidelity with
+JumpReLU Sparse Autoencoders", arXiv 2407.14435; Gemma Scope, arXiv 2408.05147). SAELens `jumprelu`.
 
-Method. pre = W_enc x + b_enc (no b_dec subtracted from the input); per-latent thresholds
-theta = exp(log_theta) > 0; f = pre * H(pre - theta); x_hat = f W_dec + b_dec.
-Loss = mean_b [ |x - x_hat|^2 + lambda * sum_i H(z_i - theta_i) ] with z = pre (see `l0_input`
-below), an L0 penalty (not weighted by decoder norms), lambda warmed up linearly from 0. H has no useful derivative, so both functions
-get straight-through estimators with the rectangle kernel K(u) = 1[|u| < 1/2] and bandwidth eps:
-    JumpReLU z * 1[z > theta]:  d/dz = 1[z > theta],  d/dtheta = -(theta / eps) K((z - theta) / eps)
-    Step 1[z > theta]:          d/dz = 0,             d/dtheta = -(1 / eps) K((z - theta) / eps)
-summed over the batch. The trained parameter is log_theta, and the estimators are applied to
-theta = exp(log_theta), so autograd adds the chain factor theta (pitfall 1 of the spec: passing
-log_theta in and returning the theta-gradient drops it). The L0 term sends no gradient to the
-encoder; the reconstruction reaches theta only through the JumpReLU estimator.
+Method (section 3). pi = W_enc x + b_enc (no b_dec subtracted from the input) and a per-latent
+threshold theta > 0:
+    JumpReLU_theta(z) = z H(z - theta)                                          (eq. 4)
+    f(x) = JumpReLU_theta(W_enc x + b_enc),   x_hat = W_dec f + b_dec            (eq. 8)
+    L(x) = |x - x_hat|^2 + lambda |f|_0,   |f|_0 = sum_i H(pi_i - theta_i)       (eqs. 9, 10)
+averaged over the batch, lambda warmed up linearly from 0. H has no useful derivative, so both
+functions get straight-through estimators, pseudo-derivatives with a kernel K and bandwidth eps
+(section 4), here the rectangle K(u) = H(u + 1/2) - H(u - 1/2) = 1[|u| < 1/2] the paper uses:
+    d/dtheta JumpReLU_theta(z) = -(theta / eps) K((z - theta) / eps)            (eq. 11)
+    d/dtheta H(z - theta)      = -(1 / eps) K((z - theta) / eps)                (eq. 12)
+and with respect to z: H(z - theta) for JumpReLU, 0 for H (the L0 term sends no gradient to the
+encoder; the reconstruction reaches theta only through eq. 11). Summed over the batch, eq. 12 is
+a kernel density estimate of -p(theta), the density of pi_i at the threshold (section 4).
+The trained parameter is log theta (appendix J's pseudo-code); the estimators are applied to
+theta = exp(log theta), so autograd adds the chain factor theta.
 
-Init (spec 4): decoder rows random at unit norm, W_enc = W_dec^T, b_enc = b_dec = 0,
-theta = `init_threshold`. Constraint: unit decoder rows with gradient projection (as
-dictionary_learning; shared in `base`). No dead-latent mechanism (GDM has none).
-Inference: f = pre * 1[pre > theta]; the export writes `threshold` = theta (SAELens computes
-ReLU(pre) * 1[pre > threshold], the same for theta > 0). Folding the input scale leaves pre, hence
-theta, unchanged (W_enc * s on inputs / s).
+Init (appendix I / Gemma Scope section 3): decoder rows random at unit norm, W_enc = W_dec^T,
+b_enc = b_dec = 0, theta = 0.001. Constraint: unit decoder rows, the gradient component parallel
+to them removed (shared in `base`). No dead-latent mechanism. Inference: f = pi H(pi - theta); the
+export writes `threshold` = theta (SAELens computes ReLU(pi) H(pi - theta), the same for theta > 0).
+Folding the input scale leaves pi, hence theta, unchanged (W_enc * s on inputs / s).
 
-Defaults and their sources:
-- bandwidth 0.1 and init_threshold 0.1, in the trainer's units: its input scaling makes E|x|^2
-  about d_in, so pre-activations at init have about unit scale. GDM's 0.001 and 0.001 (spec 4,
-  unverified) are for E|x|^2 = 1; converted they are 0.001 * sqrt(d_in) (0.02 at d_in = 512), but
-  they go with runs of 10^5-10^6 steps. Adam moves log_theta by about lr per step, so theta must
-  start within a few e-folds of where it ends (a fraction of the pre-activation scale), and a
-  kernel that narrow sees a latent's pre-activation in its window on too few tokens to move theta
-  in 10^3-10^4 steps. On the recovery organism (1,000 steps, lr 0.004-0.008) the converted
-  values leave L0 at 21 of 32 for lambda 0.3-1, and lambda 3 brings it to 5 only by killing a
-  third of the latents (MCC 0.6); 0.1 and 0.1 reach L0 2-3 at MCC 0.89. 0.1 is also Anthropic's
-  init threshold for the same input scaling (E|x| = sqrt(d); their bandwidth 2.0 goes with the tanh penalty).
-- lr 7e-5 and Adam betas (0, 0.999) (GDM and dictionary_learning). Since log_theta is trained, Adam moves
-  theta by a factor of about exp(lr) per step: lr x steps bounds how far theta can travel from
-  init_threshold (SAELens issue #494), so short runs need a larger lr or a closer init.
-- lambda 1.0 (SAELens `l0_coefficient`), in the trainer's units (summed squared error of inputs
-  with E|x|^2 of about d_in); it sets L0 and is meant to be tuned.
-- lambda warm-up over the first 5% of steps (GDM warms up over 10k steps, a small fraction of its
-  runs; 5% as `relu` keeps runs of any length comparable).
+Defaults of the main experiment, in the trainer's units: the paper trains on activations scaled
+to E|x|^2 = 1 with eps = 0.001 and theta_0 = 0.001; the trainer scales to E|x|^2 of about d_in, so
+pre-activations are about sqrt(d_in) larger, and both default to 0.001 sqrt(d_in) (`bandwidth`,
+`init_threshold` = None). Adam beta1 = 0, beta2 = 0.999, lr 7e-5; lambda warmed up linearly
+(paper: over its first 10,000 steps; here a fraction of training, `l0_warmup_fraction`, as the
+other L1/L0 architectures). lambda 1.0 (SAELens `l0_coefficient`; the paper sweeps it). Since
+log theta is trained, Adam moves theta by a factor of about exp(lr) per step: lr x steps bounds
+how far theta can travel from its init (SAELens issue #494), so short runs need a larger lr, a
+larger bandwidth and a closer init (the demo sets them).
 
-Choice where the paper is open (spec 4, pitfall 2): what the Step estimator sees, `l0_input`.
-"pre" (default, SAELens): Step(pre, theta), whose window |pre - theta| < eps/2 straddles the
-threshold, the estimator derived in the paper for H(pre - theta). "magnitude" (dictionary_learning,
-Bussmann; GDM's pseudo-code, unverified): Step(f, theta) on the JumpReLU output, where latents just
-below theta are 0, so only (theta, theta + eps/2) contributes (and where theta < eps/2, every
-token on which the latent is off sits in the window at z = 0).
+Choice the paper leaves open, `l0_input`: eq. 10 applies H to the pre-activations pi ("pre", the
+default, as SAELens), whose window |pi - theta| < eps/2 straddles the threshold as the density
+estimate needs. Appendix J's pseudo-code applies the step to the JumpReLU output ("magnitude", as
+dictionary_learning), where latents just below theta are 0, so only (theta, theta + eps/2) is seen
+(and where theta < eps/2, every token on which the latent is off sits in the window at z = 0).
 """
 
 from __future__ import annotations
 
 import math
-from typing import Literal
+from typing import ClassVar, Literal
 
 import torch
 from pydantic import Field
@@ -115,8 +108,18 @@ class JumpReLUSAE(SAE):
         l0_warmup_fraction: float = Field(
             default=0.05, ge=0, le=1, description="fraction of training over which lambda ramps up"
         )
-        bandwidth: float = Field(default=0.1, gt=0, description="STE kernel width eps")
-        init_threshold: float = Field(default=0.1, gt=0, description="theta at init")
+        bandwidth: float | None = Field(
+            default=None,
+            gt=0,
+            description="STE kernel width eps; None: the paper's 0.001 at E|x|^2 = 1, i.e. "
+            "0.001 sqrt(d_in) in the trainer's units",
+        )
+        init_threshold: float | None = Field(
+            default=None,
+            gt=0,
+            description="theta at init; None: the paper's 0.001 at E|x|^2 = 1, i.e. "
+            "0.001 sqrt(d_in) in the trainer's units",
+        )
         l0_input: Literal["pre", "magnitude"] = Field(
             default="pre",
             description="what the L0 Step sees: pre-activations (SAELens) or the JumpReLU "
@@ -132,9 +135,25 @@ class JumpReLUSAE(SAE):
     base_lr = 7e-5
     default_adam_betas = (0.0, 0.999)
 
+    # eps and theta_0 of the paper (appendix I), for activations scaled to E|x|^2 = 1
+    paper_bandwidth: ClassVar[float] = 0.001
+    paper_init_threshold: ClassVar[float] = 0.001
+
     def __init__(self, d_in: int, d_sae: int, cfg: ArchitectureConfig, generator=None):
         super().__init__(d_in, d_sae, cfg, generator)
-        self.log_threshold = nn.Parameter(torch.full((d_sae,), math.log(cfg.init_threshold)))
+        self.log_threshold = nn.Parameter(torch.full((d_sae,), math.log(self.init_threshold)))
+
+    def in_trainer_units(self, value: float | None, paper_value: float) -> float:
+        """A configured value, or the paper's (for E|x|^2 = 1) scaled to E|x|^2 = d_in."""
+        return value if value is not None else paper_value * math.sqrt(self.d_in)
+
+    @property
+    def bandwidth(self) -> float:
+        return self.in_trainer_units(self.cfg.bandwidth, self.paper_bandwidth)
+
+    @property
+    def init_threshold(self) -> float:
+        return self.in_trainer_units(self.cfg.init_threshold, self.paper_init_threshold)
 
     @property
     def threshold(self) -> Tensor:
@@ -150,11 +169,11 @@ class JumpReLUSAE(SAE):
     def loss(self, x: Tensor, step: TrainStep, extras=None) -> LossOutput:
         pre = self.pre_acts(x)
         theta = self.threshold
-        codes = JumpReLU.apply(pre, theta, self.cfg.bandwidth)
+        codes = JumpReLU.apply(pre, theta, self.bandwidth)
         x_hat = self.decode(codes)
         mse = mean_squared_error(x, x_hat)
         z = pre if self.cfg.l0_input == "pre" else codes
-        l0 = Step.apply(z, theta, self.cfg.bandwidth).sum(dim=-1).mean()
+        l0 = Step.apply(z, theta, self.bandwidth).sum(dim=-1).mean()
         total = mse + self.l0_coefficient(step) * l0
         return LossOutput(total, {"mse": mse, "l0": l0}, codes, x_hat)
 

@@ -1,41 +1,44 @@
 """Matryoshka SAE (Bussmann, Nabeshima, Karvonen & Nanda 2025, "Learning Multi-Level Features with
-Matryoshka Sparse Autoencoders", arXiv 2503.17547; Nabeshima 2024), BatchTopK variant.
+Matryoshka Sparse Autoencoders", arXiv 2503.17547, ICML 2025; Nabeshima 2024), BatchTopK variant.
 
-Method. The latents are split into contiguous groups G_1..G_n (`group_fractions` of d_sae, in
-order); prefix g is G_1 u ... u G_g. Codes f come from BatchTopK over all latents (global top k*B
-of ReLU((x - b_dec) W_enc + b_enc)); prefix g reconstructs with its own latents only,
+Method (paper section 3). Nested dictionary sizes m_1 < ... < m_n = F: the latents form contiguous
+groups G_1..G_n (`group_fractions` of F, in order) and prefix g = G_1 u ... u G_g holds the first
+m_g latents. Codes come from BatchTopK over all F latents, f = BatchTopK(ReLU((x - b_dec) W_enc +
+b_enc)) (batchtopk.py), and prefix g reconstructs with its own latents only,
 
-    x_hat_g = b_dec + sum_{h <= g} f_{G_h} W_dec[G_h],      x_hat_n = x_hat (the whole dictionary),
+    x_hat_g = f_{1:m_g} W_dec[1:m_g] + b_dec,        x_hat_n = x_hat (the whole dictionary).
 
-and every prefix is trained to reconstruct on its own:
+Every prefix is trained to reconstruct on its own (section 3 loss):
 
-    L = sum_g w_g mean_b |x - x_hat_g|^2 / sum_g w_g  +  aux_alpha * AuxK,
+    L = sum_g w_g |x - x_hat_g|^2  +  aux_alpha * AuxK,         w_g = 1 (the paper's plain sum),
 
-so the first latents must carry the most general features and later groups refine them. AuxK
-(spec 0.3) models the detached residual of the full reconstruction, as dictionary_learning and
-Bussmann do (not SAELens' optional per-level aux).
+in our unit (mean over tokens of the summed squared error), so the first latents must carry the
+most general features and later groups refine them. AuxK models the detached residual of the full
+reconstruction, as dictionary_learning and the paper's code do, in the reconstruction's unit
+(aux_alpha * mean_b |e - e_hat|^2, the authors' code; BatchTopK's `aux_form`).
 
-Defaults: group_fractions [1/16, 1/16, 1/8, 1/4, 1/2] (Bussmann `main.py`), uniform group weights
-(dictionary_learning); group sizes int(fraction * d_sae), the remainder to the last group
-(dictionary_learning). Everything else, including inference (the BatchTopK global threshold, EMA
-rate 0.01 from the first step, Bussmann's rate), the SAELens `jumprelu` export, tied init with unit
-decoder rows, geometric-median b_dec, projection + renormalisation, aux_k = d_in // 2, aux_alpha =
-1/32 and lr 2e-4 / sqrt(d_sae / 2^14), is BatchTopK's (see batchtopk.py). The groups act in
-training only: inference and export use the whole dictionary.
+Alternatives (`prefix_loss`): "mean" divides by sum_g w_g (dictionary_learning's normalised
+weights; this module's default before issue 18); "with_bias_only" is the authors' code
+(bartbussmann/matryoshka_sae `GlobalBatchTopKMatryoshkaSAE`): the mean over {b_dec alone, prefix_1..n},
+(|x - b_dec|^2 + sum_g w_g |x - x_hat_g|^2) / (1 + sum_g w_g). Its bias-only term reaches only b_dec.
+`group_weights` weighs the prefixes (dictionary_learning; default 1 each).
 
-Choice of loss form (spec section 12): dictionary_learning's weighted form, not Bussmann's mean
-over {bias-only, prefix_1..n}. Bussmann's extra bias-only term (x - b_dec)^2 reaches only b_dec and
-pulls it to the data mean, fighting the geometric-median init and the reconstructions it serves;
-the weighted form has no such term and is in our loss unit (mean over tokens of the summed squared
-error). The weights are normalised to sum to 1, so the default is the plain mean over prefixes
-(dictionary_learning multiplies by w_g = 1/n and then also averages, a further 1/n that only
-rescales the loss relative to AuxK). The "mse" term logged is the full reconstruction's, as for
-every architecture; "matryoshka" is the prefix loss that is minimised.
+Defaults of the main experiment (the authors' `main.py`, Gemma-2-2B): group_fractions
+[1/16, 1/16, 1/8, 1/4, 1/2], i.e. prefixes F/16, F/8, F/4, F/2, F (the sizes of the BatchTopK
+SAEs it is compared with); group sizes int(fraction * F), the remainder to the last group
+(dictionary_learning). Inference is BatchTopK's (the global threshold theta, the average of the
+batch minima at the end of training; exported as SAELens `jumprelu`), as are init (tied, unit
+decoder rows, geometric-median b_dec), the constraint (projection + renormalisation), aux_k =
+d_in // 2, aux_alpha = 1/32 and lr 2e-4 / sqrt(F / 2^14) (see batchtopk.py). The groups act in
+training only: inference and export use the whole dictionary. The "mse" term logged is the full
+reconstruction's, as for every architecture; "matryoshka" is the prefix loss that is minimised.
+docs/parts/matryoshka.md lists every choice.
 """
 
 from __future__ import annotations
 
 import math
+from typing import Literal
 
 from pydantic import Field, model_validator
 from torch import Tensor
@@ -60,7 +63,13 @@ class MatryoshkaSAE(BatchTopKSAE):
             description="fraction of the latents in each nested group, in order; sum 1",
         )
         group_weights: list[float] | None = Field(
-            default=None, description="weight of each prefix's reconstruction; None: uniform"
+            default=None, description="weight of each prefix's reconstruction; None: 1 each"
+        )
+        prefix_loss: Literal["sum", "mean", "with_bias_only"] = Field(
+            default="sum",
+            description="sum_g w_g |x - x_hat_g|^2 (paper section 3); mean: divided by sum_g w_g "
+            "(dictionary_learning); with_bias_only: the mean over {b_dec alone, prefixes} "
+            "(the authors' code)",
         )
 
         @model_validator(mode="after")
@@ -99,8 +108,7 @@ class MatryoshkaSAE(BatchTopKSAE):
         super().__init__(d_in, d_sae, cfg, generator)
         sizes = cfg.group_sizes(d_sae)
         self.group_ends = [sum(sizes[: g + 1]) for g in range(len(sizes))]
-        weights = cfg.group_weights or [1.0] * len(sizes)
-        self.group_weights = [w / sum(weights) for w in weights]
+        self.group_weights = [float(w) for w in cfg.group_weights or [1.0] * len(sizes)]
 
     def prefix_reconstructions(self, codes: Tensor, n_prefixes: int | None = None) -> list[Tensor]:
         """x_hat_g for the first `n_prefixes` prefixes g (all: the last is the full x_hat)."""
@@ -117,4 +125,9 @@ class MatryoshkaSAE(BatchTopKSAE):
         inner = self.prefix_reconstructions(codes, len(self.group_ends) - 1)
         errors = [mean_squared_error(x, x_hat) for x_hat in inner] + [mse]
         loss = sum(w * e for w, e in zip(self.group_weights, errors, strict=True))
+        if self.cfg.prefix_loss == "mean":
+            loss = loss / sum(self.group_weights)
+        elif self.cfg.prefix_loss == "with_bias_only":
+            bias_only = mean_squared_error(x, self.b_dec.expand_as(x))
+            loss = (bias_only + loss) / (1 + sum(self.group_weights))
         return loss, {"matryoshka": loss}

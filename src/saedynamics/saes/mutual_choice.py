@@ -10,13 +10,16 @@ inference, exported as SAELens `jumprelu`), init (tied, unit decoder rows, geome
 constraint (unit norm + gradient projection), defaults and pitfalls are BatchTopK's (spec section 9
 -> section 3; see batchtopk.py).
 
-The one difference is the auxiliary loss. Loss = mean_b |x - x_hat|^2 + aux_alpha * aux_zipf:
-AuxK (spec 0.3) over the dead *and under-utilised* latents, a latent being under-utilised when its
-EMA firing density p_i is below gamma times the density a Zipf law expects at its density rank
-(`batchtopk.ZipfSAE`). With `aux = "auxk"` the model is BatchTopK exactly.
+The one difference is the auxiliary loss. Loss = mean_b |x - x_hat|^2 + aux_alpha * aux_zipf, in the
+reconstruction's unit as BatchTopK's (`aux_form`): AuxK (spec 0.3) over the dead *and
+under-utilised* latents, a latent being under-utilised when its EMA firing density p_i is below
+gamma times the density a Zipf law expects at its density rank (`batchtopk.ZipfSAE`). With
+`aux = "auxk"` the model is BatchTopK exactly.
 
-Choices (the paper's code is not released; spec section 8 marks aux_zipf and the Zipf law as
-*proposed*, so they are config options):
+Choices (the paper's code is not released, and only its abstract could be read here: it fixes the
+allocation and names aux_zipf_loss, "which generalises the aux_k_loss to mitigate dead and
+underutilised features"; spec section 8 marks aux_zipf and the Zipf law as *proposed*, so they are
+config options; docs/parts/mutual_choice.md):
 - Zipf law p*_r = k (r + b)^-s / sum (r' + b)^-s over density ranks r, total density k per token
   (the budget); s fitted online (least squares in log-log over the resolved densities, s >= 0)
   unless `zipf_exponent` is set; b = `zipf_offset` = 0 (plain Zipf). Fitting rather than fixing s

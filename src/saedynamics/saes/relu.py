@@ -1,15 +1,24 @@
-"""ReLU SAE with an L1 penalty weighted by decoder norms (Anthropic's April-2024 update,
-"How we train SAEs"; SAELens `standard` with apply_b_dec_to_input=False).
+"""ReLU SAE with an L1 penalty weighted by decoder norms: Anthropic's "Circuits Updates - April
+2024: Update on how we train SAEs" (transformer-circuits.pub/2024/april-update, section "Training
+SAEs"; spec/sae-variants.md section 1b). SAELens `standard` with apply_b_dec_to_input=False.
 
-Method. f = ReLU(W_enc x + b_enc), with no b_dec subtracted from the input; x_hat = f W_dec + b_dec.
-Loss = mean_b [ |x - x_hat|^2 + lambda * sum_i f_i |d_i| ]: because the penalty includes the decoder
-norm, the decoder is left unconstrained and cannot shrink the codes for free. lambda warms up
-linearly from 0 over the first 5% of training. Init: decoder rows of norm 0.1, W_enc = W_dec^T,
-biases 0 (`b_dec_init` can start b_dec at the data's median instead, which matters where the
-residual stream is dominated by a constant offset, as early in LM training). The inputs are scaled so that E|x| = sqrt(d) (the trainer's `input_scaling`).
+Method. No pre-encoder bias is subtracted from the input:
+    f = ReLU(W_enc x + b_enc),   x_hat = W_dec f + b_dec
+    L = E_x [ |x - x_hat|_2^2 + lambda sum_i f_i |W_dec,i|_2 ]
+(the expectation is the batch mean). Because the penalty includes each decoder norm, the decoder
+is left unconstrained and cannot shrink the codes for free.
 
-At export the decoder norms are folded into the encoder (f_i |d_i|, d_i / |d_i|), which leaves x_hat
-and the penalty unchanged and gives unit decoder rows, as SAELens does.
+Defaults of the update's recipe: lambda = 5 (2 to 10 tried), warmed up linearly from 0 over the
+first 5% of training; Adam (0.9, 0.999) without weight decay, lr 5e-5; the lr decays linearly to 0
+over the last 20% and gradients are clipped at norm 1 (the trainer's `lr_decay_fraction` and
+`grad_clip_norm`); inputs scaled to E|x| = sqrt(d) (the trainer's `input_scaling`).
+Init: decoder columns in random directions at a fixed norm, the update's range 0.05 to 1: 0.1,
+as SAELens; W_enc = W_dec^T; biases 0 (`b_dec_init` can start b_dec at the data's median instead,
+which matters where the residual stream is dominated by a constant offset, as early in training).
+No resampling or other dead-latent mechanism.
+
+Inference: at export the decoder norms are folded into the encoder (f_i |d_i|, d_i / |d_i|), which
+leaves x_hat and the penalty unchanged and gives unit decoder rows, as SAELens does.
 """
 
 from __future__ import annotations

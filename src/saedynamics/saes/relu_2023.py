@@ -1,18 +1,23 @@
-"""ReLU SAE with an L1 penalty and neuron resampling: the 2023 recipe of Towards Monosemanticity
-(Bricken et al. 2023; spec/sae-variants.md section 1a). SAELens `standard`, apply_b_dec_to_input.
+"""ReLU SAE with an L1 penalty and neuron resampling: the 2023 recipe of Bricken et al. 2023,
+"Towards Monosemanticity: Decomposing Language Models With Dictionary Learning" (Transformer
+Circuits Thread; spec/sae-variants.md section 1a). SAELens `standard`, apply_b_dec_to_input.
 
-Method. f = ReLU(W_enc (x - b_dec) + b_enc) (tied pre-bias), x_hat = f W_dec + b_dec;
-loss = mean_b [ |x - x_hat|^2 + lambda |f|_1 ], lambda warmed up linearly from 0 (as `relu`).
-Constraint: decoder rows at unit norm, the gradient projected onto the sphere before each step and
-the rows renormalised after it (spec 0.1 family 1, shared in `base`); with unit rows the plain L1
-of f is the L1 of each latent's contribution f_i |d_i|. Init: tied (W_enc = W_dec^T, unit rows),
-b_enc = 0, b_dec at the geometric median of the init sample. Inference: the same deterministic ReLU.
+Method ("Problem Setup: Sparse Autoencoder"):
+    x_bar = x - b_d,   f = ReLU(W_e x_bar + b_e),   x_hat = W_d f + b_d
+    L = 1/|X| sum_x |x - x_hat|_2^2 + lambda |f|_1
+with b_d the tied pre-encoder bias (our b_dec), lambda warmed up linearly from 0 (as `relu`).
+Constraint (appendix on autoencoder training): decoder rows (the paper's columns of
+W_d) at unit norm, the gradient component parallel to them removed before each step and the rows
+renormalised after it (spec 0.1 family 1, shared in `base`); with unit rows the L1 of f is the L1
+of each latent's contribution f_i |d_i|. Init: tied (W_e = W_d^T, unit rows), b_e = 0, b_d at the
+geometric median of the init sample. Inference: the same deterministic ReLU; no conversion.
 
-Neuron resampling, at the training fractions `resample_at`: the latents that have not fired since
-the previous resampling (or since the start) are dead. The current SAE's per-token loss
-|x - x_hat|^2 is computed on the inputs kept in the buffer described below; for each dead latent
-an input is drawn with probability proportional to loss^2 (without replacement, so that no two
-latents get the same direction); then
+Neuron resampling (appendix "Neuron Resampling"), at the training fractions `resample_at`: the
+latents that have not fired since the previous resampling (or since the start) are dead. The
+current SAE's per-token loss |x - x_hat|^2 is computed on the inputs kept in the buffer described
+below; each input gets probability loss^2 / sum loss^2 (`resampling_probabilities`), and for each
+dead latent an input is drawn (without replacement, so that no two latents get the same direction);
+then
     d_i <- x / |x|,   W_enc[:, i] <- x / |x| * 0.2 * mean_{live j} |W_enc[:, j]|,   b_enc,i <- 0,
 and Adam's first and second moments of exactly those entries are zeroed (the optimiser attached by
 the trainer). Draws continue the SAE's init RNG stream, so a seed reproduces its resamplings.
@@ -161,6 +166,16 @@ class ReLU2023SAE(SAE):
         self.recent_inputs = list(replayed)
 
     @torch.no_grad()
+    def resampling_probabilities(self, inputs: Tensor) -> Tensor:
+        """P(input n is drawn) = loss_n^2 / sum_m loss_m^2, loss_n = |x_n - x_hat_n|^2 (float64,
+        on the CPU, where the draw happens); uniform if every loss is 0."""
+        losses = torch.cat([(b - self(b)).pow(2).sum(dim=-1) for b in inputs.split(4096)])
+        weights = losses.double().pow(2).cpu()
+        if not weights.sum() > 0:
+            weights = torch.ones_like(weights)
+        return weights / weights.sum()
+
+    @torch.no_grad()
     def resample(self, inputs: Tensor) -> Tensor:
         """Resample the latents that did not fire since the last resampling from `inputs`;
         return their indices."""
@@ -168,13 +183,10 @@ class ReLU2023SAE(SAE):
         self.fired_since_resample.zero_()
         if len(dead) == 0:
             return dead
-        losses = torch.cat([(b - self(b)).pow(2).sum(dim=-1) for b in inputs.split(4096)]).double()
-        weights = losses.pow(2).cpu()
-        if not weights.sum() > 0:
-            weights = torch.ones_like(weights)
+        probabilities = self.resampling_probabilities(inputs)
         n = len(dead)
         chosen = torch.multinomial(
-            weights, n, replacement=n > len(weights), generator=self.generator
+            probabilities, n, replacement=n > len(probabilities), generator=self.generator
         )
         directions = inputs[chosen.to(inputs.device)]
         directions = directions / directions.norm(dim=1, keepdim=True).clamp_min(1e-8)

@@ -1,62 +1,67 @@
 """Variational TopK SAE (vSAE; Baker, Li et al. 2025, "Analysis of Variational Sparse
 Autoencoders", arXiv 2509.22994; reference code ZachData/SPAR-Variational-Sparse-Autoencoders
 `dictionary_learning/trainers/vsae_topk.py` at the paper's commit 8e1581a; spec/sae-variants.md
-section 6).
+section 6; docs/parts/vsae.md).
 
-Method. The encoder outputs a Gaussian posterior q(z | x) = N(mu, diag sigma^2) per latent, a
-sample of it is sparsified by a top-k on magnitudes, and a KL term pulls q towards N(0, I):
+Method. The vSAE "replaces deterministic ReLU gating with stochastic sampling from learned Gaussian
+posteriors and incorporates KL divergence regularization toward a standard normal prior" (paper,
+abstract). The encoder outputs a diagonal Gaussian q(z | x) = N(mu, diag sigma^2), a sample of it
+is sparsified by a top-k on magnitudes, and the closed-form KL(q || N(0, I)) is added to the loss:
 
     mu = ReLU(W_enc x + b_enc)                   (Anthropic "April" mode: no b_dec subtracted)
     learned variance:  log sigma^2 = clamp(W_var x + b_var, -6, 2)
     fixed variance:    sigma = fixed_std
-    z = mu + eps * sigma, eps ~ N(0, I)          (training only; reparameterisation trick)
+    z = mu + sigma * eps,  eps ~ N(0, I)         (training only: the reparameterisation trick)
     f = z on the k latents of largest |z| (signed values kept), 0 elsewhere
     x_hat = f W_dec + b_dec
+    KL = mean_b 1/2 sum_i (mu_i^2 + sigma_i^2 - 1 - log sigma_i^2)     over ALL F latents
     L = mean_b |x - x_hat|^2 + kl_coeff * min(1, progress / kl_warmup) * KL + aux_alpha * AuxK
-    KL = mean_b 1/2 sum_i (mu_i^2 + sigma_i^2 - 1 - log sigma_i^2)   over ALL latents (closed form)
 
-Inference is deterministic, z = mu: a plain top-k on mu >= 0, which is SAELens' `topk` (top-k of
-the pre-activation, then ReLU, apply_b_dec_to_input False) with the decoder norms NOT folded into
-the encoder: the decoder is unconstrained and the top-k set is not invariant to per-latent
-rescaling (SAELens refuses that fold for the same reason). `exported()` therefore folds only the
-input scale, and the saved SAE (W_enc, b_enc, W_dec, b_dec; cfg k, rescale_acts_by_decoder_norm
-False) loads with `sae_lens.SAE.load_from_disk`. The log-variance encoder (W_var, b_var) shapes
-training only and is not saved.
+Inference is deterministic, z = mu: a top-k on mu >= 0, which is SAELens' `topk` (top-k of the
+pre-activation, then ReLU, apply_b_dec_to_input False) with the decoder norms NOT folded into the
+encoder: the decoder is unconstrained and the top-k set is not invariant to per-latent rescaling
+(SAELens refuses that fold for the same reason). `exported()` therefore folds only the input
+scale; the saved SAE (W_enc, b_enc, W_dec, b_dec; cfg k, rescale_acts_by_decoder_norm False) loads
+with `sae_lens.SAE.load_from_disk`. The log-variance encoder (W_var, b_var) shapes training only
+and is not saved.
 
-Defaults and their sources (reference code unless stated): lr 5e-4; aux_alpha 1/32 with
-k_aux = d_in / 2, dead latents ranked by |z| with signed values; KL warm-up over the first 10% of
-training; log-variance bias init -2 with Kaiming-uniform W_var; dead window 10M tokens (the shared
-`dead_tokens` default, the reference's at paper time). Init: decoder rows of norm 0.1,
-W_enc = W_dec^T, biases 0; the decoder is unconstrained (April mode).
+Defaults (reference code unless stated): lr 5e-4; Adam (0.9, 0.999); kl_coeff 1.0 (the value in
+the paper's Pythia-70M run, see below); KL warm-up over the first 10% of training; aux_alpha 1/32
+with k_aux = d_in / 2, dead latents ranked by |z| with signed values; dead window 10M tokens (the
+shared `dead_tokens` default, the reference's at paper time). Init (reference `_init_weights`):
+Gaussian directions of norm 0.1, W_enc = W_dec^T, biases 0; W_var Kaiming-uniform (a = 0.01),
+b_var = -2 (sigma^2 ~ 0.135). No decoder constraint (April mode).
 
-Choices where the paper or the code is open:
-- Sampling is the default (`var_flag = "learned"`, the reference's var_flag = 1): a Gaussian
-  posterior with a learned variance, sampled in training, with its exact KL to N(0, I), as the
-  paper's abstract describes the vSAE ("stochastic sampling from learned Gaussian posteriors"). The
-  reference's default var_flag = 0 ("fixed_var") never samples, although the authors' write-up
-  samples N(activation, 1) (spec pitfall 1). `var_flag = "fixed"` gives the posterior
-  N(mu, fixed_std^2): fixed_std = 1 is the write-up, fixed_std = 0 the reference's deterministic
-  code. Its KL term is the mu-dependent part, 1/2 sum_i mu_i^2 (the reference's form), which equals
-  the full KL at fixed_std = 1; the constant 1/2 (sigma^2 - 1 - log sigma^2) per latent carries no
-  gradient and is infinite at sigma = 0, so it is dropped.
-- kl_coeff = 1.0: the value in the names of the paper's run directories (spec section 6, names
-  only; unconfirmed), i.e. beta = 1 against the summed squared error; the reference code's default
-  is 500 (for activations whose scale it does not record). The KL is over all latents (not only
-  the top-k, the reference's alternative `vsae_topk_masked_kl.py`): it pulls sigma towards 1 on
-  latents the top-k does not use, and that noise then competes in the top-k by |z|, which the
-  paper blames for the vSAE's worse metrics. On the recovery organism of the tests (1M tokens;
-  TopK 0.9, a random dictionary 0.44) the dictionary MCC is 0.65 at kl_coeff 1, 0.48 at 500, 0.89
-  at 0.1 and 0.89 at 0; the deterministic fixed_std = 0 reaches 0.77. mu is clamped to <= 10 inside
-  the KL, as in the reference (a guard; mu >= 0 already).
-- k = 32, the `topk` default, so that the study compares the two at matched L0; the reference's
-  default k = 0.08 * n_latents is far denser than any other architecture here.
+Where the paper leaves it open or we differ, and why (docs/parts/vsae.md has the table):
+- Sampling with a learned variance is the default (`var_flag = "learned"`, the reference's
+  var_flag = 1), as the paper's abstract describes the method. The paper's Pythia-70M run
+  directory (comprehensive_histogram_analysis/VSAETopK_pythia70m_d8192_k256_lr0.0008_kl1.0_aux0_
+  fixed_var at 8e1581a) names the reference's var_flag = 0 ("fixed_var"), which never samples;
+  the authors' LessWrong write-up samples N(activation, 1). `var_flag = "fixed"` gives the
+  posterior N(mu, fixed_std^2): fixed_std = 1 is the write-up, fixed_std = 0 the reference's
+  deterministic code (the run's setting). Its KL is the mu-dependent part, 1/2 sum_i mu_i^2 (the
+  reference's form), which equals the full KL at fixed_std = 1; the constant
+  1/2 (sigma^2 - 1 - log sigma^2) per latent carries no gradient and is infinite at sigma = 0, so
+  it is dropped.
+- kl_coeff = 1.0, the paper run's value (the reference's default, 500, is for activations whose
+  scale it does not record). The KL is over all latents (not only the top-k, the reference's
+  alternative `vsae_topk_masked_kl.py`), which the paper blames for the vSAE's dead latents. On the
+  tests' recovery organism (1M tokens; TopK 0.9, a random dictionary 0.44) the dictionary MCC is
+  0.65 at kl_coeff 1, 0.48 at 500, 0.89 at 0.1 and 0.89 at 0. mu is clamped to <= 10 inside the
+  KL, as in the reference (a guard; mu >= 0 already).
+- k = 32, the `topk` default, so that the study compares the two at matched L0; the paper's run
+  has k = 256 of 8192 latents (k / F = 1/32) and the reference's default is 0.08 F.
+- aux_alpha = 1/32 (reference default) although the paper's run name says aux 0: the study gives
+  every top-k architecture the same dead-latent remedy; set aux_alpha 0 for the paper's run.
+- lr 5e-4 (reference default); the paper's run name says 8e-4.
 - AuxK reuses `base.auxk_loss` on the doubled latents [z, -z] with decoder [W_dec, -W_dec]: ranking
   those by value and keeping the positive part selects each dead latent's |z| and decodes it as
   |z| * sign(z) d = z d, the reference's signed AuxK by |z|, without a second implementation.
 - The noise eps has its own random stream per SAE, seeded from the init seed's stream, so a
   seed's training run is reproducible (the trainer seeds init and data order only).
-- A latent fires when its training code (from the sampled z) is non-zero, so the dead-latent
-  statistics and AuxK see the noisy selection the loss sees (the reference counts the same codes).
+- A latent fires when its training code (from the sampled z) is non-zero (the reference: when its
+  batch sum is positive, which a negative code does not count), so the dead-latent statistics and
+  AuxK see the noisy selection the loss sees.
 - b_dec starts at 0 (reference, April mode); `b_dec_init` can change it.
 """
 
@@ -115,9 +120,14 @@ class VariationalSAE(SAE):
 
     def __init__(self, d_in: int, d_sae: int, cfg: ArchitectureConfig, generator=None):
         super().__init__(d_in, d_sae, cfg, generator)
+        with torch.no_grad():  # the reference's init: Gaussian directions of norm 0.1, tied
+            w = torch.randn(d_sae, d_in, generator=generator)
+            w = w / w.norm(dim=1, keepdim=True) * self.decoder_init_norm
+            self.W_dec.copy_(w)
+            self.W_enc.copy_(w.T)
         if cfg.var_flag == "learned":
             w = torch.empty(d_sae, d_in)
-            nn.init.kaiming_uniform_(w, a=5**0.5, generator=generator)
+            nn.init.kaiming_uniform_(w, a=0.01, generator=generator)  # reference: a = 0.01
             self.W_var = nn.Parameter(w.T.clone())
             self.b_var = nn.Parameter(torch.full((d_sae,), cfg.log_var_init))
         # the sampling noise has its own stream, seeded from the init stream: reproducible per seed

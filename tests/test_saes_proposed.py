@@ -284,11 +284,13 @@ def test_atm_masks_only_in_training_after_warmup_and_inference_is_deterministic(
     f = (x - sae.b_dec) @ sae.W_enc + sae.b_enc
     f = f.relu()
     assert (f > 0).all()
-    assert torch.equal(sae.loss(x, TrainStep(24, 100), None).codes, f)  # warm-up: no mask
-    masked = sae.loss(x, TrainStep(25, 100), None).codes
+    warmup = sae.loss(x, TrainStep(24, 100), None)
+    assert torch.equal(warmup.codes, f) and warmup.terms["masked"] == 0  # warm-up: no mask
+    out = sae.loss(x, TrainStep(25, 100), None)
     expected = f.clone()
     expected[:, 5] = 0
-    assert torch.equal(masked, expected)
+    assert torch.equal(out.codes, expected)
+    assert out.terms["masked"].item() == 1 / 32  # the training curve's share of latents masked
     sae.eval()
     assert torch.equal(sae.loss(x, TrainStep(99, 100), None).codes, f)
     sae.train()

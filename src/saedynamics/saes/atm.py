@@ -171,13 +171,15 @@ class ATMSAE(SAE):
 
     def loss(self, x: Tensor, step: TrainStep, extras=None) -> LossOutput:
         codes = self.encode(x)
+        masked = torch.zeros((), device=x.device)  # the share of latents masked: the curve shows it
         if self.masking(step):
-            codes = codes * self.sample_mask()
+            mask = self.sample_mask()
+            codes, masked = codes * mask, 1 - mask.mean()
         x_hat = self.decode(codes)
         mse = mean_squared_error(x, x_hat)
         l1 = codes.sum(dim=-1).mean()
         total = mse + self.cfg.l1_at(step) * l1
-        return LossOutput(total, {"mse": mse, "l1": l1}, codes, x_hat)
+        return LossOutput(total, {"mse": mse, "l1": l1, "masked": masked}, codes, x_hat)
 
     @torch.no_grad()
     def after_step(self, out: LossOutput, x: Tensor) -> None:

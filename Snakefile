@@ -4,10 +4,22 @@
 #   snakemake --cores all --use-apptainer --configfile config.yaml   the Pythia study
 #
 # A --configfile given on the command line replaces the embedded demo config instead of being
-# deep-merged into it (see workflow/rules/common.smk).
+# deep-merged into it (see workflow/rules/common.smk); --config KEY=VALUE alone changes the demo.
 
+from pathlib import Path
 
-configfile: "workflow/configs/demo.yaml"
+# Every path of the workflow (configs, src/ for PYTHONPATH and the container, results/) is relative
+# to the checkout: `snakemake -s <checkout>/Snakefile` run from elsewhere would look for them there.
+if Path(workflow.basedir).resolve() != Path.cwd().resolve():
+    raise WorkflowError(
+        f"the working directory {Path.cwd()} is not the checkout of this Snakefile "
+        f"({Path(workflow.basedir).resolve()}): run from the repository root, or use "
+        f"--directory {Path(workflow.basedir).resolve()}"
+    )
+
+if not workflow.overwrite_configfiles:  # else Snakemake would report a merge that we undo
+
+    configfile: "workflow/configs/demo.yaml"
 
 
 include: "workflow/rules/common.smk"

@@ -3,7 +3,7 @@
 The generator lives in `saedynamics.toy` (the validation of the metrics uses the same organism);
 the trainer takes the samples from memory (`sources.TensorSource`), or from an activation file
 written here where a test needs one.
-The model organism of Song, Muhamed et al. 2025 (spec/measurements.md section 1.4): a dictionary
+The model organism of Song, Muhamed et al. 2025 (docs/spec/measurements.md section 1.4): a dictionary
 A_true of m unit rows in d dimensions; every sample has exactly k active latents with values
 |N(0, 1)|; x = s A_true. An SAE recovers the dictionary when its decoder rows match A_true's
 (mean matched cosine, `metrics.consistency.mcc`); the paper reports near 1 for TopK at the true k.
@@ -102,6 +102,19 @@ def make_sae(name: str, d_in=8, d_sae=32, seed=0, **hyper):
         cls.Config(architecture=name, **hyper),
         generator=torch.Generator().manual_seed(seed),
     )
+
+
+def tiny(name, d_in, d_sae, **hyper):
+    """A small SAE whose parameters a test sets one by one (`set_parameters`)."""
+    cls = REGISTRY[name]
+    return cls(d_in, d_sae, cls.Config(architecture=name, **hyper))
+
+
+@torch.no_grad()
+def set_parameters(sae, **values):
+    for name, value in values.items():
+        getattr(sae, name).copy_(torch.tensor(value, dtype=torch.float32))
+    return sae
 
 
 def k_if_any(name: str, k: int) -> dict:

@@ -43,7 +43,7 @@ import yaml
 from saedynamics.artifacts import read_json, sha256_file, write_json
 from saedynamics.checkpoints import download_checkpoint, download_tokenizer, load_model
 from saedynamics.cli import main
-from saedynamics.config import HubModelConfig, load_config
+from saedynamics.config import HubModelConfig, coerce_overrides, load_config
 from saedynamics.errors import ConfigError, DataError
 
 from .conftest import REPO, copy_workflow, hub_config, snapshot_of
@@ -545,7 +545,11 @@ def test_real_entry_points_stop_before_any_job(tmp_path):
     """One case per category through `snakemake` and `python -m saedynamics`; and bad values given
     with Snakemake's --config. (tests/test_workflow.py runs a bad config through a plain
     `python -m snakemake` subprocess too.)"""
-    overrides = {"study=../x": "study: '../x' must be lower", "results=~/r": "results: '~/r'"}
+    overrides = {
+        "study=../x": "study: '../x' must be lower",
+        "results=~/r": "results: '~/r'",
+        "training={n_latents: many}": "training.n_latents: Input should be a valid integer (got 'many')",
+    }
     runs = entry_point_runs(REPRESENTATIVE, tmp_path, overrides)
     for case, case_id in zip(REPRESENTATIVE, ids(REPRESENTATIVE), strict=True):
         check_entry_points(case, runs[case_id])
@@ -560,6 +564,92 @@ def test_every_case_through_the_real_entry_points(tmp_path):
     runs = entry_point_runs(CASES, tmp_path)
     for case, case_id in zip(CASES, ids(CASES), strict=True):
         check_entry_points(case, runs[case_id])
+
+
+# ---- command-line arguments ------------------------------------------------------------------------
+
+
+def test_train_names_an_architecture_the_config_lacks(tmp_path, capsys):
+    """`train --architecture` with a name the config (or the settings) lacks: the option, the
+    config and the names it has; nothing written."""
+    config = REPO / "workflow/configs/tiny.yaml"
+    settings = json.dumps(load_config(config).stage_settings("train"))
+    argv = ["train", "--step", "0", "--layer", "0", "--architecture", "batchtopk"]
+    argv += ["--out", str(tmp_path / "saes"), "--activations", str(tmp_path / "train.parquet")]
+    for source, where in (("--config", str(config)), ("--settings", "--settings")):
+        capsys.readouterr()
+        assert main([*argv, source, str(config) if source == "--config" else settings]) == 1
+        err = capsys.readouterr().err
+        assert "Traceback" not in err and "KeyError" not in err, err
+        assert err.strip().splitlines()[-1] == (
+            f"error: --architecture 'batchtopk' is not in the architectures of {where}; "
+            "it has: topk, relu"
+        )
+    assert not list(tmp_path.iterdir())
+
+
+def snakemake_config(**entries: str) -> dict:
+    """What Snakemake makes of `--config KEY=VALUE ...` whose VALUE is a mapping: YAML's
+    BaseLoader, which leaves every scalar inside a string (snakemake.cli.parse_config)."""
+    return {key: yaml.load(value, Loader=yaml.BaseLoader) for key, value in entries.items()}
+
+
+def with_overrides(overrides: dict) -> dict:
+    """The tiny config with `overrides` deep-merged in, as Snakemake merges --config."""
+
+    def merge(into: dict, new: dict) -> dict:
+        for key, value in new.items():
+            into[key] = merge(into.get(key, {}), value) if isinstance(value, dict) else value
+        return into
+
+    return merge(copy.deepcopy(TINY), copy.deepcopy(overrides))
+
+
+def test_config_overrides_are_read_as_the_schema_types():
+    """`snakemake --config 'training={n_latents: 32}'` hands '32' over: read as the number (bool,
+    null, list of numbers) the schema wants at that key, the architectures' own keys included."""
+    overrides = snakemake_config(
+        training="{n_latents: 32, seeds: [0, 1], checkpoint_tokens: null, deterministic: true, "
+        "lr_warmup_fraction: 0.05, train_tokens: 2e4, adam_betas: [0.8, 0.99]}",
+        architectures="{topk: {k: 8}, relu: {l1_coefficient: 2}}",
+        model="{steps: [0, 40]}",
+    )
+    assert overrides["training"]["n_latents"] == "32"  # what Snakemake passes
+    cfg = load_config(coerce_overrides(with_overrides(overrides), overrides))
+    t = cfg.training
+    assert (t.n_latents, t.seeds, t.checkpoint_tokens, t.deterministic) == (32, [0, 1], None, True)
+    assert (t.lr_warmup_fraction, t.train_tokens, t.adam_betas) == (0.05, 20000, (0.8, 0.99))
+    assert cfg.architectures["topk"].k == 8 and cfg.architectures["relu"].l1_coefficient == 2.0
+    assert cfg.model.steps == [0, 40]
+    # only the keys the command line set: the same string in a config file stays refused
+    raw = with_overrides({"tokens": {"context_length": "32"}})
+    with pytest.raises(ConfigError, match="tokens.context_length: Input should be a valid int"):
+        load_config(coerce_overrides(raw, snakemake_config(training="{n_latents: 32}")))
+
+
+@pytest.mark.parametrize(
+    "entries, says",
+    [
+        ({"training": "{n_latents: many}"}, "training.n_latents: Input should be a valid integer"),
+        ({"training": "{n_latents: 3.5}"}, "training.n_latents: Input should be a valid integer"),
+        (
+            {"training": "{deterministic: maybe}"},
+            "training.deterministic: Input should be a valid b",
+        ),
+        ({"training": "{seeds: [0, x]}"}, "training.seeds.1: Input should be a valid integer"),
+        (
+            {"architectures": "{topk: {lr: fast}}"},
+            "architectures.topk.lr: Input should be a valid n",
+        ),
+        ({"model": "{steps: [0, x]}"}, "model.steps.1: Input should be a valid integer"),
+    ],
+)
+def test_config_overrides_that_are_no_number_name_the_key(entries, says):
+    overrides = snakemake_config(**entries)
+    with pytest.raises(ConfigError) as error:
+        load_config(coerce_overrides(with_overrides(overrides), overrides), name="the demo")
+    assert says in str(error.value), error.value
+    assert_short(str(error.value))
 
 
 # ---- a Hub checkpoint that needs remote code ------------------------------------------------------

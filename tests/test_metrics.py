@@ -257,7 +257,7 @@ def test_compare_reuses_one_matching_per_matrix():
 
 
 def test_null_baseline_matches_the_spec_anchors():
-    # spec/measurements.md section 1.3 (numpy default_rng seed 0, mean of 2 draws)
+    # docs/spec/measurements.md section 1.3 (numpy default_rng seed 0, mean of 2 draws)
     assert null_baseline(1024, 128, draws=2, seed=0)["pw_mcc"] == pytest.approx(0.272, abs=0.005)
     small = null_baseline(32, 16, draws=20, seed=0)
     assert small["pw_mcc"] == pytest.approx(0.460, abs=0.02)
@@ -537,3 +537,37 @@ def test_decoder_drift():
         "mcc_next"
     ] == pytest.approx(1.0)
     assert rows[(0, 0)]["mcc_final_other_seeds"] == pytest.approx(mcc(a, c[perm]))
+
+
+def test_decoder_drift_counts_latents_kept_lost_and_born():
+    """Hand-computed: 4 latents; seed 0's step-10 dictionary keeps latents 0 and 1 (same rows,
+    reordered), rotates latent 2 away (cos 0 to anything), and latent 3 is dead at step 0 but alive
+    at step 10. Alive at 0: {0, 1, 2}; at 10: all 4. Kept: 0 and 1 (matched at cos 1, alive at
+    both); lost: 2 (no partner at cos >= 0.7); born: the two alive step-10 latents without a kept
+    partner (latent 2's and 3's new rows)."""
+    from saedynamics.metrics.consistency import decoder_drift
+
+    eye = np.eye(6)
+    before = eye[[0, 1, 2, 3]]
+    after = eye[[1, 0, 4, 5]]  # latents 0, 1 kept (swapped); 2 -> e4, 3 -> e5: orthogonal
+    decoders = {0: {0: torch.tensor(before)}, 10: {0: torch.tensor(after)}}
+    alive = {0: {0: np.array([True, True, True, False])}, 10: {0: np.ones(4, dtype=bool)}}
+    rows = {r["step"]: r for r in decoder_drift(decoders, 0.7, alive)}
+    first = rows[0]
+    assert (first["n_alive"], first["n_alive_next"]) == (3, 4)
+    assert (first["kept_next"], first["lost_next"], first["born_next"]) == (2, 1, 2)
+    assert first["n_alive"] - first["lost_next"] + first["born_next"] == first["n_alive_next"]
+    assert rows[10]["n_alive"] == 4 and np.isnan(rows[10]["kept_next"])
+    # a kept partner must be alive at the next step: latent 0's partner dead there -> lost
+    alive[10][0] = np.array([False, True, True, True])  # after-row 0 (= e1, latent 1's) dead
+    first = {r["step"]: r for r in decoder_drift(decoders, 0.7, alive)}[0]
+    assert (first["n_alive_next"], first["kept_next"], first["lost_next"]) == (3, 1, 2)
+    assert first["born_next"] == 2
+    # without `alive`, every latent counts: kept 2, lost 2, born 2 of 4
+    first = {r["step"]: r for r in decoder_drift(decoders, 0.7)}[0]
+    assert (first["n_alive"], first["kept_next"], first["lost_next"], first["born_next"]) == (
+        4,
+        2,
+        2,
+        2,
+    )

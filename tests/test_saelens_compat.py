@@ -12,6 +12,7 @@ import warnings
 import pytest
 import torch
 
+from saedynamics.errors import DataError
 from saedynamics.saes import REGISTRY, load
 
 sae_lens = pytest.importorskip("sae_lens", reason="SAELens is in the `compat` extra")
@@ -75,3 +76,25 @@ def test_architectures_saelens_lacks_say_so(tmp_path, name):
     x = inputs()
     with torch.no_grad():
         torch.testing.assert_close(load(tmp_path / name)(x), ours(x))
+    # SAELens looks cfg.json's architecture up in its registry and raises a bare KeyError with
+    # it: the name it shows says what the user can do instead
+    assert cfg["architecture"] == (
+        f"{name} (not a SAELens architecture: load with saedynamics.saes.load)"
+    )
+    with warnings.catch_warnings(), pytest.raises(KeyError) as error:
+        warnings.simplefilter("ignore")
+        sae_lens.SAE.load_from_disk(str(tmp_path / name))
+    assert error.value.args == (cfg["architecture"],)
+
+
+def test_an_sae_saved_by_saelens_is_named_as_such(tmp_path):
+    """`saedynamics.saes.load` on a folder SAELens wrote (no 'saedynamics' section in cfg.json)
+    says so, and which loader reads it, instead of failing on a missing architecture."""
+    sae = sae_lens.SAE.from_dict({"architecture": "standard", "d_in": D_IN, "d_sae": D_SAE})
+    sae.save_model(str(tmp_path / "theirs"))
+    with pytest.raises(DataError) as error:
+        load(tmp_path / "theirs")
+    assert str(error.value) == (
+        f"{tmp_path / 'theirs' / 'cfg.json'}: not an SAE saved by saedynamics (no 'saedynamics' "
+        "section); an SAE saved by SAELens loads with sae_lens.SAE.load_from_disk"
+    )

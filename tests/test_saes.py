@@ -21,7 +21,7 @@ from saedynamics.saes.base import (
 from saedynamics.saes.topk import topk_codes
 
 from .synthetic import make_sae as make
-from .synthetic import recovery
+from .synthetic import recovery, set_parameters, tiny
 
 
 def test_registry_has_the_architectures():
@@ -77,19 +77,6 @@ def test_relu_loss_by_hand():
     ]:
         out = sae.loss(x, step)
         assert torch.isclose(out.total, mse + lam * l1, rtol=1e-5), step
-
-
-def tiny(name, d_in, d_sae, **hyper):
-    """A small SAE whose parameters a test sets one by one."""
-    cls = REGISTRY[name]
-    return cls(d_in, d_sae, cls.Config(architecture=name, **hyper))
-
-
-@torch.no_grad()
-def set_parameters(sae, **values):
-    for name, value in values.items():
-        getattr(sae, name).copy_(torch.tensor(value, dtype=torch.float32))
-    return sae
 
 
 def test_relu_equations_by_hand():

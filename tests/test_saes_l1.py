@@ -14,7 +14,7 @@ from safetensors.torch import load_file
 from saedynamics.saes import REGISTRY, TrainStep, load
 from saedynamics.saes.jumprelu import JumpReLU, Step
 from tests.synthetic import make_sae as make
-from tests.synthetic import recovery
+from tests.synthetic import recovery, set_parameters, tiny
 
 NAMES = ["relu_2023", "jumprelu", "gated"]
 TENSORS = {
@@ -172,19 +172,6 @@ def test_gated_loss_by_hand():
 
 
 # ---- defining equations, on examples small enough to compute by hand -----------------------------
-
-
-def tiny(name, d_in, d_sae, **hyper):
-    """A small SAE whose parameters a test sets one by one (`set_parameters`)."""
-    cls = REGISTRY[name]
-    return cls(d_in, d_sae, cls.Config(architecture=name, **hyper))
-
-
-@torch.no_grad()
-def set_parameters(sae, **values):
-    for name, value in values.items():
-        getattr(sae, name).copy_(torch.tensor(value, dtype=torch.float32))
-    return sae
 
 
 def test_relu_2023_equations_by_hand():

@@ -117,6 +117,8 @@ def small_training(**changes) -> TrainingConfig:
 
 
 def test_cache_and_stream_train_on_the_same_tokens_to_the_same_quality(study, tmp_path):
+    """Same tokens, one SAE set from each source: the final FVU (last quarter of the curve, mean
+    over the two seeds: a single seed's varies by ~8% at this scale) agrees within 5%."""
     raw, root = study
     cfg = load_config(raw).activations
     arch = {"topk": REGISTRY["topk"].Config(architecture="topk", k=4, lr=0.004)}
@@ -127,10 +129,13 @@ def test_cache_and_stream_train_on_the_same_tokens_to_the_same_quality(study, tm
     fvu = {}
     for name, source in files.items():
         train_saes(
-            small_training(train_tokens=4 * ROWS), arch, source, tmp_path / name, IDENTITY, {}
+            small_training(train_tokens=8 * ROWS), arch, source, tmp_path / name, IDENTITY, {}
         )
-        curve = pq.read_table(tmp_path / name / "topk/seed0/training.parquet").to_pandas()
-        fvu[name] = curve["fvu"].tail(10).mean()
+        curves = [
+            pq.read_table(tmp_path / name / f"topk/seed{seed}/training.parquet").to_pandas()
+            for seed in (0, 1)
+        ]
+        fvu[name] = np.mean([c["fvu"].tail(len(c) // 4).mean() for c in curves])
     assert abs(fvu["stream"] - fvu["cache"]) <= 0.05 * fvu["cache"], fvu
 
 

@@ -143,3 +143,52 @@ def test_bad_config_stops_before_any_job(tmp_path):
     assert out.returncode != 0
     assert "architectures.topk.architecture: 'top_k' is not registered; allowed:" in out.stderr
     assert not (wd / "results").exists()
+
+
+def test_config_overrides_reach_the_jobs_as_numbers():
+    """`--config 'training={n_latents: 32}'`: Snakemake passes '32', the jobs get the number."""
+    out = run(
+        ["-n", "-p", "--forceall", "--cores", "1", "--config", "training={n_latents: 32}"],
+        cwd=REPO,
+    )
+    assert '"n_latents": 32,' in out.stdout and '"n_latents": 512' not in out.stdout
+
+
+def test_a_configfile_replaces_the_demo_config():
+    """A --configfile is the whole config: the demo's architectures are not merged into the tiny
+    config's, and Snakemake does not report an extended demo config."""
+    out = run(
+        ["-n", "-p", "--forceall", "--cores", "1", "--configfile", "workflow/configs/tiny.yaml"],
+        cwd=REPO,
+    )
+    assert '"study": "tiny"' in out.stdout and '"batchtopk"' not in out.stdout
+    assert "is extended by" not in out.stdout + out.stderr
+
+
+def test_a_missing_configfile_is_named(tmp_path):
+    """Snakemake reads --configfile before the Snakefile (so before any code of ours): its
+    traceback's last line names the file; nothing is created."""
+    wd = copy_workflow(tmp_path / "wd")
+    out = run(["-n", "--cores", "1", "--configfile", "missing.yaml"], cwd=wd, check=False)
+    assert out.returncode != 0
+    last = (out.stdout + out.stderr).strip().splitlines()[-1]
+    assert last == "FileNotFoundError: [Errno 2] No such file or directory: 'missing.yaml'"
+    assert not (wd / "results").exists()
+
+
+def test_running_from_another_directory(tmp_path):
+    """`snakemake -s <checkout>/Snakefile` from elsewhere stops at once naming the fix; with
+    `--directory <checkout>` it works."""
+    wd = copy_workflow(tmp_path / "wd")
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    out = run(["-n", "--cores", "1", "-s", str(wd / "Snakefile")], cwd=elsewhere, check=False)
+    text = out.stdout + out.stderr
+    assert out.returncode != 0 and "Traceback (most recent call last)" not in text, text
+    assert (
+        f"the working directory {elsewhere} is not the checkout of this Snakefile ({wd}): run "
+        f"from the repository root, or use --directory {wd}"
+    ) in text
+    assert not (elsewhere / "results").exists() and not (elsewhere / "workflow").exists()
+    args = ["-n", "--cores", "1", "-s", str(wd / "Snakefile"), "--directory", str(wd)]
+    assert "tokens" in run([*args, "--quiet", "rules"], cwd=elsewhere).stdout

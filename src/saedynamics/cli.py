@@ -26,15 +26,20 @@ log = logging.getLogger("saedynamics")
 # ---- settings ---------------------------------------------------------------------------------------
 
 
-def _settings(args, stage: str, architecture: str | None = None) -> dict:
+def _settings(args, stage: str) -> dict:
     from saedynamics.config import load_config
 
     if args.config:
-        return load_config(args.config).stage_settings(stage, architecture)
+        return load_config(args.config).stage_settings(stage)
     try:
-        return json.loads(args.settings)
+        settings = json.loads(args.settings)
     except json.JSONDecodeError as e:
         raise ConfigError(f"--settings is not valid JSON: {e}") from None
+    if not isinstance(settings, dict):
+        raise ConfigError(
+            f"--settings must be a JSON object (the stage's config slice), got {type(settings).__name__}"
+        )
+    return settings
 
 
 def _validate(model, data, key: str):
@@ -184,7 +189,15 @@ def cmd_train(args) -> None:
     from saedynamics.sources import FileSource
     from saedynamics.training import train_saes
 
-    s = _settings(args, "train", args.architecture)
+    s = _settings(args, "train")
+    if args.architecture is not None:  # the set of one: the settings stage_settings gives for it
+        have = s.get("architectures") or {}
+        if args.architecture not in have:
+            raise ConfigError(
+                f"--architecture {args.architecture!r} is not in the architectures of "
+                f"{args.config or '--settings'}; it has: {', '.join(have) or 'none'}"
+            )
+        s = {**s, "architectures": {args.architecture: have[args.architecture]}}
     training = _validate(TrainingConfig, s["training"], "training")
     architectures = {}
     for name, raw in s["architectures"].items():
@@ -405,8 +418,13 @@ def cmd_splice(args) -> None:
 
 
 def cmd_drift(args) -> None:
-    """Decoder drift across checkpoints of every (layer, architecture, seed)."""
-    from saedynamics.artifacts import write_json
+    """Decoder drift across checkpoints of every (layer, architecture, seed), and which latents
+    are kept, lost and born between consecutive checkpoints. The --reconstruction files (each
+    (step, layer, architecture)'s reconstruction.json) give the latents alive on the eval tokens
+    (latent_density > 0); without them every latent counts as alive."""
+    import numpy as np
+
+    from saedynamics.artifacts import read_json, write_json
     from saedynamics.config import MetricsConfig
     from saedynamics.metrics.consistency import decoder_drift
     from saedynamics.saes import load
@@ -415,6 +433,13 @@ def cmd_drift(args) -> None:
     metrics = _validate(MetricsConfig, s["metrics"], "metrics")
     decoders: dict[tuple[int, str], dict[int, dict]] = {}  # (layer, name) -> step -> seed -> W_dec
     kinds: dict[tuple[int, str], tuple[str, str]] = {}
+    alive: dict[tuple[int, str], dict[int, dict]] = {}  # (layer, name) -> step -> seed -> alive
+    for path in map(Path, args.reconstruction):
+        doc = read_json(path)
+        by_seed = alive.setdefault((doc["layer"], doc["architecture"]), {})
+        by_seed[doc["step"]] = {
+            seed["seed"]: np.asarray(seed["latent_density"]) > 0 for seed in doc["seeds"]
+        }
     for seed_dir in sorted({Path(p).parent for p in args.saes}):
         sae = load(seed_dir)
         ours = sae.provenance
@@ -424,7 +449,7 @@ def cmd_drift(args) -> None:
     rows = []
     for (layer, name), by_step in sorted(decoders.items()):
         kind, title = kinds[(layer, name)]
-        for row in decoder_drift(by_step, metrics.shared_threshold):
+        for row in decoder_drift(by_step, metrics.shared_threshold, alive.get((layer, name))):
             rows.append(
                 {
                     "layer": layer,
@@ -534,7 +559,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--layer", type=int, required=True)
     p.add_argument(
         "--architecture",
-        help="with --config: train this architecture alone (default: every one of the config)",
+        help="train this architecture alone (default: every one of the config or settings)",
     )
     p.add_argument("--activations", help="training.source cache: train.parquet")
     p.add_argument("--checkpoint", help="training.source stream: checkpoints/step<N>/")
@@ -579,6 +604,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = command("drift", cmd_drift, "decoder drift across checkpoints")
     p.add_argument("--saes", nargs="+", required=True, help="every seed's cfg.json")
+    p.add_argument(
+        "--reconstruction", nargs="*", default=[], help="reconstruction.json: the alive latents"
+    )
     p.add_argument("--out", required=True)
 
     p = command("tables", cmd_tables, "collect per-run results into tidy Parquet tables")

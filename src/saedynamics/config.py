@@ -9,10 +9,13 @@ settings that produced it.
 
 from __future__ import annotations
 
+import copy
 import difflib
 import re
+import types
+from collections.abc import Mapping
 from pathlib import Path
-from typing import Annotated, Any, Literal, get_args, get_origin
+from typing import Annotated, Any, Literal, Union, get_args, get_origin
 
 import yaml
 from pydantic import (
@@ -26,7 +29,7 @@ from pydantic import (
 
 from saedynamics.errors import ConfigError
 from saedynamics.saes import REGISTRY, ArchitectureConfig
-from saedynamics.schema import StrictModel
+from saedynamics.schema import StrictModel, yaml12_number
 
 SLUG = r"^[a-z0-9][a-z0-9_.\-]*$"  # names that become path components
 
@@ -79,7 +82,7 @@ class TokensConfig(StrictModel):
 
 # ---- the language model ------------------------------------------------------------------------
 
-# EleutherAI Pythia sizes (spec/measurements.md section 4.1): layers and d_model.
+# EleutherAI Pythia sizes (docs/spec/measurements.md section 4.1): layers and d_model.
 PYTHIA = {
     "14m": (6, 128),
     "31m": (6, 256),
@@ -637,6 +640,94 @@ def load_config(source: str | Path | dict, name: str | None = None) -> StudyConf
         raise ConfigError(
             f"invalid configuration in {name}:\n{_format_errors(e, model=StudyConfig)}"
         ) from None
+
+
+def coerce_overrides(raw: dict, overrides: Mapping[str, Any]) -> dict:
+    """`raw` (a config with Snakemake's `--config KEY=VALUE` overrides merged in) with the values
+    the command line set read as the numbers, booleans or nulls the schema wants there.
+
+    Snakemake parses a top-level VALUE as a number where it can, but the values inside one
+    (`--config 'training={n_latents: 32}'`) with YAML's BaseLoader, which leaves every scalar a
+    string: '32', 'true', 'null'. Only those keys (`overrides`, as Snakemake parsed them) are
+    read, and only where the schema's type is a number, a bool or optional; a config file keeps
+    strict types, and a string that is no number stays one, so validation names the key and the
+    type it wants.
+    """
+    out = copy.deepcopy(raw)
+    _coerce_fields(out, overrides, StudyConfig)
+    return out
+
+
+def _coerce_fields(data: Any, overrides: Any, model) -> None:
+    if not isinstance(data, dict) or not isinstance(overrides, Mapping):
+        return
+    fields = getattr(model, "model_fields", {})
+    for key, over in overrides.items():
+        if key not in data:
+            continue
+        if model is StudyConfig and key == "architectures":  # each entry: its own schema
+            for name, entry_over in over.items() if isinstance(over, Mapping) else ():
+                entry = data[key].get(name) if isinstance(data[key], dict) else None
+                kind = entry.get("architecture") if isinstance(entry, dict) else None
+                if isinstance(kind, str) and kind in REGISTRY:
+                    _coerce_fields(entry, entry_over, REGISTRY[kind].Config)
+        elif key in fields:
+            data[key] = _coerce_value(data[key], over, fields[key].annotation)
+
+
+def _coerce_value(value: Any, over: Any, annotation: Any) -> Any:
+    if isinstance(over, Mapping):
+        _coerce_fields(value, over, _submodel(annotation, value))
+        return value
+    if isinstance(over, list) and isinstance(value, list):
+        items = [a for a in _members(annotation) if get_origin(a) in (list, tuple)]
+        item = next((get_args(a)[0] for a in items if get_args(a)), None)
+        return [_coerce_scalar(v, item) for v in value] if item is not None else value
+    return _coerce_scalar(value, annotation)
+
+
+def _members(annotation: Any) -> tuple:
+    if get_origin(annotation) in (Union, types.UnionType):
+        return get_args(annotation)
+    return (annotation,)
+
+
+def _submodel(annotation: Any, value: Any):
+    """The config model at a key: the one of a union whose Literal fields (`source`) match."""
+    models = [m for m in _members(annotation) if isinstance(m, type) and issubclass(m, BaseModel)]
+    for m in models:
+        tags = {k: get_args(f.annotation) for k, f in m.model_fields.items()}
+        tags = {
+            k: v for k, v in tags.items() if get_origin(m.model_fields[k].annotation) is Literal
+        }
+        if len(models) == 1 or (
+            isinstance(value, dict) and tags and all(value.get(k) in v for k, v in tags.items())
+        ):
+            return m
+    return None
+
+
+def _coerce_scalar(value: Any, annotation: Any) -> Any:
+    if not isinstance(value, str):
+        return value
+    kinds, text = _members(annotation), value.strip()
+    if type(None) in kinds and text.lower() in ("null", "none", "~"):
+        return None
+    if bool in kinds and text.lower() in ("true", "false"):
+        return text.lower() == "true"
+    if int in kinds:
+        try:
+            return int(text)
+        except ValueError:
+            number = yaml12_number(text)  # '5e7'
+            if isinstance(number, int) and float not in kinds:
+                return number
+    if float in kinds:
+        try:
+            return float(text)
+        except ValueError:
+            pass
+    return value
 
 
 def _format_errors(

@@ -1,8 +1,23 @@
 """The paper's figures, drawn from the tidy tables alone (never from upstream artifacts).
 
-One style throughout: the LM training step on a symmetric-log axis so that step 0 (initialisation)
-is shown; one colour per architecture in every figure, legends naming architectures in words; one
-panel per layer; shaded bands are +-1 std over seeds (or seed pairs); units on every axis.
+One style throughout, decided once here:
+
+- x: the LM training step on a symmetric-log axis, so that step 0 (initialisation) is shown; or
+  the LM's eval loss (`metrics_vs_lm_loss`), training running left to right.
+- One fixed colour and marker per architecture TYPE (`ARCHITECTURE_STYLE`, keyed by the registered
+  type: `topk`, `relu`, ...), the same in every figure and every study whatever set of
+  architectures a study trains. Variants of one type in a study (config names such as `topk-k64`,
+  whose `architecture_type` is `topk`) keep the type's colour and marker and differ by line style
+  (dashed, dash-dot, dotted, in sorted name order) and a hollow marker; the variant named as its type
+  stays solid and filled. A type missing from the table (a new architecture) gets a grey shade.
+- Small multiples by family (`FAMILIES`): where a panel would hold more than `MAX_LINES` (6) lines,
+  one panel per family instead, each with the metric's null line where it has one, and its own
+  legend below it. Families group the methods by how they choose the active latents:
+  k per token (TopK, g-SAE, Variational TopK), k per batch (BatchTopK and the methods built on its
+  allocation: Mutual Choice, Feature Choice, Matryoshka), an L1 penalty (ReLU 2023 / 2024, Gated,
+  ATM) and a learned threshold or an input-dependent k (JumpReLU, AdaptiveK, top-AFA).
+- Lines are means over seeds (or seed pairs); shaded bands are +-1 std, and every figure that draws
+  bands says over how many (N from the table) in its title. One panel (row) per layer.
 """
 
 from __future__ import annotations
@@ -11,7 +26,9 @@ from collections.abc import Callable
 from pathlib import Path
 
 import matplotlib
+import matplotlib.colors
 import matplotlib.lines
+import matplotlib.patches
 import matplotlib.ticker
 
 matplotlib.use("Agg")
@@ -23,8 +40,7 @@ from saedynamics.artifacts import atomic_file, figure_metadata, read_json  # noq
 from saedynamics.config import FiguresConfig  # noqa: E402
 from saedynamics.tables import load  # noqa: E402
 
-# Okabe-Ito first (distinguishable with colour-vision deficiencies), then Tol's muted scheme: 16
-# colours, and a marker per architecture too, so that lines stay apart in greyscale print
+# Okabe-Ito first (distinguishable with colour-vision deficiencies), then Tol's muted scheme
 PALETTE = [
     "#0072B2",
     "#D55E00",
@@ -43,8 +59,40 @@ PALETTE = [
     "#661100",
     "#888888",
 ]
-MARKERS = ["o", "s", "^", "D", "v", "P", "X", "*", "<", ">", "h", "p", "d", "8", "H", "o"]
+
+# type -> (colour, marker): fixed, so an architecture looks the same in every figure and study.
+# Colours and markers are distinct within a family (a family shares a panel) and across the table.
+ARCHITECTURE_STYLE: dict[str, tuple[str, str]] = {
+    # k per token
+    "topk": ("#0072B2", "o"),
+    "gsae": ("#D55E00", "s"),
+    "vsae": ("#009E73", "^"),
+    # k per batch
+    "batchtopk": ("#CC79A7", "D"),
+    "mutual_choice": ("#E69F00", "v"),
+    "feature_choice": ("#56B4E9", "P"),
+    "matryoshka": ("#000000", "X"),
+    # L1 penalty
+    "relu": ("#332288", "<"),
+    "relu_2023": ("#999933", ">"),
+    "gated": ("#882255", "h"),
+    "atm": ("#44AA99", "p"),
+    # threshold or input-dependent k
+    "jumprelu": ("#AA4499", "*"),
+    "adaptivek": ("#661100", "d"),
+    "topafa": ("#117733", "H"),
+}
+FAMILIES: dict[str, list[str]] = {
+    "k per token (TopK-like)": ["topk", "gsae", "vsae"],
+    "k per batch (BatchTopK-like)": ["batchtopk", "mutual_choice", "feature_choice", "matryoshka"],
+    "L1 penalty (ReLU-like)": ["relu", "relu_2023", "gated", "atm"],
+    "threshold or adaptive k": ["jumprelu", "adaptivek", "topafa"],
+}
+OTHER_FAMILY = "other"
+MAX_LINES = 6  # more lines than this in a panel: small multiples by family
+VARIANT_LINESTYLES = [(0, (5, 2)), (0, (5, 1.5, 1, 1.5)), (0, (1.5, 1.5))]
 STEP_LABEL = "LM training step (symlog; 0 = initialisation)"
+NULL_STYLE = {"color": "0.4", "ls": "--", "lw": 1.1}
 
 
 def _style() -> None:
@@ -52,9 +100,9 @@ def _style() -> None:
         {
             "figure.dpi": 100,
             "font.size": 9,
-            "axes.titlesize": 10,
+            "axes.titlesize": 9.5,
             "axes.labelsize": 9,
-            "legend.fontsize": 8,
+            "legend.fontsize": 7.5,
             "axes.spines.top": False,
             "axes.spines.right": False,
             "axes.grid": True,
@@ -64,23 +112,60 @@ def _style() -> None:
     )
 
 
+def family_of(kind: str) -> str:
+    return next((f for f, kinds in FAMILIES.items() if kind in kinds), OTHER_FAMILY)
+
+
 def architecture_styles(df: pd.DataFrame) -> dict[str, dict]:
-    """name -> colour, marker, label; stable (sorted by name) so every figure agrees."""
-    names = sorted(df["architecture"].unique())
+    """name -> colour, marker, line style, label, family: fixed per architecture type (see the
+    module docstring), so every figure of every study agrees; ordered by family, then type."""
     first = df.drop_duplicates("architecture").set_index("architecture")
-
-    def label(name: str) -> str:  # the name in words; the config key too when it says more
+    order = {kind: i for i, kind in enumerate(k for kinds in FAMILIES.values() for k in kinds)}
+    names = sorted(
+        first.index,
+        key=lambda n: (
+            order.get(first.loc[n, "architecture_type"], len(order)),
+            first.loc[n, "architecture_type"],
+            n != first.loc[n, "architecture_type"],
+            n,
+        ),
+    )
+    unknown = sorted({k for k in first["architecture_type"] if k not in ARCHITECTURE_STYLE})
+    greys = {k: str(0.15 + 0.5 * i / max(len(unknown), 1)) for i, k in enumerate(unknown)}
+    markers = ["o", "s", "^", "D", "v"]
+    styles = {}
+    for name in names:
+        kind = first.loc[name, "architecture_type"]
         title = first.loc[name, "architecture_title"]
-        return title if name == first.loc[name, "architecture_type"] else f"{title} ({name})"
-
-    return {
-        name: {
-            "color": PALETTE[i % len(PALETTE)],
-            "marker": MARKERS[i % len(MARKERS)],
-            "label": label(name),
+        colour, marker = ARCHITECTURE_STYLE.get(
+            kind, (greys.get(kind, "0.4"), markers[unknown.index(kind) % 5] if unknown else "o")
+        )
+        variants = sorted(n for n in names if first.loc[n, "architecture_type"] == kind)
+        variants = [n for n in variants if n != kind]
+        variant = name in variants
+        ls = VARIANT_LINESTYLES[variants.index(name) % len(VARIANT_LINESTYLES)] if variant else "-"
+        styles[name] = {
+            "color": colour,
+            "marker": marker,
+            "ls": ls,
+            "mfc": "white" if variant else colour,
+            "label": title if name == kind else f"{title} ({name})",
+            "family": family_of(kind),
+            "type": kind,
         }
-        for i, name in enumerate(names)
-    }
+    return styles
+
+
+def _groups(styles: dict) -> list[tuple[str | None, dict]]:
+    """[(family or None, styles)]: one group when all lines fit a panel, else one per family."""
+    if len(styles) <= MAX_LINES:
+        return [(None, styles)]
+    families = [*FAMILIES, OTHER_FAMILY]
+    return [
+        (f, {n: st for n, st in styles.items() if st["family"] == f})
+        for f in families
+        if any(st["family"] == f for st in styles.values())
+    ]
 
 
 def _step_axis(ax, steps) -> None:
@@ -97,38 +182,142 @@ def _step_axis(ax, steps) -> None:
     ax.set_xlabel(STEP_LABEL)
 
 
-def _panels(df: pd.DataFrame, title: str, height: float = 3.0, rows: int = 1):
-    """A figure with one column of panels per layer (and `rows` rows); axes[row][layer]."""
-    layers = sorted(df["layer"].unique())
-    fig, axes = plt.subplots(
-        rows,
-        len(layers),
-        figsize=(4.0 * len(layers) + 2.8, height * rows),  # + room for the legend on the right
-        sharey="row",
-        sharex=True,
-        squeeze=False,
-        layout="constrained",
+def _band_note(df: pd.DataFrame, pairs: bool = False) -> str:
+    """'shaded: +-1 std over N seeds', N from the table (the most any SAE has)."""
+    keys = ["step", "layer", "architecture"]
+    if pairs:
+        n = int(df.groupby(keys).size().max())
+        seeds = int(
+            df.groupby(keys)[["seed_a", "seed_b"]]
+            .apply(lambda g: len({*g.seed_a, *g.seed_b}))
+            .max()
+        )
+        return f"line: mean, shaded: ±1 std over {n} seed pairs ({seeds} seeds)"
+    n = int(df.groupby(keys)["seed"].nunique().max())
+    return f"line: mean, shaded: ±1 std over {n} seeds"
+
+
+class _Grid:
+    """Panels: rows = `rows` per layer x layers, columns = groups (families, or one). Each panel
+    is `grid[(row, layer, group)]`; `legend()` puts one legend per column below it, or one for
+    the figure on the right when there is a single column."""
+
+    def __init__(self, df, styles, title, rows=1, height=2.9, width=3.4, sharey="row"):
+        self.layers = sorted(df["layer"].unique())
+        self.groups = _groups(styles)
+        self.rows = rows
+        n_rows = rows * len(self.layers)
+        single = len(self.groups) == 1
+        self.fig, axes = plt.subplots(
+            n_rows,
+            len(self.groups),
+            figsize=(width * len(self.groups) + (2.8 if single else 0.3), height * n_rows + 0.8),
+            sharey=sharey,
+            sharex=True,
+            squeeze=False,
+            layout="constrained",
+        )
+        self.fig.suptitle(title)
+        self.axes = {
+            (r, layer, g): axes[i * rows + r][g]
+            for i, layer in enumerate(self.layers)
+            for r in range(rows)
+            for g in range(len(self.groups))
+        }
+        for (r, layer, g), ax in self.axes.items():
+            family = self.groups[g][0]
+            head = [family] if family and r == 0 and layer == self.layers[0] else []
+            if len(self.layers) > 1 and r == 0:
+                head.append(f"layer {layer}")
+            ax.set_title(", ".join(head) if head else "")
+
+    def items(self):
+        for (r, layer, g), ax in self.axes.items():
+            yield r, layer, self.groups[g][1], ax
+
+    def ylabel(self, r: int, text: str) -> None:
+        for layer in self.layers:  # the layer is in the panel titles
+            self.axes[(r, layer, 0)].set_ylabel(text)
+
+    def legend(self, extra: list | None = None) -> None:
+        """The legend(s); also the x label on the bottom row only (the panels share x)."""
+        for (r, layer, _), ax in self.axes.items():
+            if (r, layer) != (self.rows - 1, self.layers[-1]):
+                ax.set_xlabel("")
+        extra = extra or []
+        if len(self.groups) == 1:
+            ax = self.axes[(0, self.layers[0], 0)]
+            handles, labels = ax.get_legend_handles_labels()
+            seen = dict(zip(labels, handles, strict=True))
+            for h in extra:
+                seen.setdefault(h.get_label(), h)
+            self.fig.legend(
+                list(seen.values()), list(seen), loc="outside right center", frameon=False
+            )
+            return
+        bottom = (self.rows - 1, self.layers[-1])
+        for g, (_, styles) in enumerate(self.groups):
+            handles = [_handle(st) for st in styles.values()] + extra
+            self.axes[(*bottom, g)].legend(
+                handles=handles,
+                loc="upper center",
+                bbox_to_anchor=(0.5, -0.2),
+                frameon=False,
+                ncol=1,
+            )
+
+
+def _legend(fig, ax, handles=None) -> None:
+    """One legend for the figure, outside the panels on the right."""
+    handles, labels = (
+        (handles, [h.get_label() for h in handles]) if handles else ax.get_legend_handles_labels()
     )
-    fig.suptitle(title)
-    grid = [dict(zip(layers, row, strict=True)) for row in axes]
-    return fig, (grid[0] if rows == 1 else grid)
+    fig.legend(handles, labels, loc="outside right center", frameon=False)
+
+
+def _handle(style: dict, **kw) -> matplotlib.lines.Line2D:
+    return matplotlib.lines.Line2D(
+        [],
+        [],
+        color=style["color"],
+        marker=style["marker"],
+        mfc=style["mfc"],
+        ls=style["ls"],
+        ms=5,
+        label=style["label"],
+        **kw,
+    )
+
+
+def _null_handle(label: str = "random dictionaries (null)") -> matplotlib.lines.Line2D:
+    return matplotlib.lines.Line2D([], [], label=label, **NULL_STYLE)
 
 
 def _draw_lines(ax, df: pd.DataFrame, value: str, styles: dict, x: str = "step", **line) -> None:
     """One line per architecture: mean +- std over seeds (or seed pairs) of `value` against `x`."""
-    for name, style in styles.items():
+    for i, (name, style) in enumerate(styles.items()):
         g = df[df["architecture"] == name].groupby(x)[value].agg(["mean", "std"])
         if g.empty:
             continue
         g["std"] = g["std"].fillna(0)  # one seed: no band; an undefined mean stays NaN, a gap
-        kw = {"color": style["color"], "marker": style["marker"], "ms": 4, "label": style["label"]}
+        # the first lines of a panel drawn wider and with larger markers, so that a line that
+        # coincides with a later one (e.g. Mutual Choice on BatchTopK) still shows round it
+        kw = {
+            "color": style["color"],
+            "marker": style["marker"],
+            "mfc": style["mfc"],
+            "ls": style["ls"],
+            "ms": max(6.5 - 0.8 * i, 3.5),
+            "lw": max(2.3 - 0.3 * i, 1.2),
+            "label": style["label"],
+        }
         ax.plot(g.index, g["mean"], **(kw | line))
         ax.fill_between(
             g.index,
             g["mean"] - g["std"],
             g["mean"] + g["std"],
             color=style["color"],
-            alpha=0.2,
+            alpha=0.18,
             lw=0,
         )
 
@@ -160,34 +349,24 @@ def _lines_vs_step(
     title: str,
     null: str | None = None,
     undefined: str | None = None,
+    pairs: bool = False,
 ):
-    """Mean +- std over seeds (or pairs) of `value` against the step, one panel per layer;
-    `undefined` labels the steps where the value is NaN for every SAE."""
+    """Mean +- std over seeds (or pairs) of `value` against the step, a panel per layer (and per
+    family when there are many architectures); `null` the column of the null baseline, drawn in
+    every panel; `undefined` labels the steps where the value is NaN for every SAE."""
     styles = architecture_styles(df)
-    fig, axes = _panels(df, title)
-    for layer, ax in axes.items():
+    grid = _Grid(df, styles, f"{title}\n{_band_note(df, pairs)}")
+    for _, layer, group, ax in grid.items():
         sub = df[df["layer"] == layer]
-        _draw_lines(ax, sub, value, styles)
+        _draw_lines(ax, sub[sub["architecture"].isin(group)], value, styles=group)
         if undefined is not None:
             _mark_undefined(ax, sub, value, undefined)
         if null is not None:
-            ax.axhline(
-                sub[null].mean(), color="0.45", ls="--", lw=1, label="random dictionaries (null)"
-            )
+            ax.axhline(sub[null].mean(), **NULL_STYLE)
         _step_axis(ax, df["step"])
-        ax.set_title(f"layer {layer}")
-    first = next(iter(axes.values()))
-    first.set_ylabel(ylabel)
-    _legend(fig, first)
-    return fig
-
-
-def _legend(fig, ax, handles=None) -> None:
-    """One legend for the figure, outside the panels on the right (many architectures)."""
-    handles, labels = (
-        (handles, [h.get_label() for h in handles]) if handles else ax.get_legend_handles_labels()
-    )
-    fig.legend(handles, labels, loc="outside right center", frameon=False)
+    grid.ylabel(0, ylabel)
+    grid.legend([_null_handle()] if null is not None else None)
+    return grid.fig
 
 
 def pw_mcc(tables: Path):
@@ -198,6 +377,7 @@ def pw_mcc(tables: Path):
         "PW-MCC (mean matched decoder cosine)",
         "Seed consistency: PW-MCC across LM training",
         null="null_pw_mcc",
+        pairs=True,
     )
 
 
@@ -206,9 +386,10 @@ def shared_fraction(tables: Path):
     return _lines_vs_step(
         df,
         "shared_fraction",
-        "shared latents (fraction, cos >= 0.7)",
-        "Seed consistency: shared latents across LM training",
+        "shared latents (fraction, cos ≥ 0.7)",
+        "Seed consistency: latents shared by a seed pair across LM training",
         null="null_shared_fraction",
+        pairs=True,
     )
 
 
@@ -221,7 +402,9 @@ def effective_features(tables: Path):
         "Superposition: effective features across LM training",
     )
     d_model = int(df["d_model"].iloc[0])
-    last = list(fig.axes)[len(df["layer"].unique()) - 1]
+    # the rightmost panel of the first row (panels are laid out row by row)
+    n_groups = len(_groups(architecture_styles(df)))
+    last = fig.axes[n_groups - 1]
     right = last.secondary_yaxis("right", functions=(lambda f: f / d_model, lambda p: p * d_model))
     right.set_ylabel(f"psi = F / d_model (d_model = {d_model})")
     return fig
@@ -237,51 +420,123 @@ def dead_fraction(tables: Path):
     )
 
 
+def _log_axis(axis) -> None:
+    """Log ticks a reader can read: 1-2-5 labels in plain numbers, unlabelled minor ticks."""
+    axis.set_major_locator(matplotlib.ticker.LogLocator(base=10, subs=(1.0, 2.0, 5.0)))
+    axis.set_major_formatter(matplotlib.ticker.FuncFormatter(lambda v, _: f"{v:g}"))
+    axis.set_minor_locator(matplotlib.ticker.LogLocator(base=10, subs=np.arange(1, 10)))
+    axis.set_minor_formatter(matplotlib.ticker.NullFormatter())
+
+
+def _frontier(points: pd.DataFrame) -> pd.DataFrame:
+    """The Pareto frontier (lowest FVU at no more L0) of mean (l0, fvu) points, by L0."""
+    points = points.sort_values(["l0", "fvu"])
+    return points[points["fvu"] <= points["fvu"].cummin()]
+
+
 def fvu_vs_l0(tables: Path):
     df = load(tables, "reconstruction")
     styles = architecture_styles(df)
     steps = sorted(df["step"].unique())
-    cmap = plt.get_cmap("viridis", len(steps))
-    norm = matplotlib.colors.BoundaryNorm(np.arange(len(steps) + 1) - 0.5, len(steps))
-    fig, axes = _panels(
-        df, "Reconstruction-sparsity frontier, coloured by LM training step", height=3.2
+    layers = sorted(df["layer"].unique())
+    fig, axes = plt.subplots(
+        len(layers),
+        len(steps),
+        figsize=(2.9 * len(steps) + 2.8, 3.0 * len(layers) + 0.6),
+        sharex=True,
+        sharey=True,
+        squeeze=False,
+        layout="constrained",
     )
-    for layer, ax in axes.items():
-        sub = df[df["layer"] == layer]
-        for name, style in styles.items():
-            s = sub[sub["architecture"] == name]
-            ax.scatter(
-                s["l0"],
-                s["fvu"],
-                c=[steps.index(v) for v in s["step"]],
-                cmap=cmap,
-                norm=norm,
-                marker=style["marker"],
-                s=28,
-                edgecolor="0.2",
-                lw=0.4,
+    fig.suptitle(
+        "Reconstruction-sparsity frontier at each LM checkpoint\n"
+        f"points: mean, bars: ±1 std over {int(df.groupby(['step', 'layer', 'architecture'])['seed'].nunique().max())} seeds;"
+        " grey line: the frontier (lowest FVU at no more L0)"
+    )
+    means = (
+        df.groupby(["layer", "step", "architecture"])[["l0", "fvu"]]
+        .agg(["mean", "std"])
+        .fillna(0.0)
+    )
+    worse = False
+    for i, layer in enumerate(layers):
+        for j, step in enumerate(steps):
+            ax = axes[i][j]
+            pts = means.loc[(layer, step)] if (layer, step) in means.index.droplevel(2) else None
+            if pts is None:
+                continue
+            for name, style in styles.items():
+                if name not in pts.index:
+                    continue
+                p = pts.loc[name]
+                ax.errorbar(
+                    p[("l0", "mean")],
+                    p[("fvu", "mean")],
+                    xerr=p[("l0", "std")],
+                    yerr=p[("fvu", "std")],
+                    color=style["color"],
+                    marker=style["marker"],
+                    mfc=style["mfc"],
+                    ms=6,
+                    ls="",
+                    elinewidth=0.8,
+                    label=style["label"],
+                )
+                if p[("fvu", "mean")] > 1:
+                    worse = True
+                    ax.plot(
+                        p[("l0", "mean")],
+                        p[("fvu", "mean")],
+                        marker="o",
+                        ms=12,
+                        mfc="none",
+                        mec="#D55E00",
+                        mew=1.5,
+                        ls="",
+                    )
+            front = _frontier(
+                pd.DataFrame({"l0": pts[("l0", "mean")], "fvu": pts[("fvu", "mean")]})
             )
-        ax.set_xscale("log")
-        ax.xaxis.set_major_formatter(matplotlib.ticker.FuncFormatter(lambda v, _: f"{v:g}"))
-        ax.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
-        ax.set_xlabel("L0 (active latents per token, log)")
-        ax.set_title(f"layer {layer}")
-    first = next(iter(axes.values()))
-    first.set_ylabel("FVU (fraction of variance unexplained)")
-    markers = [
+            ax.plot(front["l0"], front["fvu"], color="0.5", lw=1.2, zorder=0)
+            ax.axhline(1.0, color="#D55E00", ls=":", lw=1)
+            ax.set_xscale("log")
+            _log_axis(ax.xaxis)
+            ax.set_title(f"step {step:,}" + (f", layer {layer}" if len(layers) > 1 else ""))
+            if i == len(layers) - 1:
+                ax.set_xlabel("L0 (active latents per token, log)")
+        axes[i][0].set_ylabel("FVU (fraction of variance unexplained, log)")
+    # FVU on a log axis: the crowd of good SAEs spreads out, and FVU = 1 stays in view
+    fvu = means[("fvu", "mean")]
+    top = max(1.25, float((fvu + means[("fvu", "std")]).max()) * 1.15)
+    bottom = float(fvu[fvu > 0].min()) / 1.3 if (fvu > 0).any() else 0.01
+    axes[0][0].set_yscale("log")
+    axes[0][0].set_ylim(bottom, top)
+    _log_axis(axes[0][0].yaxis)
+    extra = [
+        matplotlib.lines.Line2D([], [], color="0.5", lw=1.2, label="frontier"),
         matplotlib.lines.Line2D(
-            [], [], ls="", marker=st["marker"], color="0.55", mec="0.2", mew=0.4, label=st["label"]
-        )
-        for st in styles.values()
+            [], [], color="#D55E00", ls=":", lw=1, label="FVU = 1 (no better than the mean)"
+        ),
     ]
-    _legend(fig, first, markers)
-    bar = fig.colorbar(
-        matplotlib.cm.ScalarMappable(norm=norm, cmap=cmap),
-        ax=list(axes.values()),
-        ticks=range(len(steps)),
+    if worse:
+        extra.append(
+            matplotlib.lines.Line2D(
+                [],
+                [],
+                marker="o",
+                ms=10,
+                mfc="none",
+                mec="#D55E00",
+                mew=1.5,
+                ls="",
+                label="FVU > 1",
+            )
+        )
+    fig.legend(
+        handles=[_handle(st | {"ls": ""}) for st in styles.values()] + extra,
+        loc="outside right center",
+        frameon=False,
     )
-    bar.ax.set_yticklabels([f"{s:,}" for s in steps])
-    bar.set_label("LM training step")
     return fig
 
 
@@ -296,71 +551,197 @@ def ce_recovered(tables: Path):
     )
 
 
+def _null_by_layer(tables: Path, step: int | None = None) -> dict[int, dict[str, float]]:
+    """layer -> the random-dictionary nulls (PW-MCC, shared fraction) from the consistency table
+    (at `step`, or over every step), {} where there is no consistency table."""
+    path = Path(tables) / "consistency.parquet"
+    if not path.exists():
+        return {}
+    cons = load(tables, "consistency")
+    if step is not None and (cons["step"] == step).any():
+        cons = cons[cons["step"] == step]
+    return {
+        int(layer): {"pw_mcc": g["null_pw_mcc"].mean(), "shared": g["null_shared_fraction"].mean()}
+        for layer, g in cons.groupby("layer")
+    }
+
+
 def decoder_drift(tables: Path):
     df = load(tables, "drift")
+    nulls = _null_by_layer(tables)
     styles = architecture_styles(df)
-    fig, (top, bottom) = _panels(
-        df, "Decoder drift: how each SAE's dictionary moves across LM training", rows=2
+    grid = _Grid(
+        df,
+        styles,
+        "Decoder drift: how each SAE's dictionary moves across LM training\n" + _band_note(df),
+        rows=2,
     )
-    for layer in top:
-        sub = df[df["layer"] == layer]
-        _draw_lines(top[layer], sub.dropna(subset=["mcc_next"]), "mcc_next", styles)
-        _draw_lines(bottom[layer], sub, "mcc_final", styles)
-        _draw_lines(
-            bottom[layer],
-            sub,
-            "mcc_final_other_seeds",
-            styles,
-            ls=":",
-            marker="",
-            lw=1,
-            label="_control",
-        )
-        top[layer].set_title(f"layer {layer}")
-        _step_axis(top[layer], df["step"])
-        _step_axis(bottom[layer], df["step"])
-        top[layer].set_xlabel("")
-    first = next(iter(top))
-    top[first].set_ylabel("MCC to the next checkpoint\n(same seed)")
-    bottom[first].set_ylabel("MCC to the final checkpoint\n(same seed; dotted: other seeds)")
-    _legend(fig, top[first])
+    control = "control: other seeds, final ckpt\n(range over the panel's SAEs)"
+    for r, layer, group, ax in grid.items():
+        sub = df[(df["layer"] == layer) & df["architecture"].isin(group)]
+        if r == 0:
+            _draw_lines(ax, sub.dropna(subset=["mcc_next"]), "mcc_next", group)
+            if layer in nulls:
+                ax.axhline(nulls[layer]["pw_mcc"], **NULL_STYLE)
+        else:
+            _draw_lines(ax, sub, "mcc_final", group)
+            # the control of each architecture, one grey band (min-max over the panel's lines)
+            c = sub.groupby(["step", "architecture"])["mcc_final_other_seeds"].mean().unstack()
+            if c.notna().any().any():
+                ax.fill_between(
+                    c.index, c.min(axis=1), c.max(axis=1), color="0.55", alpha=0.35, lw=0
+                )
+            if layer in nulls:
+                ax.axhline(nulls[layer]["pw_mcc"], **NULL_STYLE)
+        _step_axis(ax, df["step"])
+        if r == 0:
+            ax.set_xlabel("")
+    grid.ylabel(0, "MCC to the same seed's SAE\nat the next checkpoint")
+    grid.ylabel(1, "MCC to the same seed's SAE\nat the final checkpoint")
+    extra = [matplotlib.patches.Patch(color="0.55", alpha=0.35, label=control)]
+    if nulls:
+        extra.append(_null_handle())
+    grid.legend(extra)
+    return grid.fig
+
+
+def latent_persistence(tables: Path):
+    """Born / kept / lost alive latents between consecutive checkpoints (same seed)."""
+    df = load(tables, "drift").dropna(subset=["kept_next"])
+    styles = architecture_styles(df)
+    layers = sorted(df["layer"].unique())
+    transitions = sorted(df[["step", "next_step"]].drop_duplicates().itertuples(index=False))
+    names = list(styles)
+    fig, axes = plt.subplots(
+        len(layers),
+        len(transitions),
+        figsize=(2.9 * len(transitions) + 2.2, 0.24 * len(names) * len(layers) + 1.6),
+        sharey=True,
+        sharex=True,
+        squeeze=False,
+        layout="constrained",
+    )
+    n = int(df.groupby(["step", "layer", "architecture"])["seed"].nunique().max())
+    fig.suptitle(
+        "Latent persistence between consecutive LM checkpoints s → s' (same seed, alive latents)\n"
+        f"mean over {n} seeds, fraction of the dictionary; lost + kept = alive at s,"
+        " kept + born = alive at s'"
+    )
+    parts = [
+        ("lost_next", "lost: alive at s, no partner at s'", "0.78", None),
+        ("kept_next", "kept: alive at s and s', matched at cos ≥ 0.7", "0.3", None),
+        ("born_next", "born: alive at s', no partner at s", "white", "////"),
+    ]
+    y = np.arange(len(names))
+    cols = [c for c, *_ in parts]
+    widest = (
+        df[cols]
+        .div(df["n_latents"], axis=0)
+        .sum(axis=1)
+        .groupby([df["layer"], df["step"], df["architecture"]])
+        .mean()
+        .max()
+    )
+    for i, layer in enumerate(layers):
+        for j, (step, nxt) in enumerate(transitions):
+            ax = axes[i][j]
+            sub = df[(df["layer"] == layer) & (df["step"] == step)]
+            frac = (
+                sub.assign(**{c: sub[c] / sub["n_latents"] for c, *_ in parts})
+                .groupby("architecture")[[c for c, *_ in parts]]
+                .mean()
+                .reindex(names)
+            )
+            left = np.zeros(len(names))
+            for col, label, colour, hatch in parts:
+                v = frac[col].fillna(0).to_numpy()
+                ax.barh(
+                    y,
+                    v,
+                    left=left,
+                    color=colour,
+                    hatch=hatch,
+                    edgecolor="0.3",
+                    lw=0.5,
+                    height=0.72,
+                    label=label,
+                )
+                left = left + v
+            ax.set_xlim(0, max(1.0, float(widest) * 1.02))
+            ax.grid(axis="y", visible=False)
+            ax.set_title(
+                f"step {int(step):,} → {int(nxt):,}"
+                + (f", layer {layer}" if len(layers) > 1 else "")
+            )
+            if i == len(layers) - 1:
+                ax.set_xlabel("latents (fraction of the dictionary)")
+        axes[i][0].set_yticks(y, [styles[n]["label"] for n in names])
+        for tick, name in zip(axes[i][0].get_yticklabels(), names, strict=True):
+            tick.set_color(styles[name]["color"])
+        axes[i][0].set_ylabel("architecture" + (f" (layer {layer})" if len(layers) > 1 else ""))
+        axes[i][0].invert_yaxis()
+        # family separators
+        fams = [styles[n]["family"] for n in names]
+        for k in range(1, len(names)):
+            if fams[k] != fams[k - 1]:
+                for ax in axes[i]:
+                    ax.axhline(k - 0.5, color="0.2", lw=0.8)
+    handles, labels = axes[0][0].get_legend_handles_labels()
+    fig.legend(handles, labels, loc="outside lower center", ncol=3, frameon=False)
     return fig
 
 
 def latent_stability(tables: Path):
     df = load(tables, "latent_stability")
     final = df["step"].max()
+    nulls = _null_by_layer(tables, final)
     df = df[df["step"] == final].assign(
         density=lambda d: 10 ** ((d["log10_density_lo"].clip(lower=-7) + d["log10_density_hi"]) / 2)
     )
     styles = architecture_styles(df)
-    fig, axes = _panels(df, f"Which latents every seed finds, by firing frequency (step {final:,})")
-    for layer, ax in axes.items():
-        sub = df[df["layer"] == layer]
-        for name, style in styles.items():
+    n = int(df.groupby(["layer", "architecture"])["seed"].nunique().max())
+    grid = _Grid(
+        df,
+        styles,
+        f"Which latents every seed finds, by firing frequency (step {final:,})\n"
+        f"top: pooled over {n} seeds; bottom: latents per bin, mean per SAE",
+        rows=2,
+    )
+    for r, layer, group, ax in grid.items():
+        sub = df[(df["layer"] == layer) & df["architecture"].isin(group)]
+        for name, style in group.items():
             g = sub[sub["architecture"] == name]
+            if g.empty:
+                continue
             g = (
                 g.assign(w=g["shared_with_all"] * g["n_latents"])
                 .groupby("density")[["w", "n_latents"]]
                 .sum()
             )
-            if g.empty:
-                continue
+            y = g["w"] / g["n_latents"] if r == 0 else g["n_latents"] / n
             ax.plot(
                 g.index,
-                g["w"] / g["n_latents"],
+                y,
                 color=style["color"],
                 marker=style["marker"],
-                ms=4,
+                mfc=style["mfc"],
+                ls=style["ls"],
+                ms=4.5,
                 label=style["label"],
             )
+        if r == 0 and layer in nulls:
+            ax.axhline(nulls[layer]["shared"], **NULL_STYLE)
         ax.set_xscale("log")
-        ax.set_xlabel("firing frequency on eval tokens (log)")
-        ax.set_title(f"layer {layer}")
-    first = next(iter(axes.values()))
-    first.set_ylabel("latents shared with every other seed\n(fraction, cos >= 0.7)")
-    _legend(fig, first)
-    return fig
+        _log_axis(ax.xaxis)
+        ax.xaxis.set_major_locator(matplotlib.ticker.LogLocator(base=10, numticks=8))
+        ax.xaxis.set_major_formatter(matplotlib.ticker.LogFormatterSciNotation())
+        if r == 1:
+            ax.set_yscale("log")
+            ax.set_xlabel("firing frequency on eval tokens (log)")
+    grid.ylabel(0, "latents shared with every\nother seed (fraction, cos ≥ 0.7)")
+    grid.ylabel(1, "latents in the bin\n(per SAE, log)")
+    grid.legend([_null_handle("random dictionaries (null)")] if nulls else None)
+    return grid.fig
 
 
 def lm_loss(tables: Path):
@@ -379,6 +760,139 @@ def lm_loss(tables: Path):
     return fig
 
 
+# metric -> (table, column, label, null column, higher is better)
+KEY_METRICS: dict[str, tuple[str, str, str, str | None]] = {
+    "PW-MCC": ("consistency", "mcc", "PW-MCC", "null_pw_mcc"),
+    "FVU": ("reconstruction", "fvu", "FVU", None),
+    "dead fraction": ("reconstruction", "dead_fraction", "dead latents (fraction)", None),
+    "effective features": ("superposition", "effective_features", "effective features F", None),
+}
+
+
+KEYS = ["step", "layer", "architecture"]
+
+
+def _key_metrics(tables: Path) -> dict[str, pd.DataFrame]:
+    return {
+        name: load(tables, table)
+        for name, (table, *_) in KEY_METRICS.items()
+        if (Path(tables) / f"{table}.parquet").exists()
+    }
+
+
+def metrics_vs_lm_loss(tables: Path):
+    """The key metrics against the LM's eval loss at each checkpoint instead of the step."""
+    loss = load(tables, "checkpoints").dropna(subset=["lm_eval_loss"]).drop_duplicates("step")
+    loss = loss.set_index("step")["lm_eval_loss"]
+    data = _key_metrics(tables)
+    ref = next(iter(data.values()))
+    ref = ref[ref["step"].isin(loss.index)]
+    styles = architecture_styles(ref)
+    grid = _Grid(
+        ref,
+        styles,
+        "Key metrics against the LM's eval loss (training runs left to right)\n"
+        + _band_note(data.get("FVU", ref)),
+        rows=len(data),
+        height=2.3,
+    )
+    for r, layer, group, ax in grid.items():
+        name = list(data)[r]
+        _, col, _, null = KEY_METRICS[name]
+        d = data[name]
+        d = d[(d["layer"] == layer) & d["architecture"].isin(group) & d["step"].isin(loss.index)]
+        d = d.assign(lm_loss=d["step"].map(loss))
+        _draw_lines(ax, d, col, group, x="lm_loss")
+        if null is not None:
+            ax.axhline(d[null].mean(), **NULL_STYLE)
+        if r == len(data) - 1:
+            ax.set_xlabel("LM eval loss (nats / token)")
+    for r, name in enumerate(data):
+        grid.ylabel(r, KEY_METRICS[name][2])
+    first = next(iter(grid.axes.values()))
+    if not first.xaxis_inverted():
+        first.invert_xaxis()  # shared x: lower loss (later in training) on the right
+    grid.legend([_null_handle()] if any(KEY_METRICS[n][3] for n in data) else None)
+    return grid.fig
+
+
+def overview_heatmap(tables: Path):
+    """Architecture x step, one heat map per key metric: the whole study at a glance."""
+    data = _key_metrics(tables)
+    ref = next(iter(data.values()))
+    styles = architecture_styles(ref)
+    names = list(styles)
+    layers = sorted(ref["layer"].unique())
+    steps = sorted(ref["step"].unique())
+    fig, axes = plt.subplots(
+        len(layers),
+        len(data),
+        figsize=(
+            (0.42 * len(steps) + 1.0) * len(data) + 1.6,
+            0.26 * len(names) * len(layers) + 1.4,
+        ),
+        squeeze=False,
+        layout="constrained",
+    )
+    seeds = next((d for d in data.values() if "seed" in d.columns), None)
+    n = "" if seeds is None else f"{int(seeds.groupby(KEYS)['seed'].nunique().max())} "
+    fig.suptitle(
+        f"Every architecture at every LM checkpoint: mean over {n}seeds (seed pairs for PW-MCC);"
+        " grey: not measured"
+    )
+    for i, layer in enumerate(layers):
+        for j, (name, d) in enumerate(data.items()):
+            ax = axes[i][j]
+            _, col, label, _ = KEY_METRICS[name]
+            m = (
+                d[d["layer"] == layer]
+                .groupby(["architecture", "step"])[col]
+                .mean()
+                .unstack()
+                .reindex(index=names, columns=steps)
+            )
+            cmap = plt.get_cmap("viridis").with_extremes(bad="0.85")
+            vmax = float(np.nanmax(m.to_numpy())) if m.notna().any().any() else 1.0
+            vmin = float(np.nanmin(m.to_numpy())) if m.notna().any().any() else 0.0
+            if col == "fvu":
+                vmin, vmax = 0.0, max(1.0, vmax) if vmax > 1 else vmax
+            im = ax.imshow(m.to_numpy(dtype=float), aspect="auto", cmap=cmap, vmin=vmin, vmax=vmax)
+            for (a, s), v in np.ndenumerate(m.to_numpy(dtype=float)):
+                text = "n/a" if np.isnan(v) else f"{v:.2f}" if abs(v) < 10 else f"{v:.0f}"
+                dark = np.isnan(v) or (v - vmin) / ((vmax - vmin) or 1) > 0.55
+                flag = col == "fvu" and v > 1
+                ax.text(
+                    s,
+                    a,
+                    text + ("!" if flag else ""),
+                    ha="center",
+                    va="center",
+                    fontsize=6.5,
+                    color="black" if dark else "white",
+                    fontweight="bold" if flag else "normal",
+                )
+            ax.set_xticks(
+                range(len(steps)), [f"{s:,}" for s in steps], rotation=45 if len(steps) > 5 else 0
+            )
+            ax.set_yticks(
+                range(len(names)), [styles[nm]["label"] for nm in names] if j == 0 else []
+            )
+            if j == 0:
+                for tick, nm in zip(ax.get_yticklabels(), names, strict=True):
+                    tick.set_color(styles[nm]["color"])
+            ax.grid(False)
+            ax.set_title(label + (f", layer {layer}" if len(layers) > 1 else ""))
+            if i == len(layers) - 1:
+                ax.set_xlabel("LM training step")
+            fams = [styles[nm]["family"] for nm in names]
+            for k in range(1, len(names)):
+                if fams[k] != fams[k - 1]:
+                    ax.axhline(k - 0.5, color="white", lw=2)
+            fig.colorbar(im, ax=ax, shrink=0.8, pad=0.02)
+        axes[i][0].set_ylabel("architecture (by family)")
+    return fig
+
+
 FIGURES: dict[str, Callable] = {
     "pw_mcc": pw_mcc,
     "shared_fraction": shared_fraction,
@@ -387,8 +901,11 @@ FIGURES: dict[str, Callable] = {
     "dead_fraction": dead_fraction,
     "ce_recovered": ce_recovered,
     "decoder_drift": decoder_drift,
+    "latent_persistence": latent_persistence,
     "latent_stability": latent_stability,
     "lm_loss": lm_loss,
+    "metrics_vs_lm_loss": metrics_vs_lm_loss,
+    "overview_heatmap": overview_heatmap,
 }
 
 

@@ -2,7 +2,7 @@
 
 The hooked activation is the residual stream after block L, the output of `gpt_neox.layers[L]`
 (= TransformerLens blocks.L.hook_resid_post); not `output_hidden_states`, whose last entry is taken
-after the final LayerNorm (spec/measurements.md section 4.3). Extra columns, per token, only when
+after the final LayerNorm (docs/spec/measurements.md section 4.3). Extra columns, per token, only when
 asked for (config.EXTRA_COLUMNS):
   lm_entropy  entropy of the checkpoint's next-token distribution at the position (nats): the whole
               forward pass;

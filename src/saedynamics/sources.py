@@ -105,23 +105,20 @@ def _buffers(order: np.ndarray, block_rows: list[int], buffer_rows: int) -> list
     return out
 
 
+def describe(metadata: dict, source: str) -> dict:
+    """What an SAE's cfg.json records of its activations: the model, revision, hook, step and
+    layer from an activation file's metadata, and where the batches came from."""
+    keys = ("model", "revision", "commit", "hook", "hook_point", "context_length", "step", "layer")
+    return {k: metadata.get(k) for k in keys} | {"source": source}
+
+
 class FileSource(ShuffledSource):
     """An activation file (verified when opened), a row group per block."""
 
     def __init__(self, file: ActivationFile):
         self.file, self.block_rows, self.d_model = file, file.row_group_rows, file.d_model
-        self.norm, meta = file.norm, file.metadata
-        keys = (
-            "model",
-            "revision",
-            "commit",
-            "hook",
-            "hook_point",
-            "context_length",
-            "step",
-            "layer",
-        )
-        self.description = {k: meta.get(k) for k in keys} | {"source": "cache"}
+        self.norm = file.norm
+        self.description = describe(file.metadata, "cache")
 
     def _read(self, blocks, columns):
         return self.file.read_row_groups(blocks, columns)

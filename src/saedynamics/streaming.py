@@ -30,7 +30,7 @@ from saedynamics.config import EXTRA_COLUMNS, ActivationsConfig
 from saedynamics.corpus import TokenSample
 from saedynamics.errors import DataError
 from saedynamics.hooks import LayerHooks, block_modules
-from saedynamics.sources import ShuffledSource
+from saedynamics.sources import ShuffledSource, describe
 
 
 class StreamSource(ShuffledSource):
@@ -92,17 +92,7 @@ class StreamSource(ShuffledSource):
         n, b = len(self.windows), cfg.batch_sequences  # a block: one forward batch of windows
         self.block_rows = [min(b, n - i) * per_window for i in range(0, n, b)]
         self.norm = eval_file.norm
-        keys = (
-            "model",
-            "revision",
-            "commit",
-            "hook",
-            "hook_point",
-            "context_length",
-            "step",
-            "layer",
-        )
-        self.description = {k: eval_file.metadata.get(k) for k in keys} | {"source": "stream"}
+        self.description = describe(eval_file.metadata, "stream")
         self._fingerprint = {
             "checkpoint": read_json(Path(checkpoint_dir) / MANIFEST).get("files"),
             "tokens": {k: sample.manifest.get(k) for k in ("shards", "seed", "tokenizer_files")},

@@ -53,7 +53,7 @@ them did. Each experiment returns plain JSON-able data; nothing here plots or wr
    - The defaults are a reduced setting for the workflow's every run (seconds, not the paper
      setting's 10-20 minutes on a shared CPU): 20 models, toy models 3000 steps of 256 at lr 3e-3,
      the SAE in batches of 512 for 150 epochs without early stopping.
-   - Measured (docs/parts/reproductions.md): paper setting r = 0.82 +- 0.01 (seeds 0-2; the paper
+   - Measured (docs/architectures.md): paper setting r = 0.82 +- 0.01 (seeds 0-2; the paper
      0.94 +- 0.02), r(psi_Frob, F_true) = 0.99 (paper 0.99); reduced r = 0.90 +- 0.02 (seeds 0-4).
      Where r falls short: below density ~0.02 the SAE ends with ~2N live latents (the +- pairs of
      a basis, which reconstruct exactly under tied weights), F_SAE ~ 2N while F_true reaches 3N;
@@ -65,7 +65,7 @@ them did. Each experiment returns plain JSON-able data; nothing here plots or wr
 
 2. `organism_validation`: PW-MCC against ground-truth recovery on a model organism.
    Source: Song, Muhamed et al. 2025 (arXiv 2505.20254), the synthetic model organism
-   (spec/measurements.md section 1.4; repository sae-feature-consistency, `synthetic/`).
+   (docs/spec/measurements.md section 1.4; repository sae-feature-consistency, `synthetic/`).
    - Data: a dictionary A_true of m = organism_latents unit rows (i.i.d. Gaussian, normalised) in
      n = organism_dims dimensions; every sample has exactly k = organism_k active latents, chosen
      uniformly, with values |N(0, 1)|; x = s A_true. The real trainer (`training.train_saes`)

@@ -11,7 +11,7 @@
 # ask for several CPUs and tens of GB, more than a CI runner has.
 #
 # The config goes to the default path /etc/slurm/slurm.conf: the jobstep's nested `srun` does not
-# see SLURM_CONF (see ../shared/spec/workflow.md, section 3.2).
+# see SLURM_CONF (see docs/spec/workflow.md, section 3.2).
 set -euo pipefail
 pidfile=${1:?usage: start-local-slurm.sh PIDFILE}
 : > "$pidfile"

@@ -10,7 +10,7 @@ min_version("9.0")
 
 sys.path.insert(0, str(Path(workflow.basedir) / "src"))  # the package, also when not installed
 
-from saedynamics.config import load_config
+from saedynamics.config import coerce_overrides, load_config
 from saedynamics.errors import ConfigError
 from saedynamics.figures import FIGURES, VALIDATION_FIGURES
 from saedynamics.tables import TABLES
@@ -21,8 +21,11 @@ _raw = workflow.config_settings.overwrite_config if workflow.overwrite_configfil
 _name = ", ".join(map(str, workflow.overwrite_configfiles)) or "workflow/configs/demo.yaml"
 if workflow.config_settings.config:
     _name += " with --config " + " ".join(workflow.config_settings.config_args or [])
+# --config values nested in a mapping (training='{n_latents: 32}') reach us as strings: read them
+# as the numbers, booleans or nulls the schema wants at those keys (config files stay strict)
+_raw = coerce_overrides(dict(_raw), workflow.config_settings.config)
 try:
-    CFG = load_config(dict(_raw), name=_name)
+    CFG = load_config(_raw, name=_name)
 except ConfigError as e:
     raise WorkflowError(str(e)) from None
 

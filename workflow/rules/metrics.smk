@@ -80,7 +80,8 @@ rule splice:
         " --tokens {input.tokens} --saes {params.saes} --out {output} > {log} 2>&1"
 
 
-# How each SAE's decoder moves across checkpoints (same architecture, layer and seed).
+# How each SAE's decoder moves across checkpoints (same architecture, layer and seed), and which
+# of its alive latents are kept, lost and born between consecutive checkpoints.
 rule drift:
     input:
         saes=[
@@ -90,6 +91,15 @@ rule drift:
             for a in ARCHITECTURES
             for f in sae_files(s, l, a)
             if f.endswith("cfg.json")
+        ],
+        # latent_density per seed: which latents are alive (born / kept / lost between steps)
+        reconstruction=[
+            f
+            for s in STEPS
+            for l in LAYERS
+            for a in ARCHITECTURES
+            for f in metric_files(s, l, a)
+            if f.endswith("reconstruction.json")
         ],
     output:
         f"{R}/metrics/drift.json",
@@ -103,4 +113,4 @@ rule drift:
         settings=settings("drift"),
     shell:
         "PYTHONPATH=src python -m saedynamics drift --settings {params.settings:q}"
-        " --saes {input.saes} --out {output} > {log} 2>&1"
+        " --saes {input.saes} --reconstruction {input.reconstruction} --out {output} > {log} 2>&1"

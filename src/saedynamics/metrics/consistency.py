@@ -10,7 +10,7 @@ Shared fraction (Paulo & Belrose 2025): match encoder rows and decoder rows sepa
 SAE a is shared iff both matchings give it the same partner and both cosines are >= threshold (0.7).
 
 Null baseline: the same statistics for random dictionaries of the same shape (rows i.i.d. Gaussian,
-numpy default_rng), which match far above 0 (spec/measurements.md section 1.3). For the shared
+numpy default_rng), which match far above 0 (docs/spec/measurements.md section 1.3). For the shared
 fraction the random "SAE" is tied (encoder = decoder^T, as an SAE at init), the conservative choice:
 with independent random encoders the chance of agreeing partners would be ~1/F.
 """
@@ -530,7 +530,11 @@ def compare(sae_a, sae_b, threshold: float = 0.7, latents: bool = False) -> dict
     return out
 
 
-def decoder_drift(decoders: dict[int, dict[int, Tensor]], threshold: float = 0.7) -> list[dict]:
+def decoder_drift(
+    decoders: dict[int, dict[int, Tensor]],
+    threshold: float = 0.7,
+    alive: dict[int, dict[int, np.ndarray]] | None = None,
+) -> list[dict]:
     """How the decoders of one (layer, architecture) move across LM checkpoints.
 
     `decoders[step][seed]` -> [F, d]. For each seed and step: the matched cosine (MCC) of its
@@ -538,13 +542,28 @@ def decoder_drift(decoders: dict[int, dict[int, Tensor]], threshold: float = 0.7
     latents matched there at cosine >= threshold. The SAEs of one seed start from the same init at
     every checkpoint, which alone makes them alike; the same statistic against the *other* seeds
     at the final checkpoint (`mcc_final_other_seeds`) is the control for that.
+
+    Latent persistence between consecutive checkpoints, from the same matching to the next step:
+    `alive[step][seed]` -> bool [F] (fired on the eval tokens; every latent when `alive` is None).
+    `n_alive` latents are alive at the step, `n_alive_next` at the next one; `kept_next` of them
+    are matched at cosine >= threshold to a latent alive at the next step, `lost_next` = n_alive -
+    kept_next are not, and `born_next` = n_alive_next - kept_next alive latents of the next step
+    have no such partner (the matching is one-to-one, so n_alive - lost + born = n_alive_next).
+    NaN at the final step, which has no next one.
     """
     steps = sorted(decoders)
     final = steps[-1]
+
+    def alive_of(step: int, seed: int) -> np.ndarray:
+        if alive is None:
+            return np.ones(len(decoders[step][seed]), dtype=bool)
+        return np.asarray(alive[step][seed], dtype=bool)
+
     rows = []
     for i, step in enumerate(steps):
         for seed, dec in sorted(decoders[step].items()):
             to_final = match(dec, decoders[final][seed])[1]
+            here = alive_of(step, seed)
             others = [mcc(dec, d) for s, d in decoders[final].items() if s != seed]
             row = {
                 "step": step,
@@ -556,13 +575,29 @@ def decoder_drift(decoders: dict[int, dict[int, Tensor]], threshold: float = 0.7
                 "next_step": None,
                 "mcc_next": float("nan"),
                 "stable_next": float("nan"),
+                "n_latents": int(len(dec)),
+                "n_alive": int(here.sum()),
+                "n_alive_next": float("nan"),
+                "kept_next": float("nan"),
+                "lost_next": float("nan"),
+                "born_next": float("nan"),
             }
             if i + 1 < len(steps):
-                to_next = match(dec, decoders[steps[i + 1]][seed])[1]
+                partner, to_next = match(dec, decoders[steps[i + 1]][seed])
+                there = alive_of(steps[i + 1], seed)
+                paired = partner >= 0
+                kept = np.zeros(len(partner), dtype=bool)
+                kept[paired] = (
+                    here[paired] & there[partner[paired]] & (to_next[paired] >= threshold)
+                )
                 row |= {
                     "next_step": steps[i + 1],
                     "mcc_next": float(np.nanmean(to_next)),
                     "stable_next": float(np.nanmean(to_next >= threshold)),
+                    "n_alive_next": int(there.sum()),
+                    "kept_next": int(kept.sum()),
+                    "lost_next": int(here.sum() - kept.sum()),
+                    "born_next": int(there.sum() - kept.sum()),
                 }
             rows.append(row)
     return rows

@@ -1,4 +1,4 @@
-"""Reconstruction and sparsity of an SAE on held-out activations (spec/measurements.md section 3).
+"""Reconstruction and sparsity of an SAE on held-out activations (docs/spec/measurements.md section 3).
 
 Definitions, with t over all eval tokens and x_bar the mean over the whole eval set:
   FVU   = sum_t |x_t - x_hat_t|^2 / sum_t |x_t - x_bar|^2;  explained_variance = 1 - FVU

@@ -1,7 +1,7 @@
 """AdaptiveK SAE (Yao, Zhang & Du 2025, "AdaptiveK: Complexity-Driven Sparse Autoencoders for
 Interpretable Language Model Representations", arXiv 2508.17320, ACL Findings 2026; reference code
-hiyukie/adaptiveK 3d03020 `dictionary_learning/trainers/dynamic_topk.py`; spec/sae-variants.md
-section 7; docs/parts/adaptivek.md).
+hiyukie/adaptiveK 3d03020 `dictionary_learning/trainers/dynamic_topk.py`; docs/spec/sae-variants.md
+section 7; docs/architectures.md).
 
 Method. A linear probe reads how complex the input's context is, and the SAE spends more latents on
 more complex contexts:

@@ -2,7 +2,7 @@
 Masking for Stable Sparse Autoencoder Training", ICLR 2025 workshop XAI4Science, arXiv 2510.08855).
 
 Source of the equations. The paper's method section could not be read here (no copy of its body
-was reachable; see docs/parts/atm.md). What follows is the abstract plus the two equations that a
+was reachable; see docs/architectures.md). What follows is the abstract plus the two equations that a
 rendering of the paper quotes verbatim, the threshold theta_t = mu_t + c sigma_t and the masking
 probability p(masked) = 1 - exp(-r (theta_t - Importance(t)) / theta_t); everything the two leave
 open is a config option: the literal reading where there is one, else a value chosen and
@@ -47,7 +47,7 @@ Init and constraint (Bricken): decoder rows at unit norm, held there with the gr
 onto the sphere (spec 0.1 family 1); W_enc = W_dec^T; b_enc = 0; b_dec = geometric median of the
 first batch. With unit rows e_i = EMA E_b f_i^2.
 
-Defaults the paper's text would fix but could not be read (docs/parts/atm.md gives the reasons):
+Defaults the paper's text would fix but could not be read (docs/architectures.md gives the reasons):
 c = 1.0 (theta one standard deviation above the mean importance: nearly every latent is a
 candidate, the least important the likeliest); r = 0.1 (a latent far below theta is masked with
 probability up to 1 - exp(-0.1) = 0.095; in our runs 6-7% of the latents per step. r = 1 masks

@@ -13,7 +13,9 @@ An architecture is a subclass of `SAE` that declares its hyperparameters as a ne
 Parameters follow SAELens names and shapes: W_enc [d_in, d_sae], b_enc [d_sae], W_dec [d_sae, d_in]
 (row i is latent i's decoder direction d_i), b_dec [d_in]. Codes f = sigma(pre), x_hat = f W_dec + b_dec.
 
-Shared here, so that no architecture re-implements it (spec/sae-variants.md section 0):
+Shared here, so that no architecture re-implements it (docs/spec/sae-variants.md section 0; "spec
+N" in the architecture modules names that file's section N; docs/architectures.md compares each
+architecture with its paper):
 - decoder-norm handling: hard unit norm + gradient projection (`unit_norm_decoder = True`), or
   norms left free and folded into the encoder at export (`fold_decoder_norm`);
 - tied init (W_enc = W_dec^T) with a chosen decoder row norm; b_dec at zero or the geometric median;
@@ -284,7 +286,10 @@ class SAE(nn.Module):
     def saelens_config(self) -> dict[str, Any]:
         """The SAELens cfg.json fields for this SAE (architecture-specific extras added by subclasses)."""
         return {
-            "architecture": self.saelens_architecture or self.architecture,
+            # an architecture SAELens lacks: SAELens looks this name up in its registry and
+            # raises KeyError with it, so the name itself tells the user what to do instead
+            "architecture": self.saelens_architecture
+            or f"{self.architecture} (not a SAELens architecture: load with saedynamics.saes.load)",
             "d_in": self.d_in,
             "d_sae": self.d_sae,
             "dtype": "float32",
@@ -359,7 +364,12 @@ def load(directory: str | Path) -> SAE:
         ) from None
     if not isinstance(cfg, dict):
         raise DataError(f"{cfg_path}: not a JSON object")
-    ours = cfg.get("saedynamics") if isinstance(cfg.get("saedynamics"), dict) else {}
+    if not isinstance(cfg.get("saedynamics"), dict):
+        raise DataError(
+            f"{cfg_path}: not an SAE saved by saedynamics (no 'saedynamics' section); an SAE "
+            "saved by SAELens loads with sae_lens.SAE.load_from_disk"
+        )
+    ours = cfg["saedynamics"]
     name = ours.get("architecture")
     if name not in REGISTRY:
         raise DataError(

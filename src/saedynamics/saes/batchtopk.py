@@ -51,7 +51,7 @@ SAELens; Bussmann's is declared but unused, pitfall 1); the AuxK residual is det
 dead latents are counted in tokens (`dead_tokens`, pitfall 3); the whole batch is flattened
 (pitfall 4). Defaults: aux_k = d_in // 2, aux_alpha = 1/32, lr 2e-4 / sqrt(d_sae / 2^14) and Adam
 (0.9, 0.999) (dictionary_learning's rule and betas; the paper's code used lr 3e-4, betas (0.9, 0.99),
-top_k_aux 512, batch 4096: set `lr`, `adam_betas`, `aux_k`). docs/parts/batchtopk.md lists every
+top_k_aux 512, batch 4096: set `lr`, `adam_betas`, `aux_k`). docs/architectures.md lists every
 choice.
 
 This module also holds the machinery that Mutual Choice and Feature Choice (Ayonrinde 2024) share:

@@ -1,5 +1,5 @@
 """Gated SAE (Rajamanoharan et al. 2024, "Improving Dictionary Learning with Gated Sparse
-Autoencoders", arXiv 2404.16014; spec/sae-variants.md section 5). SAELens `gated`.
+Autoencoders", arXiv 2404.16014; docs/spec/sae-variants.md section 5). SAELens `gated`.
 
 Method (section 3). The encoder separates which latents fire from how strongly, with one shared
 weight:

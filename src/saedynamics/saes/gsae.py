@@ -2,7 +2,7 @@
 for Improved Dictionary Learning", Findings of NAACL 2025, pp. 7609-7619; arXiv 2411.10397).
 
 Source of the equations. The paper's method section could not be read here in full (no copy of its
-body was reachable; see docs/parts/gsae.md): the selection rule below is the paper's equation as a
+body was reachable; see docs/architectures.md): the selection rule below is the paper's equation as a
 rendering of the paper quotes it, TopK(z + beta z (.) |W_dec^T . grad_x L(x)|), with W_dec in the
 paper's [d_in, d_sae] layout; the rest is the abstract ("augmenting the TopK activation function to
 rely on the gradients of the input activation when selecting the k elements"), the paper's TopK

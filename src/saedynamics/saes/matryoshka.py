@@ -32,7 +32,7 @@ decoder rows, geometric-median b_dec), the constraint (projection + renormalisat
 d_in // 2, aux_alpha = 1/32 and lr 2e-4 / sqrt(F / 2^14) (see batchtopk.py). The groups act in
 training only: inference and export use the whole dictionary. The "mse" term logged is the full
 reconstruction's, as for every architecture; "matryoshka" is the prefix loss that is minimised.
-docs/parts/matryoshka.md lists every choice.
+docs/architectures.md lists every choice.
 """
 
 from __future__ import annotations

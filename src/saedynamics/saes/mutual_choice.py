@@ -19,7 +19,7 @@ gamma times the density a Zipf law expects at its density rank (`batchtopk.ZipfS
 Choices (the paper's code is not released, and only its abstract could be read here: it fixes the
 allocation and names aux_zipf_loss, "which generalises the aux_k_loss to mitigate dead and
 underutilised features"; spec section 8 marks aux_zipf and the Zipf law as *proposed*, so they are
-config options; docs/parts/mutual_choice.md):
+config options; docs/architectures.md):
 - Zipf law p*_r = k (r + b)^-s / sum (r' + b)^-s over density ranks r, total density k per token
   (the budget); s fitted online (least squares in log-log over the resolved densities, s >= 0)
   unless `zipf_exponent` is set; b = `zipf_offset` = 0 (plain Zipf). Fitting rather than fixing s

@@ -1,6 +1,6 @@
 """ReLU SAE with an L1 penalty weighted by decoder norms: Anthropic's "Circuits Updates - April
 2024: Update on how we train SAEs" (transformer-circuits.pub/2024/april-update, section "Training
-SAEs"; spec/sae-variants.md section 1b). SAELens `standard` with apply_b_dec_to_input=False.
+SAEs"; docs/spec/sae-variants.md section 1b). SAELens `standard` with apply_b_dec_to_input=False.
 
 Method. No pre-encoder bias is subtracted from the input:
     f = ReLU(W_enc x + b_enc),   x_hat = W_dec f + b_dec

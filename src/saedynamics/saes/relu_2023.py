@@ -1,6 +1,6 @@
 """ReLU SAE with an L1 penalty and neuron resampling: the 2023 recipe of Bricken et al. 2023,
 "Towards Monosemanticity: Decomposing Language Models With Dictionary Learning" (Transformer
-Circuits Thread; spec/sae-variants.md section 1a). SAELens `standard`, apply_b_dec_to_input.
+Circuits Thread; docs/spec/sae-variants.md section 1a). SAELens `standard`, apply_b_dec_to_input.
 
 Method ("Problem Setup: Sparse Autoencoder"):
     x_bar = x - b_d,   f = ReLU(W_e x_bar + b_e),   x_hat = W_d f + b_d

@@ -1,7 +1,7 @@
 """top-AFA SAE (Lee, Davies, Canby & Hockenmaier 2025, "Evaluating and Designing Sparse
 Autoencoders by Approximating Quasi-Orthogonality", arXiv 2503.24277; reference code
 SewoongLee/top-afa-sae 1c7a683, `training/sae.py::TopAFASAE`, `training/config.py`,
-`training/main.ipynb`; spec/sae-variants.md section 10; docs/parts/topafa.md).
+`training/main.ipynb`; docs/spec/sae-variants.md section 10; docs/architectures.md).
 
 Method. Under the linear-representation and superposition hypotheses the dictionary atoms are
 epsilon-quasi-orthogonal, so the norm of a sparse code approximates the norm of the dense vector it
@@ -28,7 +28,7 @@ Adam (0.9, 0.99), aux_penalty 1/32, afa_coeff 1/32 (the middle of the sweep
 Init: W_enc = W_dec^T with unit decoder rows; decoder rows held at unit norm with the gradient
 projected (spec 0.1 family 1).
 
-Where we differ, and why (docs/parts/topafa.md has the table):
+Where we differ, and why (docs/architectures.md has the table):
 - L_AFA's target is |x - b_dec| by default (`afa_target = "centred"`), the norm the selection
   matches; the paper and reference write the un-centred |z| = |x| (`afa_target = "input"`). The
   reference standardises every token (`input_unit_norm`: zero mean over dims, unit std), which

@@ -1,7 +1,7 @@
 """Variational TopK SAE (vSAE; Baker, Li et al. 2025, "Analysis of Variational Sparse
 Autoencoders", arXiv 2509.22994; reference code ZachData/SPAR-Variational-Sparse-Autoencoders
-`dictionary_learning/trainers/vsae_topk.py` at the paper's commit 8e1581a; spec/sae-variants.md
-section 6; docs/parts/vsae.md).
+`dictionary_learning/trainers/vsae_topk.py` at the paper's commit 8e1581a; docs/spec/sae-variants.md
+section 6; docs/architectures.md).
 
 Method. The vSAE "replaces deterministic ReLU gating with stochastic sampling from learned Gaussian
 posteriors and incorporates KL divergence regularization toward a standard normal prior" (paper,
@@ -32,7 +32,7 @@ shared `dead_tokens` default, the reference's at paper time). Init (reference `_
 Gaussian directions of norm 0.1, W_enc = W_dec^T, biases 0; W_var Kaiming-uniform (a = 0.01),
 b_var = -2 (sigma^2 ~ 0.135). No decoder constraint (April mode).
 
-Where the paper leaves it open or we differ, and why (docs/parts/vsae.md has the table):
+Where the paper leaves it open or we differ, and why (docs/architectures.md has the table):
 - Sampling with a learned variance is the default (`var_flag = "learned"`, the reference's
   var_flag = 1), as the paper's abstract describes the method. The paper's Pythia-70M run
   directory (comprehensive_histogram_analysis/VSAETopK_pythia70m_d8192_k256_lr0.0008_kl1.0_aux0_

@@ -217,14 +217,15 @@ def test_after_step_keeps_unit_decoder_and_counts_dead_tokens():
     sae = make("topk", k=2, dead_tokens=10)
     sae.W_dec.data.mul_(3.0)
     x = torch.randn(4, 8)
-    out = sae.loss(x, TrainStep(0, 1))
+    step = TrainStep(0, 1)
+    out = sae.loss(x, step)
     out.codes = torch.zeros(4, 32)
     out.codes[0, 5] = 1.0
-    sae.after_step(out, x)
+    sae.after_step(out, x, step)
     assert torch.allclose(sae.W_dec.norm(dim=1), torch.ones(32), atol=1e-6)
     assert sae.tokens_since_fired[5] == 0 and sae.tokens_since_fired[0] == 4
     out.codes = torch.zeros(8, 32)
-    sae.after_step(out, torch.randn(8, 8))
+    sae.after_step(out, torch.randn(8, 8), step)
     assert sae.dead_mask().sum() == 31 and not sae.dead_mask()[5]
 
 

@@ -19,8 +19,9 @@ from pydantic import ValidationError
 from safetensors.torch import load_file
 
 from saedynamics.saes import REGISTRY, TrainStep, load
-from saedynamics.saes.batchtopk import batch_topk_codes, zipf_targets
+from saedynamics.saes.batchtopk import batch_topk_codes
 from saedynamics.saes.feature_choice import capacities, feature_choice_codes
+from saedynamics.saes.zipf import zipf_targets
 from tests.synthetic import make_sae, organism_tensors, recovery
 
 FAMILY = ["batchtopk", "mutual_choice", "feature_choice", "matryoshka"]
@@ -44,12 +45,13 @@ def randomise(sae, seed=0):
 def train_steps(sae, x, n=3, lr=1e-3):
     opt = torch.optim.Adam(sae.parameters(), lr=lr)
     for i in range(n):
-        out = sae.loss(x, TrainStep(i, n))
+        step = TrainStep(i, n)
+        out = sae.loss(x, step)
         opt.zero_grad()
         out.total.backward()
         sae.before_step()
         opt.step()
-        sae.after_step(out, x)
+        sae.after_step(out, x, step)
     return out
 
 
@@ -226,14 +228,16 @@ def test_batchtopk_equations_by_hand():
     over batches of the smallest kept activation, f = ReLU(pre) 1[pre > theta]."""
     sae = hand_sae("batchtopk", threshold_window=1.0)
     x = torch.tensor(HAND_X)
-    out = sae.loss(x, TrainStep(0, 2))
+    step = TrainStep(0, 2)
+    out = sae.loss(x, step)
     assert torch.equal(out.codes, torch.tensor(HAND_CODES))
     assert torch.allclose(out.x_hat, torch.tensor([[4.5, 2.0], [0.0, 0.0]]))
     assert math.isclose(out.total.item(), HAND_MSE, rel_tol=1e-6)  # 4.125
-    sae.after_step(out, x)
+    sae.after_step(out, x, step)
     assert torch.allclose(sae.threshold, torch.full((3,), 2.5))  # the batch's smallest kept value
     x2 = torch.tensor([[0.0, 4.0], [3.0, 0.0]])  # pre [[0, 4, 2.5], [3, 0, 1.5]]: keeps 4 and 3
-    sae.after_step(sae.loss(x2, TrainStep(1, 2)), x2)
+    step = TrainStep(1, 2)
+    sae.after_step(sae.loss(x2, step), x2, step)
     assert torch.allclose(sae.threshold, torch.full((3,), (2.5 + 3.0) / 2))  # their mean, 2.75
     # inference: token [3, 1] has pre [3, 1, 2.5]; only 3 > 2.75 survives
     assert torch.allclose(sae.encode(torch.tensor([[3.0, 1.0]])), torch.tensor([[3.0, 0.0, 0.0]]))
@@ -246,10 +250,11 @@ def test_batchtopk_threshold_averages_the_last_window_only():
     x = torch.randn(4, 8)
     minima = [4.0, 2.0, 1.0, 3.0]
     for i, smallest in enumerate(minima):
-        out = sae.loss(x, TrainStep(i, 4))
+        step = TrainStep(i, 4)
+        out = sae.loss(x, step)
         out.codes = torch.zeros(4, 32)
         out.codes[0, 0], out.codes[1, 3] = smallest, 10.0
-        sae.after_step(out, x)
+        sae.after_step(out, x, step)
         expected = {0: 4.0, 1: 0.5 * 4.0 + 0.5 * 2.0, 2: 1.0, 3: (1.0 + 3.0) / 2}[i]
         assert torch.allclose(sae.threshold, torch.full((32,), expected)), i
 
@@ -267,7 +272,8 @@ def test_mutual_choice_equations_by_hand():
         sae.target_density.copy_(torch.tensor([0.3, 0.3, 0.3]))
         sae.density.copy_(torch.tensor([0.2, 0.01, 0.5]))
     assert sae.underused_mask().tolist() == [False, True, False]
-    out = sae.loss(x, TrainStep(0, 1))
+    step = TrainStep(0, 1)
+    out = sae.loss(x, step)
     assert torch.equal(out.codes, torch.tensor(HAND_CODES))
     # aux_zipf by the formula: e = x - x_hat = [[-1.5, -1], [-1, 2]]; U = {1}, pre_1 = [1, 2] and
     # d_1 = [0, 1], so e_hat = [[0, 1], [0, 2]]
@@ -278,7 +284,7 @@ def test_mutual_choice_equations_by_hand():
     # in the loss as the squared error mean_b |e - e_hat|^2 = 7.25 / 2 (the authors' aux form)
     assert math.isclose(out.total.item(), HAND_MSE + (7.25 / 2) / 32, rel_tol=1e-6)
     # densities: EMA rate 0.5 of the batch's firing fraction [1/2, 0, 1/2]
-    sae.after_step(out, x)
+    sae.after_step(out, x, step)
     expected = [0.5 * 0.2 + 0.5 * 0.5, 0.5 * 0.01 + 0.5 * 0.0, 0.5 * 0.5 + 0.5 * 0.5]
     assert torch.allclose(sae.density, torch.tensor(expected))
 
@@ -296,7 +302,8 @@ def test_feature_choice_equations_by_hand():
     with torch.no_grad():
         sae.target_density.copy_(torch.tensor([2 / 11, 6 / 11, 3 / 11]))
     x = torch.tensor([[1.0, 2.0, 3.0], [4.0, 0.5, -1.0], [2.0, 3.0, 0.2], [0.5, 1.0, 2.0]])
-    out = sae.loss(x, TrainStep(0, 1))
+    step = TrainStep(0, 1)
+    out = sae.loss(x, step)
     # latent 0 keeps its top 1 token (4), latent 1 its top 2 (3, 2), latent 2 its top 1 (3)
     codes = [[0.0, 2.0, 3.0], [4.0, 0.0, 0.0], [0.0, 3.0, 0.0], [0.0, 0.0, 0.0]]
     assert torch.equal(out.codes, torch.tensor(codes))
@@ -306,7 +313,7 @@ def test_feature_choice_equations_by_hand():
     with torch.no_grad():
         sae.density.copy_(torch.tensor([0.2, 0.2, 0.2]))
     assert sae.underused_mask().tolist() == [False, True, False]  # 0.2 < 0.25 only for latent 1
-    sae.after_step(out, x)
+    sae.after_step(out, x, step)
     assert torch.allclose(sae.threshold, torch.tensor([4.0, 2.0, 3.0]))  # m_i-th largest kept
 
 
@@ -350,13 +357,14 @@ def test_threshold_ema_by_hand():
     x = torch.randn(4, 8)
     assert torch.equal(sae.threshold, torch.zeros(32))  # before any update: dense ReLU codes
     assert torch.equal(sae.encode(x), sae.pre_acts(x).relu())
-    out = sae.loss(x, TrainStep(0, 2))
+    step = TrainStep(0, 2)
+    out = sae.loss(x, step)
     out.codes = torch.zeros(4, 32)
     out.codes[0, 1], out.codes[2, 5], out.codes[3, 0] = 2.0, 0.5, 1.0
-    sae.after_step(out, x)
+    sae.after_step(out, x, step)
     assert torch.allclose(sae.threshold, torch.full((32,), 0.5))  # first update: the batch min
     out.codes[2, 5] = 3.0
-    sae.after_step(out, x)
+    sae.after_step(out, x, step)
     assert torch.allclose(sae.threshold, torch.full((32,), 0.9 * 0.5 + 0.1 * 1.0))
     pre = sae.pre_acts(x)
     assert torch.equal(sae.encode(x), pre.relu() * (pre > 0.55))
@@ -435,9 +443,10 @@ def test_aux_zipf_is_auxk_over_dead_and_underused_latents():
 def test_zipf_densities_track_firing():
     sae = make("mutual_choice", zipf_rate=0.5)
     x = torch.randn(64, 8)
-    out = sae.loss(x, TrainStep(0, 1))
+    step = TrainStep(0, 1)
+    out = sae.loss(x, step)
     fired = (out.codes != 0).float().mean(dim=0)
-    sae.after_step(out, x)
+    sae.after_step(out, x, step)
     assert torch.allclose(sae.density, 0.5 * 3 / 32 + 0.5 * fired)
     assert torch.equal(sae.demand, sae.density)  # Mutual Choice ranks by its own density
     assert math.isclose(sae.target_density.sum().item(), 3.0, rel_tol=1e-5)
@@ -486,10 +495,11 @@ def test_feature_choice_thresholds_and_demand_by_hand():
     x = torch.randn(64, 8) * 2
     m = capacities(sae.target_density, 64)  # uniform: 2 each
     assert (m == 2).all()
-    out = sae.loss(x, TrainStep(0, 1))
+    step = TrainStep(0, 1)
+    out = sae.loss(x, step)
     acts = sae.pre_acts(x).relu().detach()
     second_largest = acts.sort(dim=0, descending=True).values[1]
-    sae.after_step(out, x)
+    sae.after_step(out, x, step)
     assert torch.allclose(sae.threshold, second_largest)  # per latent, the m_i-th largest
     # demand: the densities the unconstrained (BatchTopK) allocation would give, after the step
     expected = (batch_topk_codes(sae.pre_acts(x), 1) != 0).float().mean(dim=0)

@@ -52,12 +52,13 @@ def train_steps(sae, batches, total, start=0):
     opt = torch.optim.Adam(sae.parameters(), lr=1e-3)
     sae.attach_optimizer(opt)
     for i, x in enumerate(batches, start=start):
-        out = sae.loss(x, TrainStep(i, total))
+        step = TrainStep(i, total)
+        out = sae.loss(x, step)
         opt.zero_grad()
         out.total.backward()
         sae.before_step()
         opt.step()
-        sae.after_step(out, x)
+        sae.after_step(out, x, step)
     return opt
 
 

@@ -325,8 +325,8 @@ def test_atm_statistics_are_emas_of_the_step_codes():
         sae.W_dec.copy_(torch.tensor([[1.0, 0.0], [0.0, 1.0], [0.6, 0.8]]))
     x = torch.zeros(2, 2)
     codes = [torch.tensor([[2.0, 0.0, 0.0], [1.0, 0.0, 3.0]]), torch.tensor([[0.0, 1.0, 1.0]] * 2)]
-    for c in codes:
-        sae.after_step(LossOutput(torch.zeros(()), {}, c, x), x)
+    for i, c in enumerate(codes):
+        sae.after_step(LossOutput(torch.zeros(()), {}, c, x), x, TrainStep(i, len(codes)))
     # step 1 from 0: m = .5 * (1.5, 0, 1.5); p = .5 * (1, 0, .5); r = .5 * (2.5, 0, 4.5)
     # step 2: v <- .5 v + .5 * batch value; batch: m = (0, 1, 1), p = (0, 1, 1), r = (0, 1, 1)
     assert torch.allclose(sae.ema_magnitude, torch.tensor([0.375, 0.5, 0.875]))

@@ -168,10 +168,11 @@ def test_vsae_init_defaults_and_no_decoder_constraint():
     assert sae.lr == 5e-4 and cfg.aux_alpha == 1 / 32 and not sae.apply_b_dec_to_input
     # April mode: the decoder is unconstrained, its norms move freely
     x = torch.randn(16, 8)
-    out = sae.loss(x, TrainStep(0, 10))
+    step = TrainStep(0, 10)
+    out = sae.loss(x, step)
     with torch.no_grad():
         sae.W_dec.mul_(3.0)
-    sae.after_step(out, x)
+    sae.after_step(out, x, step)
     assert torch.allclose(sae.W_dec.norm(dim=1), torch.full((32,), 0.3))
 
 
@@ -319,10 +320,11 @@ def test_topafa_init_defaults_and_unit_decoder():
     cfg = sae.cfg
     assert (cfg.afa_coeff, cfg.aux_penalty, cfg.afa_target) == (1 / 32, 1 / 32, "centred")
     x = torch.randn(16, 8)
-    out = sae.loss(x, TrainStep(0, 10))
+    step = TrainStep(0, 10)
+    out = sae.loss(x, step)
     with torch.no_grad():
         sae.W_dec.mul_(3.0)
-    sae.after_step(out, x)  # decoder rows back at unit norm
+    sae.after_step(out, x, step)  # decoder rows back at unit norm
     assert torch.allclose(sae.W_dec.norm(dim=1), torch.ones(32))
 
 
@@ -554,12 +556,14 @@ def test_adaptivek_loss_by_hand():
 def test_adaptivek_deviation_weight_adapts_to_the_probe_loss():
     sae = make("adaptivek", k_min=2, k_max=6)
     x = torch.randn(4, 8)
-    out = sae.loss(x, TrainStep(0, 10), {"lm_entropy": torch.rand(4)})
-    sae.after_step(out, x)  # SAE-only phase: no change
-    out = sae.loss(x, TrainStep(9, 10), {"lm_entropy": torch.rand(4)})  # joint phase
+    step = TrainStep(0, 10)
+    out = sae.loss(x, step, {"lm_entropy": torch.rand(4)})
+    sae.after_step(out, x, step)  # SAE-only phase: no change
+    step = TrainStep(9, 10)
+    out = sae.loss(x, step, {"lm_entropy": torch.rand(4)})  # joint phase
     for loss, weight in [(1.0, 0.2), (0.9, 0.2), (0.8, 0.16), (0.8, 0.128), (0.8, 0.1536)]:
         out.terms.update(probe=torch.tensor(loss), probe_deviation=torch.tensor(0.0))
-        sae.after_step(out, x)
+        sae.after_step(out, x, step)
         assert math.isclose(sae.deviation_weight, weight), loss
 
 

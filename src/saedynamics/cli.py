@@ -44,12 +44,12 @@ def _settings(args, stage: str) -> dict:
 
 def _validate(model, data, key: str):
     """Validate one slice (`key` names it in errors) with a pydantic model or type."""
-    from saedynamics.config import _format_errors
+    from saedynamics.config import format_errors
 
     try:
         return TypeAdapter(model).validate_python(data)
     except ValidationError as e:
-        raise ConfigError(f"invalid settings:\n{_format_errors(e, prefix=key)}") from None
+        raise ConfigError(f"invalid settings:\n{format_errors(e, prefix=key)}") from None
 
 
 def _provenance(settings: dict) -> dict:
@@ -148,8 +148,8 @@ def cmd_checkpoint(args) -> None:
 
 
 def cmd_micro_lm(args) -> None:
-    from saedynamics.checkpoints import train_micro_suite
     from saedynamics.config import MicroModelConfig
+    from saedynamics.micro_lm import train_micro_suite
 
     s = _settings(args, "micro_lm")
     model = _validate(MicroModelConfig, s["model"], "model")

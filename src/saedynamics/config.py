@@ -533,7 +533,7 @@ class StudyConfig(StrictModel):
                 out[name] = arch_cfg.model_validate(entry)
             except ValidationError as e:
                 raise ValueError(
-                    _format_errors(e, prefix=f"architectures.{name}", model=arch_cfg, bullet=False)
+                    format_errors(e, prefix=f"architectures.{name}", model=arch_cfg, bullet=False)
                 ) from None
         return out
 
@@ -638,7 +638,7 @@ def load_config(source: str | Path | dict, name: str | None = None) -> StudyConf
         return StudyConfig.model_validate(raw)
     except ValidationError as e:
         raise ConfigError(
-            f"invalid configuration in {name}:\n{_format_errors(e, model=StudyConfig)}"
+            f"invalid configuration in {name}:\n{format_errors(e, model=StudyConfig)}"
         ) from None
 
 
@@ -730,9 +730,10 @@ def _coerce_scalar(value: Any, annotation: Any) -> Any:
     return value
 
 
-def _format_errors(
-    error: ValidationError, prefix: str = "", model=None, bullet: bool = True
-) -> str:
+def format_errors(error: ValidationError, prefix: str = "", model=None, bullet: bool = True) -> str:
+    """A pydantic ValidationError as one line per error, `key.path: what is wrong` (bulleted
+    unless `bullet` is False), with the key path under `prefix`. `model` (the validated pydantic
+    model): for an unknown key, the keys allowed there and the closest one."""
     lines = []
     for err in error.errors():
         loc = [str(p) for p in err["loc"]]

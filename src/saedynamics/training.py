@@ -273,7 +273,7 @@ def train_saes(
                         torch.nn.utils.clip_grad_norm_(sae.parameters(), training.grad_clip_norm)
                     optimizer.step()
                     schedules[name, seed].step()
-                    sae.after_step(out, x)
+                    sae.after_step(out, x, step)
                     if log_row:
                         curves[name, seed].append(_curve_row(i, training, out, x, sae, optimizer))
                 if observe is not None and log_row:

@@ -1,4 +1,5 @@
 # Two sources behind one contract: checkpoints/step<N>/ (HF model dir + manifest.json).
+# hub: saedynamics.checkpoints downloads and verifies; micro: saedynamics.micro_lm trains.
 if CFG.model.source == "hub":
 
     rule checkpoint:

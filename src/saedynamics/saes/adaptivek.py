@@ -154,7 +154,6 @@ class AdaptiveKSAE(SAE):
         self.register_buffer("target_lo", torch.zeros(()))
         self.register_buffer("target_hi", torch.zeros(()))
         self.deviation_weight = DEVIATION_INIT
-        self._joint = False  # whether the last loss() was in the joint phase
         self._probe_losses: deque[float] = deque(maxlen=DEVIATION_WINDOW)
 
     # ---- the probe and the k map ---------------------------------------------------------------
@@ -175,6 +174,10 @@ class AdaptiveKSAE(SAE):
         if span <= 0:
             return torch.full_like(entropy, SCORE_MAX / 2)
         return ((entropy - self.target_lo) / span * SCORE_MAX).clamp(0, SCORE_MAX)
+
+    def joint_phase(self, step: TrainStep) -> bool:
+        """Whether `step` is in phase 3 (probe trained jointly): from `phase_ratio` of training."""
+        return step.index >= int(step.total * self.cfg.phase_ratio)
 
     # ---- the SAE -------------------------------------------------------------------------------
 
@@ -199,7 +202,7 @@ class AdaptiveKSAE(SAE):
         total = mse + self.cfg.l1_weight * l1 + self.cfg.aux_alpha * aux
         terms = {"mse": mse, "l1": l1, "auxk": aux}
 
-        joint = self._joint = step.index >= int(step.total * self.cfg.phase_ratio)
+        joint = self.joint_phase(step)
         if extras is None or "lm_entropy" not in extras:
             if joint:
                 raise ValueError("adaptivek: the joint phase needs extras['lm_entropy']")
@@ -216,9 +219,10 @@ class AdaptiveKSAE(SAE):
         return LossOutput(total, terms, codes, x_hat)
 
     @torch.no_grad()
-    def after_step(self, out: LossOutput, x: Tensor) -> None:
-        super().after_step(out, x)
-        if not self._joint or "probe" not in out.terms:
+    def after_step(self, out: LossOutput, x: Tensor, step: TrainStep) -> None:
+        """In the joint phase, adapt the deviation weight to the probe loss's recent trend."""
+        super().after_step(out, x, step)
+        if not self.joint_phase(step) or "probe" not in out.terms:
             return
         self._probe_losses.append(out.terms["probe"].item())
         if len(self._probe_losses) == DEVIATION_WINDOW and self._probe_losses[0] > 0:

@@ -182,8 +182,8 @@ class ATMSAE(SAE):
         return LossOutput(total, {"mse": mse, "l1": l1, "masked": masked}, codes, x_hat)
 
     @torch.no_grad()
-    def after_step(self, out: LossOutput, x: Tensor) -> None:
-        super().after_step(out, x)
+    def after_step(self, out: LossOutput, x: Tensor, step: TrainStep) -> None:
+        super().after_step(out, x, step)
         f = out.codes.detach()
         batch = (
             f.abs().mean(dim=0),

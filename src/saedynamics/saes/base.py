@@ -21,14 +21,20 @@ architecture with its paper):
 - tied init (W_enc = W_dec^T) with a chosen decoder row norm; b_dec at zero or the geometric median;
 - dead-latent statistics counted in tokens, and the AuxK auxiliary loss that uses them;
 - input scaling: the trainer feeds x * input_scale; `exported()` folds the scale into the weights so
-  that a saved SAE works on raw activations (SAELens `fold_activation_norm_scaling_factor`).
+  that a saved SAE works on raw activations (SAELens `fold_activation_norm_scaling_factor`);
+- export, declared rather than overridden: `fold_decoder_norm_at_export` (whether `exported()` folds
+  free decoder norms into the encoder) and `training_only_parameters` (parameters that shape
+  training only and are left out of `weights()`, so of the saved SAE).
 
 The trainer drives an SAE through this interface only:
 
     sae.init_from_sample(x, extras)          once, on the first training tokens (b_dec, probes, ...)
     sae.attach_optimizer(opt)                for architectures that reset optimiser state
     out = sae.loss(x, step, extras)          LossOutput(total, terms, codes, x_hat)
-    out.total.backward(); sae.before_step(); optimiser step; sae.after_step(out, x)
+    out.total.backward(); sae.before_step(); optimiser step; sae.after_step(out, x, step)
+
+`after_step` gets the step's `TrainStep` as `loss` did, so nothing needs to carry it from one call
+to the other: an architecture keeps no attribute just to pass the step along.
 
 Training checkpoints (training.py) save state_dict() (parameters and buffers: keep training state
 in buffers where it is a tensor) plus `resume_state()`: what an architecture keeps in plain Python
@@ -151,6 +157,12 @@ class SAE(nn.Module):
     default_adam_betas: ClassVar[tuple[float, float] | None] = None  # None: training.adam_betas
     requires: ClassVar[tuple[str, ...]] = ()  # extra activation columns the loss needs
     exported_buffers: ClassVar[tuple[str, ...]] = ()  # buffers saved with the weights
+    # parameters that shape training only: not in weights(), so not saved (e.g. an extra encoder)
+    training_only_parameters: ClassVar[tuple[str, ...]] = ()
+    # exported(): fold free decoder norms into the encoder (no effect with unit_norm_decoder).
+    # False where the fold would change the codes (a top-k over pre-activations is not invariant to
+    # per-latent rescaling): the saved SAE keeps its decoder norms.
+    fold_decoder_norm_at_export: ClassVar[bool] = True
     # codes are top-k sparse and need no gradient where they are zero: decode through the sparse
     # path (saes/sparse.py). Not JumpReLU: its threshold's pseudo-gradient lives just below it.
     sparse_codes: ClassVar[bool] = False
@@ -199,9 +211,10 @@ class SAE(nn.Module):
             remove_parallel_gradient_(self.W_dec)
 
     @torch.no_grad()
-    def after_step(self, out: LossOutput, x: Tensor) -> None:
-        """Called after the optimiser step with the step's loss output and (scaled) input:
-        constraints and statistics. Subclasses extend it (thresholds, EMAs, resampling)."""
+    def after_step(self, out: LossOutput, x: Tensor, step: TrainStep) -> None:
+        """Called after the optimiser step with the step's loss output, (scaled) input and the
+        `TrainStep` its `loss` got: constraints and statistics. Subclasses extend it (thresholds,
+        EMAs, resampling, schedules that depend on the step)."""
         if self.unit_norm_decoder:
             normalise_rows_(self.W_dec)
         fired = (out.codes != 0).any(dim=0)
@@ -275,10 +288,11 @@ class SAE(nn.Module):
         self.b_dec.div_(scale)
 
     def exported(self, input_scale: float) -> SAE:
-        """A copy for inference on raw activations: decoder rows unit norm, input scale folded."""
+        """A copy for inference on raw activations: input scale folded, and decoder rows unit norm
+        (free norms folded into the encoder, unless `fold_decoder_norm_at_export` is False)."""
         sae = copy.deepcopy(self).cpu().float()
         sae._optimizer = None
-        if not self.unit_norm_decoder:
+        if not self.unit_norm_decoder and self.fold_decoder_norm_at_export:
             sae.fold_decoder_norm()
         sae.fold_input_scale(input_scale)
         return sae
@@ -334,8 +348,10 @@ class SAE(nn.Module):
             write_safetensors(tmp / "sae_weights.safetensors", tensors, provenance)
 
     def weights(self) -> dict[str, Tensor]:
-        """The tensors an exported SAE consists of (no training statistics)."""
-        out = dict(self.named_parameters())
+        """The tensors an exported SAE consists of: its parameters but the
+        `training_only_parameters`, and its `exported_buffers` (no training statistics)."""
+        skip = set(self.training_only_parameters)
+        out = {name: p for name, p in self.named_parameters() if name not in skip}
         out.update({name: getattr(self, name) for name in self.exported_buffers})
         return out
 

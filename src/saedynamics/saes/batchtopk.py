@@ -54,8 +54,7 @@ dead latents are counted in tokens (`dead_tokens`, pitfall 3); the whole batch i
 top_k_aux 512, batch 4096: set `lr`, `adam_betas`, `aux_k`). docs/architectures.md lists every
 choice.
 
-This module also holds the machinery that Mutual Choice and Feature Choice (Ayonrinde 2024) share:
-the Zipf density law, its online fit and `aux_zipf` (`ZipfSAE`, `zipf_targets`); see those modules.
+Mutual Choice, Feature Choice (through `zipf.ZipfSAE`) and Matryoshka subclass `BatchTopKSAE`.
 """
 
 from __future__ import annotations
@@ -139,7 +138,6 @@ class BatchTopKSAE(SAE):
         self.register_buffer("threshold_count", torch.zeros(d_sae, dtype=torch.float64))
         self.register_buffer("steps_done", torch.zeros((), dtype=torch.long))
         self.register_buffer("threshold_updates", torch.zeros((), dtype=torch.long))
-        self.current_step: TrainStep | None = None  # set by loss(), read by after_step()
 
     def default_lr(self) -> float:
         return 2e-4 / (self.d_sae / 2**14) ** 0.5
@@ -177,7 +175,6 @@ class BatchTopKSAE(SAE):
         return mse, {}
 
     def loss(self, x: Tensor, step: TrainStep, extras=None) -> LossOutput:
-        self.current_step = step
         pre = self.pre_acts(x)
         codes = self.train_codes(pre)
         x_hat = self.decode(codes)
@@ -188,34 +185,35 @@ class BatchTopKSAE(SAE):
         return LossOutput(total, {"mse": mse, **terms, name: aux}, codes, x_hat)
 
     @torch.no_grad()
-    def after_step(self, out: LossOutput, x: Tensor) -> None:
-        super().after_step(out, x)
+    def after_step(self, out: LossOutput, x: Tensor, step: TrainStep) -> None:
+        super().after_step(out, x, step)
         if self.steps_done >= self.cfg.threshold_start_step:
-            self.update_threshold(out.codes.detach())
+            self.update_threshold(out.codes.detach(), step)
         self.steps_done += 1
 
-    def in_threshold_window(self) -> bool:
-        """Whether this step's batch belongs to the average that estimates theta (the last
-        threshold_window of training; every step when the step is unknown)."""
-        step = self.current_step
-        if self.cfg.threshold_estimate != "mean" or step is None:
-            return self.cfg.threshold_estimate == "mean"
+    def in_threshold_window(self, step: TrainStep) -> bool:
+        """Whether the batch of `step` belongs to the average that estimates theta (the last
+        threshold_window of training)."""
+        if self.cfg.threshold_estimate != "mean":
+            return False
         window = max(1, math.ceil(self.cfg.threshold_window * step.total))
         return step.index >= step.total - window
 
     @torch.no_grad()
-    def update_threshold(self, codes: Tensor) -> None:
+    def update_threshold(self, codes: Tensor, step: TrainStep) -> None:
         """theta <- estimate of E_X[min{z(X) > 0}] (one value for all latents)."""
         smallest = codes.masked_fill(codes <= 0, float("inf")).min().expand(self.d_sae)
-        self.estimate_threshold_(smallest, where=smallest.isfinite())
+        self.estimate_threshold_(smallest, step, where=smallest.isfinite())
 
     @torch.no_grad()
-    def estimate_threshold_(self, value: Tensor, where: Tensor | None = None) -> None:
-        """Fold this batch's statistic `value` [d_sae] into theta, at the latents `where` (all if
-        None): the running mean inside the threshold window (the EMA before it is then forgotten),
-        the EMA otherwise."""
+    def estimate_threshold_(
+        self, value: Tensor, step: TrainStep, where: Tensor | None = None
+    ) -> None:
+        """Fold the statistic `value` [d_sae] of the batch of `step` into theta, at the latents
+        `where` (all if None): the running mean inside the threshold window (the EMA before it is
+        then forgotten), the EMA otherwise."""
         where = torch.ones_like(value, dtype=torch.bool) if where is None else where
-        if not self.in_threshold_window():
+        if not self.in_threshold_window(step):
             self.ema_threshold_(value, where)
             return
         self.threshold_sum += torch.where(where, value.double(), 0.0)
@@ -233,102 +231,3 @@ class BatchTopKSAE(SAE):
             value = torch.lerp(self.threshold, value, self.cfg.threshold_rate)
         self.threshold.copy_(torch.where(where, value, self.threshold))
         self.threshold_updates += 1
-
-
-# ---- shared by Mutual Choice and Feature Choice (Ayonrinde 2024) -------------------------------
-
-
-def zipf_targets(
-    density: Tensor, k: float, exponent: float | None, offset: float, floor: float
-) -> tuple[Tensor, float]:
-    """Each latent's expected density under a Zipf law over density ranks, summing to k per token.
-
-        p*_r = k (r + offset)^-s / sum_r' (r' + offset)^-s,   r = 1..F the rank of latent i by density
-
-    With `exponent` None, s is fitted: the least-squares slope of log density against
-    log(rank + offset) over the latents whose density exceeds `floor` (clamped at s >= 0; 0 when
-    fewer than two qualify). Returns (p* per latent [F], s).
-    """
-    order = density.argsort(descending=True)
-    ranks = torch.arange(1, density.numel() + 1, dtype=torch.float64, device=density.device)
-    log_rank = (ranks + offset).log()
-    if exponent is None:
-        sorted_density = density[order].double()
-        valid = sorted_density > floor
-        exponent = 0.0
-        if valid.sum() >= 2:
-            lx = log_rank[valid] - log_rank[valid].mean()
-            ly = sorted_density[valid].log()
-            exponent = max(0.0, -float((lx * (ly - ly.mean())).sum() / lx.pow(2).sum()))
-    law = (-exponent * log_rank).exp()
-    law = law * (k / law.sum())
-    target = torch.empty_like(law)
-    target[order] = law
-    return target.to(density.dtype), exponent
-
-
-class ZipfSAE(BatchTopKSAE):
-    """BatchTopK machinery plus Ayonrinde's aux_zipf_loss (the form proposed in spec section 8).
-
-    Densities p_i are EMAs (rate `zipf_rate`) of the fraction of a batch's tokens on which latent i
-    fires. Latents are ranked by a "demand" density (Mutual Choice: p itself; Feature Choice: the
-    density the unconstrained allocation would give) and each gets the Zipf expectation p*_i of
-    its rank (`zipf_targets`, total density k per token). Under-utilised latents are
-    U = {i : p_i < gamma * p*_i} together with the dead ones, and
-
-        aux_zipf = AuxK (spec 0.3) with U in place of the dead set,
-
-    so with no latent under-utilised it is AuxK exactly. Densities start uniform (k / F).
-    """
-
-    class Config(BatchTopKSAE.Config):
-        aux: Literal["zipf", "auxk"] = Field(
-            default="zipf", description="auxiliary loss: aux_zipf (proposed form) or plain AuxK"
-        )
-        zipf_exponent: float | None = Field(
-            default=None, ge=0, description="Zipf exponent s; None: fitted to the densities"
-        )
-        zipf_offset: float = Field(
-            default=0.0, ge=0, description="Zipf-Mandelbrot rank offset b in (r + b)^-s"
-        )
-        underused_fraction: float = Field(
-            default=0.5,
-            gt=0,
-            le=1,
-            description="gamma: under-utilised below gamma times the Zipf expectation",
-        )
-        zipf_rate: float = Field(default=0.01, gt=0, le=1, description="EMA rate of densities")
-
-    def __init__(self, d_in: int, d_sae: int, cfg: ArchitectureConfig, generator=None):
-        super().__init__(d_in, d_sae, cfg, generator)
-        uniform = torch.full((d_sae,), cfg.k / d_sae)
-        self.register_buffer("density", uniform.clone())  # EMA of firing
-        self.register_buffer("demand", uniform.clone())  # EMA of the density that ranks latents
-        self.register_buffer("target_density", uniform.clone())  # p*_i
-        self.register_buffer("fitted_exponent", torch.zeros((), dtype=torch.float64))
-
-    def underused_mask(self) -> Tensor:
-        return self.dead_mask() | (self.density < self.cfg.underused_fraction * self.target_density)
-
-    def aux_loss(self, x: Tensor, x_hat: Tensor, pre: Tensor) -> tuple[str, Tensor]:
-        if self.cfg.aux == "auxk":
-            return super().aux_loss(x, x_hat, pre)
-        aux_k = self.cfg.aux_k or self.d_in // 2
-        return "aux_zipf", auxk_loss(x, x_hat, pre, self.W_dec, self.underused_mask(), aux_k)
-
-    def batch_demand(self, out: LossOutput, x: Tensor) -> Tensor:
-        """This batch's density that ranks the latents (Mutual Choice: the firing density)."""
-        return (out.codes != 0).float().mean(dim=0)
-
-    @torch.no_grad()
-    def after_step(self, out: LossOutput, x: Tensor) -> None:
-        super().after_step(out, x)
-        rate, n_tokens = self.cfg.zipf_rate, out.codes.shape[0]
-        self.density.lerp_((out.codes != 0).float().mean(dim=0), rate)
-        self.demand.lerp_(self.batch_demand(out, x), rate)
-        # densities below one firing in the EMA's window are not resolved: left out of the fit
-        target, exponent = zipf_targets(
-            self.demand, self.cfg.k, self.cfg.zipf_exponent, self.cfg.zipf_offset, rate / n_tokens
-        )
-        self.target_density.copy_(target)
-        self.fitted_exponent.fill_(exponent)

@@ -7,7 +7,7 @@ fires on at most m_i tokens of a batch and a token on any number of latents. The
 a Zipf law and sum to the budget M = k * B (mean k active latents per token, as BatchTopK).
 x_hat = f W_dec + b_dec; loss = mean_b |x - x_hat|^2 + aux_alpha * aux_zipf (in the reconstruction's
 unit, BatchTopK's `aux_form`), AuxK (spec 0.3) over the dead and under-utilised latents, i.e. those
-whose EMA firing density p_i is below gamma * m_i / B (`batchtopk.ZipfSAE`).
+whose EMA firing density p_i is below gamma * m_i / B (`zipf.ZipfSAE`, zipf.py).
 
 Inference. The allocation needs the batch, so each latent gets a threshold theta_i, the average of
 the m_i-th largest ReLU(Z_:,i) of each training batch (the smallest activation it kept, or 0 when it
@@ -43,8 +43,9 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from saedynamics.saes.base import LossOutput, register
-from saedynamics.saes.batchtopk import ZipfSAE, batch_topk_codes
+from saedynamics.saes.base import LossOutput, TrainStep, register
+from saedynamics.saes.batchtopk import batch_topk_codes
+from saedynamics.saes.zipf import ZipfSAE
 
 
 def feature_choice_codes(pre: Tensor, capacity: Tensor) -> Tensor:
@@ -80,7 +81,7 @@ class FeatureChoiceSAE(ZipfSAE):
         return (batch_topk_codes(self.pre_acts(x), self.cfg.k) != 0).float().mean(dim=0)
 
     @torch.no_grad()
-    def update_threshold(self, codes: Tensor) -> None:
+    def update_threshold(self, codes: Tensor, step: TrainStep) -> None:
         """theta_i <- EMA of the m_i-th largest activation of latent i (capacities of this batch)."""
         m = capacities(self.target_density, codes.shape[0])
         m_max = int(m.max())
@@ -88,4 +89,4 @@ class FeatureChoiceSAE(ZipfSAE):
             return
         ranked = codes.topk(m_max, dim=0).values  # latent i's kept values, then zeros
         value = ranked.gather(0, (m - 1).clamp_min(0)[None])[0]
-        self.estimate_threshold_(value, where=m > 0)
+        self.estimate_threshold_(value, step, where=m > 0)

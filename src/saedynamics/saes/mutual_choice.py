@@ -13,7 +13,7 @@ constraint (unit norm + gradient projection), defaults and pitfalls are BatchTop
 The one difference is the auxiliary loss. Loss = mean_b |x - x_hat|^2 + aux_alpha * aux_zipf, in the
 reconstruction's unit as BatchTopK's (`aux_form`): AuxK (spec 0.3) over the dead *and
 under-utilised* latents, a latent being under-utilised when its EMA firing density p_i is below
-gamma times the density a Zipf law expects at its density rank (`batchtopk.ZipfSAE`). With
+gamma times the density a Zipf law expects at its density rank (`zipf.ZipfSAE`, zipf.py). With
 `aux = "auxk"` the model is BatchTopK exactly.
 
 Choices (the paper's code is not released, and only its abstract could be read here: it fixes the
@@ -33,7 +33,7 @@ config options; docs/architectures.md):
 from __future__ import annotations
 
 from saedynamics.saes.base import register
-from saedynamics.saes.batchtopk import ZipfSAE
+from saedynamics.saes.zipf import ZipfSAE
 
 
 @register("mutual_choice")

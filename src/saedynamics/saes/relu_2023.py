@@ -53,8 +53,6 @@ Choices where the paper is unverified or open (spec 1a, 16), in one place:
   |x - x_hat|^2 (the L1 term says nothing about what the dictionary misses); dictionary_learning
   weights by the unsquared norm |x - x_hat|. The new rows use the input x itself, not x - b_dec,
   as the spec states it.
-- The step at which to resample is read from the `TrainStep` of the step's `loss` call, since
-  `after_step` does not receive it.
 """
 
 from __future__ import annotations
@@ -113,13 +111,11 @@ class ReLU2023SAE(SAE):
         self.generator = generator  # the init stream continues into the resampling draws
         self.register_buffer("fired_since_resample", torch.zeros(d_sae, dtype=torch.bool))
         self.recent_inputs: list[Tensor] = []
-        self._step: TrainStep | None = None  # set by loss(), read by after_step()
 
     def encode(self, x: Tensor) -> Tensor:
         return self.pre_acts(x).relu()
 
     def loss(self, x: Tensor, step: TrainStep, extras=None) -> LossOutput:
-        self._step = step
         codes = self.encode(x)
         x_hat = self.decode(codes)
         mse = mean_squared_error(x, x_hat)
@@ -133,17 +129,17 @@ class ReLU2023SAE(SAE):
         return [max(1, round(f * total)) for f in self.cfg.resample_at]
 
     @torch.no_grad()
-    def after_step(self, out: LossOutput, x: Tensor) -> None:
-        super().after_step(out, x)
+    def after_step(self, out: LossOutput, x: Tensor, step: TrainStep) -> None:
+        """Record which latents fired, keep the batch while a resampling is ahead, and resample at
+        the steps of `resample_at`."""
+        super().after_step(out, x, step)
         self.fired_since_resample |= (out.codes != 0).any(dim=0)
-        if self._step is None:
-            return
-        steps = self.resample_steps(self._step.total)
-        if any(s >= self._step.index for s in steps):  # keep inputs while a resampling is ahead
+        steps = self.resample_steps(step.total)
+        if any(s >= step.index for s in steps):  # keep inputs while a resampling is ahead
             self.recent_inputs.append(x.detach())  # the trainer's batch, shared by the seeds
             while sum(len(b) for b in self.recent_inputs[1:]) >= self.cfg.resample_sample_tokens:
                 self.recent_inputs.pop(0)
-        if self._step.index in steps:
+        if step.index in steps:
             self.resample(torch.cat(self.recent_inputs)[-self.cfg.resample_sample_tokens :])
             self.recent_inputs = []
 

@@ -21,9 +21,9 @@ Inference is deterministic, z = mu: a top-k on mu >= 0, which is SAELens' `topk`
 pre-activation, then ReLU, apply_b_dec_to_input False) with the decoder norms NOT folded into the
 encoder: the decoder is unconstrained and the top-k set is not invariant to per-latent rescaling
 (SAELens refuses that fold for the same reason). `exported()` therefore folds only the input
-scale; the saved SAE (W_enc, b_enc, W_dec, b_dec; cfg k, rescale_acts_by_decoder_norm False) loads
-with `sae_lens.SAE.load_from_disk`. The log-variance encoder (W_var, b_var) shapes training only
-and is not saved.
+scale (`fold_decoder_norm_at_export = False`); the saved SAE (W_enc, b_enc, W_dec, b_dec; cfg k,
+rescale_acts_by_decoder_norm False) loads with `sae_lens.SAE.load_from_disk`. The log-variance
+encoder (W_var, b_var) shapes training only and is not saved (`training_only_parameters`).
 
 Defaults (reference code unless stated): lr 5e-4; Adam (0.9, 0.999); kl_coeff 1.0 (the value in
 the paper's Pythia-70M run, see below); KL warm-up over the first 10% of training; aux_alpha 1/32
@@ -67,7 +67,6 @@ Where the paper leaves it open or we differ, and why (docs/architectures.md has 
 
 from __future__ import annotations
 
-import copy
 from typing import Literal
 
 import torch
@@ -114,6 +113,9 @@ class VariationalSAE(SAE):
     sparse_codes = True
     saelens_architecture = "topk"
     unit_norm_decoder = False
+    fold_decoder_norm_at_export = False  # the fold would change the top-k set: norms kept
+    # the log-variance encoder shapes training only: the saved SAE is SAELens' topk
+    training_only_parameters = ("W_var", "b_var")
     decoder_init_norm = 0.1
     apply_b_dec_to_input = False
     base_lr = 5e-4
@@ -218,17 +220,6 @@ class VariationalSAE(SAE):
         super().fold_input_scale(scale)
         if self.cfg.var_flag == "learned":
             self.W_var.mul_(scale)
-
-    def exported(self, input_scale: float) -> SAE:
-        """A copy for inference on raw activations: the input scale folded, decoder norms kept."""
-        sae = copy.deepcopy(self).cpu().float()
-        sae._optimizer = None
-        sae.fold_input_scale(input_scale)
-        return sae
-
-    def weights(self) -> dict[str, Tensor]:
-        """The inference SAE: without the log-variance encoder (so SAELens loads it as topk)."""
-        return {k: v for k, v in super().weights().items() if k not in ("W_var", "b_var")}
 
     def saelens_config(self) -> dict:
         return {**super().saelens_config(), "k": self.cfg.k, "rescale_acts_by_decoder_norm": False}

@@ -26,7 +26,6 @@ from saedynamics.artifacts import (
     checkout_commit,
     git_commit,
     provenance,
-    read_provenance,
     write_json,
     write_parquet,
     write_safetensors,
@@ -38,7 +37,7 @@ from saedynamics.errors import DataError
 from saedynamics.saes import load
 
 from .conftest import hub_config
-from .provenance_check import assert_every_artifact_has_provenance
+from .provenance_check import assert_every_artifact_has_provenance, read_provenance
 from .synthetic import make_sae
 
 # a container path with characters that each format must escape (PDF parentheses, XML, JSON)

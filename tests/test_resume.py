@@ -14,7 +14,6 @@ import json
 import os
 import random
 import re
-import subprocess
 import sys
 from pathlib import Path
 
@@ -27,11 +26,12 @@ from safetensors.torch import load_file
 
 from saedynamics.activations import ActivationFile
 from saedynamics.config import TrainingConfig
-from saedynamics.resume import CHECKPOINT, CHECKPOINT_KEY, FAULT_ENV
+from saedynamics.resume import CHECKPOINT, CHECKPOINT_KEY
 from saedynamics.saes import REGISTRY, SAE
 from saedynamics.sources import FileSource, TensorSource
 from saedynamics.training import train_saes
 
+from .kill_at import run
 from .synthetic import (
     indexed_activation_file,
     k_if_any,
@@ -323,14 +323,6 @@ def train_command(tmp_path: Path, out: Path, resume: Path | None) -> list[str]:
     command += ["--threads", "1", "--step", "0", "--layer", "0"]
     command += ["--activations", str(tmp_path / "organism.parquet"), "--out", str(out)]
     return command + (["--resume-dir", str(resume)] if resume else [])
-
-
-def run(command: list[str], kill_at: str | None = None) -> subprocess.CompletedProcess:
-    env = {**os.environ, "PYTHONPATH": str(REPO / "src"), "SAEDYNAMICS_GIT_COMMIT": "test"}
-    env.pop(FAULT_ENV, None)
-    if kill_at:
-        env[FAULT_ENV] = kill_at
-    return subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
 
 
 def checkpoint_position(resume: Path) -> int:

@@ -9,9 +9,7 @@ sample of 64 train and 16 eval windows of 16 tokens (960 train rows), the checkp
 from __future__ import annotations
 
 import json
-import os
 import re
-import subprocess
 import sys
 from collections import Counter
 from pathlib import Path
@@ -26,13 +24,13 @@ from saedynamics.activations import ActivationFile
 from saedynamics.caching import cache_activations
 from saedynamics.config import ActivationsConfig, TrainingConfig, load_config
 from saedynamics.errors import DataError
-from saedynamics.resume import FAULT_ENV
 from saedynamics.saes import REGISTRY
 from saedynamics.sources import FileSource
 from saedynamics.streaming import StreamSource
 from saedynamics.training import train_saes
 
-from .conftest import REPO, cli_error
+from .conftest import cli_error
+from .kill_at import run
 
 LAYER, ROWS = 1, 64 * 15  # train windows x (16 - the first position)
 IDENTITY = {"study": "t", "step": 2, "layer": LAYER}
@@ -152,14 +150,6 @@ def stream_command(
     command += ["--checkpoint", str(root / "ckpt"), "--tokens", str(root / "tokens")]
     command += ["--eval", str(root / f"acts/layer{LAYER}/eval.parquet")]
     return command + (["--resume-dir", str(resume)] if resume else [])
-
-
-def run(command: list[str], kill_at: str | None = None) -> subprocess.CompletedProcess:
-    env = {**os.environ, "PYTHONPATH": str(REPO / "src"), "SAEDYNAMICS_GIT_COMMIT": "test"}
-    env.pop(FAULT_ENV, None)
-    if kill_at:
-        env[FAULT_ENV] = kill_at
-    return subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
 
 
 def weights(out: Path) -> dict:

@@ -4,8 +4,6 @@ real kill, ending with the shards an uninterrupted run writes."""
 from __future__ import annotations
 
 import json
-import os
-import subprocess
 import sys
 from pathlib import Path
 
@@ -15,9 +13,8 @@ import pytest
 
 from saedynamics.corpus import DRAW_BLOCK, TokenSample, build_token_sample
 from saedynamics.errors import DataError
-from saedynamics.resume import FAULT_ENV
 
-REPO = Path(__file__).resolve().parents[1]
+from .kill_at import run
 
 
 def sample(tmp_path: Path, tiny_cfg, name: str, **changes) -> Path:
@@ -99,14 +96,6 @@ def tokens_command(tiny_cfg, out: Path, work: Path) -> list[str]:
             str(work),
         ]
     )
-
-
-def run(command: list[str], kill_at: str | None = None) -> subprocess.CompletedProcess:
-    env = {**os.environ, "PYTHONPATH": str(REPO / "src"), "SAEDYNAMICS_GIT_COMMIT": "test"}
-    env.pop(FAULT_ENV, None)
-    if kill_at:
-        env[FAULT_ENV] = kill_at
-    return subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
 
 
 def test_a_killed_tokens_job_resumes_to_the_same_shards(tmp_path, tiny_cfg):

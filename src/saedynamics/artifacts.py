@@ -5,7 +5,7 @@ that a later run could mistake for a result: content goes to a temporary sibling
 renamed into place only when complete (rename is atomic within one filesystem).
 
 Every artifact records what produced it (`provenance`: config hash, package version, git commit,
-container image) in its own metadata, one encoding per format, written and read only here:
+container image) in its own metadata, one encoding per format, written only here:
 
 | format | where |
 |---|---|
@@ -16,7 +16,7 @@ container image) in its own metadata, one encoding per format, written and read 
 | PDF, SVG | info dict "Subject" / Dublin Core "description": {"saedynamics.provenance": ...} |
 | directory (tokenizer, checkpoint) | its manifest.json, key "provenance" |
 
-`read_provenance(path)` reads any of them back.
+The tests read every encoding back (tests/provenance_check.py, `read_provenance`).
 """
 
 from __future__ import annotations
@@ -34,7 +34,6 @@ from pathlib import Path
 from typing import Any
 
 from saedynamics import __version__
-from saedynamics.errors import DataError
 
 PROVENANCE_FIELDS = ("config_hash", "package_version", "git_commit", "container")
 PROVENANCE_KEY = "saedynamics.provenance"  # in formats whose metadata is a str -> str mapping
@@ -229,139 +228,3 @@ def provenance(settings: Any) -> dict[str, Any]:
         "container": os.environ.get("APPTAINER_CONTAINER")
         or os.environ.get("SINGULARITY_CONTAINER"),
     }
-
-
-# ---- reading provenance back -------------------------------------------------------------------
-
-
-def read_provenance(path: str | os.PathLike) -> dict[str, Any]:
-    """The provenance recorded in an artifact: a JSON, Parquet, safetensors, PNG, PDF or SVG file,
-    or a directory artifact (its manifest.json). Raises DataError naming the file when it has none
-    or cannot be read."""
-    path = Path(path)
-    readers = {
-        ".json": _json_provenance,
-        ".parquet": _parquet_provenance,
-        ".safetensors": _safetensors_provenance,
-        ".png": _png_provenance,
-        ".pdf": _pdf_provenance,
-        ".svg": _svg_provenance,
-    }
-    if path.is_dir():
-        path = path / MANIFEST
-        if not path.is_file():
-            raise DataError(f"{path.parent}: a directory artifact without {MANIFEST}")
-    if path.suffix not in readers:
-        raise DataError(
-            f"{path}: no provenance reader for {path.suffix or 'files without a suffix'}; "
-            f"known: {', '.join(readers)} and directories with a {MANIFEST}"
-        )
-    try:
-        found = readers[path.suffix](path)
-    except DataError:
-        raise
-    except Exception as e:  # noqa: BLE001 - any failure of a format's parser means "unreadable"
-        raise DataError(f"{path}: cannot read its provenance ({type(e).__name__}: {e})") from e
-    if found is None:
-        raise DataError(f"{path}: records no saedynamics provenance")
-    if isinstance(found, str):
-        try:
-            found = json.loads(found)
-        except json.JSONDecodeError as e:
-            raise DataError(f"{path}: its provenance is not valid JSON ({e})") from None
-    if not isinstance(found, dict) or not set(PROVENANCE_FIELDS) <= set(found):
-        raise DataError(
-            f"{path}: its provenance {found!r} lacks one of the fields {', '.join(PROVENANCE_FIELDS)}"
-        )
-    return found
-
-
-def _json_provenance(path: Path) -> Any:
-    doc = read_json(path)
-    return doc.get("provenance") if isinstance(doc, dict) else None
-
-
-def _parquet_provenance(path: Path) -> str | None:
-    import pyarrow.parquet as pq
-
-    metadata = pq.read_metadata(path).metadata or {}  # the footer's key-value metadata
-    value = metadata.get(PROVENANCE_KEY.encode())
-    return None if value is None else value.decode()
-
-
-def _safetensors_provenance(path: Path) -> str | None:
-    from safetensors import safe_open
-
-    with safe_open(path, framework="numpy") as f:
-        return (f.metadata() or {}).get(PROVENANCE_KEY)
-
-
-def _png_provenance(path: Path) -> str | None:
-    from PIL import Image
-
-    with Image.open(path) as image:
-        if image.format != "PNG":
-            raise DataError(f"{path}: not a PNG image but {image.format}")
-        return image.text.get(PROVENANCE_KEY)
-
-
-def _embedded_provenance(text: str | None) -> Any:
-    """The provenance inside the {"saedynamics.provenance": ...} JSON of a PDF or SVG text field."""
-    if text is None:
-        return None
-    try:
-        doc = json.loads(text)
-    except json.JSONDecodeError:
-        return None  # someone else's free text in that field
-    return doc.get(PROVENANCE_KEY) if isinstance(doc, dict) else None
-
-
-def _pdf_provenance(path: Path) -> Any:
-    data = path.read_bytes()
-    if not data.startswith(b"%PDF-"):
-        raise DataError(f"{path}: not a PDF file")
-    key = b"/" + _FIGURE_TEXT_KEY["pdf"].encode() + b" ("
-    at = data.rfind(key)  # the last one: an incremental update supersedes earlier info dicts
-    return None if at < 0 else _embedded_provenance(_pdf_literal_string(data, at + len(key)))
-
-
-_PDF_ESCAPES = {ord("n"): "\n", ord("r"): "\r", ord("t"): "\t", ord("b"): "\b", ord("f"): "\f"}
-
-
-def _pdf_literal_string(data: bytes, start: int) -> str:
-    """The PDF literal string whose text starts at data[start] (after its opening parenthesis)."""
-    out, depth, i = [], 0, start
-    while i < len(data):
-        c = data[i]
-        if c == ord("\\"):
-            nxt = data[i + 1]
-            if nxt in _PDF_ESCAPES:
-                out.append(_PDF_ESCAPES[nxt])
-                i += 2
-            elif ord("0") <= nxt <= ord("7"):  # octal: up to three digits
-                digits = data[i + 1 : i + 4]
-                n = len(digits) - len(digits.lstrip(b"01234567"))
-                out.append(chr(int(digits[:n], 8)))
-                i += 1 + n
-            elif nxt in (ord("\n"), ord("\r")):  # a line continuation
-                i += 2
-            else:
-                out.append(chr(nxt))
-                i += 2
-            continue
-        if c == ord("("):
-            depth += 1
-        elif c == ord(")"):
-            if depth == 0:
-                return "".join(out)
-            depth -= 1
-        out.append(chr(c))
-        i += 1
-    raise ValueError("an unterminated string in the PDF info dictionary")
-
-
-def _svg_provenance(path: Path) -> Any:
-    import xml.etree.ElementTree as ET
-
-    description = ET.parse(path).getroot().find(".//{http://purl.org/dc/elements/1.1/}description")
-    return _embedded_provenance(None if description is None else description.text)

@@ -106,3 +106,17 @@ def format_budget(budget: dict) -> str:
         f"{100 * budget['utilisation']:.0f}% of its dense bf16 peak",
     ]
     return "\n".join(lines)
+
+
+def check_config(path) -> str:
+    """The check-config command's report: the study config `path` validated, its size and its
+    budget (`format_budget`)."""
+    from saedynamics.config import load_config
+
+    cfg = load_config(path)
+    return (
+        f"{path}: valid; study {cfg.study!r}, {len(cfg.model.steps)} steps x "
+        f"{len(cfg.activations.layers)} layers x {len(cfg.architectures)} architectures x "
+        f"{len(cfg.training.seeds)} seeds, training.source {cfg.training.source}\n"
+        + format_budget(study_budget(cfg))
+    )

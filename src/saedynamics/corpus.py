@@ -48,7 +48,6 @@ from saedynamics.artifacts import (
 )
 from saedynamics.config import CorpusConfig, HubModelConfig, MicroModelConfig, TokensConfig
 from saedynamics.errors import ConfigError, DataError
-from saedynamics.resume import fault_point
 
 log = logging.getLogger(__name__)
 
@@ -183,7 +182,6 @@ class _Sample:
             self.folder / "progress.json",
             {**state, "windows": self.n, "tokens": self.tokens.model_dump()},
         )
-        fault_point(f"tokens:{len(self.shards)}")  # tests: a kill after this shard
 
 
 @functools.lru_cache(maxsize=2)

@@ -1035,3 +1035,14 @@ def render_all(
         for name, draw in FIGURES.items()
         for p in _save(draw(tables), out_dir, name, cfg, provenance)
     ]
+
+
+def render_figures(
+    tables: Path, validation: Path | None, out_dir: Path, cfg: FiguresConfig, provenance: dict
+) -> list[Path]:
+    """The figures stage: `render_all` from the tables, and `render_validation` from the study's
+    validation/ folder when given."""
+    written = render_all(Path(tables), Path(out_dir), cfg, provenance=provenance)
+    if validation:
+        written += render_validation(Path(validation), Path(out_dir), cfg, provenance)
+    return written

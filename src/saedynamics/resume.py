@@ -25,7 +25,6 @@ import json
 import logging
 import os
 import shutil
-import signal
 import time
 from collections import defaultdict
 from dataclasses import dataclass, field
@@ -43,17 +42,6 @@ log = logging.getLogger(__name__)
 CHECKPOINT = "checkpoint.safetensors"  # in the resume folder
 CHECKPOINT_KEY = "saedynamics.checkpoint"  # its JSON part, in the safetensors header
 CHECKPOINT_FORMAT = 2  # bump when what a checkpoint holds changes: older ones are then discarded
-# Test-only fault injection (tests/test_resume.py), read by the trainer alone: the job SIGKILLs
-# itself at "<n>" (after n optimiser steps and the checkpoint there, if any), "<n>:during-checkpoint"
-# (the checkpoint at n written to its temporary file, not yet renamed into place) or
-# "<n_steps>:during-output" (the SAEs written to a temporary directory, not yet renamed).
-FAULT_ENV = "SAEDYNAMICS_FAULT_KILL_AT"
-
-
-def fault_point(point: str) -> None:
-    """Test-only (FAULT_ENV): die here, as a killed job does, when FAULT_ENV names this point."""
-    if os.environ.get(FAULT_ENV) == point:
-        os.kill(os.getpid(), signal.SIGKILL)
 
 
 def fingerprint(training, architectures, source, device, identity, provenance) -> dict:
@@ -108,6 +96,8 @@ class Checkpoints:
         return Resumed(done, [*header["resumed_from_tokens"], done * self.batch_size], states)
 
     def due(self, batches_done: int, n_steps: int) -> bool:
+        """Whether a checkpoint is written after `batches_done` optimiser steps of `n_steps`: the
+        trainer asks after every step (tests/kill_at.py kills a job at a step through it)."""
         return (
             self.path is not None
             and batches_done % self.every_steps == 0
@@ -154,7 +144,6 @@ class Checkpoints:
                 os.fsync(fd)
             finally:
                 os.close(fd)
-            fault_point(f"{batches_done}:during-checkpoint")
         log.info("checkpoint after %d tokens: %s (%.1f MB in %.2f s)", header["tokens_done"],
                  self.path, self.path.stat().st_size / 1e6, time.perf_counter() - started)  # fmt: skip
 

@@ -39,7 +39,7 @@ from saedynamics.config import EXTRA_COLUMNS, TrainingConfig
 from saedynamics.errors import ConfigError, ResourceError, TrainingDiverged
 from saedynamics.metrics.reconstruction import batch_fvu
 from saedynamics.resources import available_memory, human_bytes, out_of_memory_error, resolve_device
-from saedynamics.resume import Checkpoints, fault_point, fingerprint, remove_stale_temporaries
+from saedynamics.resume import Checkpoints, fingerprint, remove_stale_temporaries
 from saedynamics.saes import REGISTRY, SAE, ArchitectureConfig, TrainStep, sparse
 from saedynamics.scaling import input_scale
 
@@ -283,7 +283,6 @@ def train_saes(
                     checkpoints.save(
                         i + 1, resumed, saes, optimizers, schedules, curves, provenance
                     )
-                fault_point(str(i + 1))
 
         seconds = time.perf_counter() - started
         tokens = (n_steps - start) * training.batch_size  # trained by this process
@@ -329,7 +328,6 @@ def train_saes(
                     )
                     curve = pa.Table.from_pylist(curves[name, seed])
                     write_parquet(tmp / f"seed{seed}" / "training.parquet", curve, provenance)
-                fault_point(f"{n_steps}:during-output")
         checkpoints.finished()
 
 

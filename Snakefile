@@ -45,9 +45,12 @@ include: "workflow/rules/metrics.smk"
 include: "workflow/rules/tables.smk"
 include: "workflow/rules/figures.smk"
 include: "workflow/rules/validation.smk"
+include: "workflow/rules/explorer.smk"
 
 
 rule all:
     default_target: True
     input:
         FIGURE_FILES,
+        EXPLORER,
+        f"{EXPLORER}.html",

@@ -287,7 +287,8 @@ def checkout_files() -> list[str]:
 @pytest.fixture(scope="session")
 def demo_repo(tmp_path_factory) -> Path:
     """A fresh git repository holding this checkout, in which the demo ran through DVC as a user
-    runs it (`dvc repro figures@demo`: compute@demo, then figures@demo), with dvc.lock committed.
+    runs it (`dvc repro figures@demo explorer@demo`: compute@demo, then figures@demo and
+    explorer@demo), with dvc.lock committed.
 
     The study is the tiny config run as `demo` (DEMO_CONFIG_ENV). results/demo is complete
     (tokens, checkpoints, activations, SAEs, metrics, tables, validation, figures, logs,
@@ -307,9 +308,9 @@ def demo_repo(tmp_path_factory) -> Path:
     git(repo, "add", "--all")
     git(repo, "commit", "--quiet", "-m", "saedynamics checkout")
     start = time.monotonic()
-    out = dvc(repo, "repro", "figures@demo")
+    out = dvc(repo, "repro", "figures@demo", "explorer@demo")
     log = f"{out.stdout}\n{out.stderr}\n# {time.monotonic() - start:.0f} s\n"
     (repo.parent / "dvc-repro.log").write_text(log)
     git(repo, "add", "--all")  # dvc.lock (results/ is ignored)
-    git(repo, "commit", "--quiet", "-m", "dvc repro figures@demo")
+    git(repo, "commit", "--quiet", "-m", "dvc repro figures@demo explorer@demo")
     return repo

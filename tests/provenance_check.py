@@ -3,8 +3,8 @@ and `read_provenance`, which reads each format's encoding (saedynamics/artifacts
 
 `assert_every_artifact_has_provenance(results/<study>, container)` walks the study's folder. Files are
 artifacts; so are directories whose contents come from third-party writers (the Hugging Face
-tokenizer and checkpoint directories), which record provenance in their manifest.json, and whose
-manifest must then list every file in them. Logs, benchmarks and hidden files (Snakemake's
+tokenizer and checkpoint directories) or are a whole (the explorer's static site), which record
+provenance in their manifest.json, and whose manifest must then list every file in them. Logs, benchmarks and hidden files (Snakemake's
 timestamps, temporary files) are not artifacts.
 """
 
@@ -25,7 +25,7 @@ NOT_ARTIFACTS = {"logs", "benchmarks"}  # top-level folders of job records, not 
 
 def is_directory_artifact(path: Path, root: Path) -> bool:
     parts = path.relative_to(root).parts
-    return parts == ("tokenizer",) or (
+    return parts in {("tokenizer",), ("explorer",)} or (
         len(parts) == 2 and parts[0] == "checkpoints" and re.fullmatch(r"step\d+", parts[1])
     )
 
@@ -71,7 +71,9 @@ def _problems(path: Path, container: str | None, git_commit: str | None) -> list
     if path.is_dir():  # the manifest vouches for the third-party files beside it
         listed = set(read_json(path / MANIFEST).get("files", {}))
         present = {
-            p.name for p in path.iterdir() if p.name != MANIFEST and not p.name.startswith(".")
+            p.relative_to(path).as_posix()
+            for p in path.rglob("*")
+            if p.is_file() and p.name != MANIFEST and not p.name.startswith(".")
         }
         if listed != present:
             problems.append(
@@ -109,6 +111,7 @@ def read_provenance(path: str | os.PathLike) -> dict[str, Any]:
         ".png": _png_provenance,
         ".pdf": _pdf_provenance,
         ".svg": _svg_provenance,
+        ".html": _html_provenance,
     }
     if path.is_dir():
         path = path / MANIFEST
@@ -221,6 +224,13 @@ def _pdf_literal_string(data: bytes, start: int) -> str:
         out.append(chr(c))
         i += 1
     raise ValueError("an unterminated string in the PDF info dictionary")
+
+
+def _html_provenance(path: Path) -> Any:
+    import html
+
+    found = re.search(r'<meta name="saedynamics\.provenance" content="([^"]*)">', path.read_text())
+    return None if found is None else html.unescape(found.group(1))
 
 
 def _svg_provenance(path: Path) -> Any:

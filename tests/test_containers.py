@@ -17,13 +17,13 @@ from pathlib import Path
 import pytest
 
 from .conftest import REPO, copy_workflow
-from .test_dvc import FIGURE_RULES, UPSTREAM_RULES
+from .test_dvc import EXPLORER_RULES, FIGURE_RULES, UPSTREAM_RULES
 from .test_workflow import run
 
 DEF = REPO / "containers/saedynamics.def"
 STANDIN = REPO / "tests/apptainer"
 IMAGE = "containers/saedynamics-0.1.0.sif"  # containers.main's default
-GPU_RULES = {"activations", "train", "splice"}  # resources: gpu=1
+GPU_RULES = {"activations", "train", "splice", "explorer"}  # resources: gpu=1
 
 
 def test_definition_parses_and_pins_its_base_image_by_digest():
@@ -172,18 +172,20 @@ def test_workstation_profile_runs_every_rule_in_the_container_one_gpu_job_at_a_t
     )
     calls = _calls(log)
     rules = {_rule(c) for c in calls}
-    assert rules == UPSTREAM_RULES - {"checkpoint"} | FIGURE_RULES  # micro suite: no download
+    assert rules == UPSTREAM_RULES - {"checkpoint"} | FIGURE_RULES | EXPLORER_RULES  # no download
     assert all("--nv" in c["argv"] for c in calls)  # the profile's apptainer-args
     _assert_container_wiring(calls, wd, tmp_path / "home")
     # matplotlib wrote its cache where it was told
     assert any((tmp_path / "home/.cache/saedynamics/matplotlib").iterdir())
     # the GPU rules never overlapped (resources: gpu: 1), though the machine runs 2 jobs at once
     gpu = sorted((c["start"], c["end"], _rule(c)) for c in calls if _rule(c) in GPU_RULES)
-    assert len(gpu) == 2 + 4 + 4  # activations per step, train and splice per (step, layer)
+    assert (
+        len(gpu) == 2 + 4 + 4 + 1
+    )  # activations per step, train and splice per (step, layer), explorer
     for (_, end, a), (start, _, b) in zip(gpu, gpu[1:], strict=False):
         assert start >= end, f"{a} and {b} ran at the same time"
     # every artifact records the image, the commit and its settings (tests/provenance_check.py)
     root = wd / "results/tiny"
     checked = assert_every_artifact_has_provenance(root, container=IMAGE, git_commit="0123abc")
-    assert {".json", ".parquet", ".safetensors", ".png", ".pdf"} <= {p.suffix for p in checked}
+    assert {".json", ".parquet", ".safetensors", ".png"} <= {p.suffix for p in checked}
     assert root / "tokenizer" in checked and root / "checkpoints/step32" in checked

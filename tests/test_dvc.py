@@ -20,8 +20,13 @@ STAGES = yaml.safe_load((REPO / "dvc.yaml").read_text())
 STUDIES = STAGES["vars"][0]["studies"]
 # the files the figures stage alone depends on: editing them must not re-run compute
 FIGURE_CODE = {"src/saedynamics/figures.py", "workflow/rules/figures.smk"}
-# the rules of the figures stage; every other rule belongs to compute
+# the explorer stage's own code: a dep of that stage only
+EXPLORER_CODE = {"workflow/rules/explorer.smk"} | {
+    p.relative_to(REPO).as_posix() for p in (REPO / "src/saedynamics/explorer").rglob("*.py")
+}
+# the rules of the figures and explorer stages; every other rule belongs to compute
 FIGURE_RULES = {"figures"}
+EXPLORER_RULES = {"explorer"}
 UPSTREAM_RULES = {
     "tokens",
     "checkpoint",
@@ -56,41 +61,54 @@ def out_paths(definition: dict) -> list[str]:
 
 
 def test_compute_deps_are_exactly_the_code_compute_runs():
-    """Every module and rule file but the figures', so that a new module cannot be forgotten and
-    an edit to the figure code cannot re-run training."""
+    """Every module and rule file but the figures' and the explorer's, so that a new module cannot
+    be forgotten and an edit to the figure or explorer code cannot re-run training."""
     deps = stage("compute")["deps"]
     assert len(deps) == len(set(deps)), "a dep is listed twice"
     expected = (
-        {"Snakefile", "containers/saedynamics.def", "containers/requirements.lock"}
-        | {p.relative_to(REPO).as_posix() for p in (REPO / "src/saedynamics").rglob("*.py")}
-        | {p.relative_to(REPO).as_posix() for p in (REPO / "workflow/rules").glob("*.smk")}
-    ) - FIGURE_CODE
+        (
+            {"Snakefile", "containers/saedynamics.def", "containers/requirements.lock"}
+            | {p.relative_to(REPO).as_posix() for p in (REPO / "src/saedynamics").rglob("*.py")}
+            | {p.relative_to(REPO).as_posix() for p in (REPO / "workflow/rules").glob("*.smk")}
+        )
+        - FIGURE_CODE
+        - EXPLORER_CODE
+    )
     missing, extra = sorted(expected - set(deps)), sorted(set(deps) - expected)
     assert not missing, f"dvc.yaml: compute deps lack {missing} (list every file compute runs)"
     assert not extra, f"dvc.yaml: compute deps list {extra}, which are gone or figure code"
 
 
-def test_figures_stage_depends_on_the_tables_and_all_code():
-    deps = stage("figures")["deps"]
-    assert "results/demo/tables" in deps
-    for path in FIGURE_CODE:
+@pytest.mark.parametrize(
+    "name, inputs, code",
+    [
+        ("figures", ["tables"], FIGURE_CODE),
+        ("explorer", ["saes", "activations", "checkpoints", "tables"], EXPLORER_CODE),
+    ],
+)
+def test_a_drawing_stage_depends_on_its_inputs_and_all_code(name, inputs, code):
+    deps = stage(name)["deps"]
+    assert {f"results/demo/{i}" for i in inputs} <= set(deps)
+    for path in code:
         assert any(path == d or path.startswith(d + "/") for d in deps), path
     assert (REPO / ".dvcignore").read_text().count("__pycache__/") == 1  # folder deps stay stable
 
 
 @pytest.mark.parametrize("study", sorted(STUDIES))
 def test_params_are_the_study_config_but_figures(study):
-    """compute tracks every top-level key of the study's config but `figures` (DVC fails on a
-    listed key that the file lacks); figures tracks the whole file."""
+    """compute tracks every top-level key of the study's config but `figures` and `explorer` (DVC
+    fails on a listed key that the file lacks); figures and explorer track the whole file."""
     config = STUDIES[study]["config"]
     keys = set(yaml.safe_load((REPO / config).read_text()))
-    assert set(param_keys(stage("compute", study))[config]) == keys - {"figures"}
+    assert set(param_keys(stage("compute", study))[config]) == keys - {"figures", "explorer"}
     assert param_keys(stage("figures", study)) == {config: None}
+    assert param_keys(stage("explorer", study)) == {config: None}
 
 
 def test_outs_cover_every_workflow_output(tmp_path):
-    """Every file of the demo's DAG (but logs and benchmarks) lies in exactly one out, the figure
-    rule's in the figures stage's outs and everything upstream in compute's."""
+    """Every file of the demo's DAG (but logs and benchmarks) lies in exactly one out: the figure
+    rule's in the figures stage's outs, the explorer rule's in the explorer stage's, everything
+    upstream in compute's."""
     wd = copy_workflow(tmp_path)
     out = subprocess.run(
         [sys.executable, "-m", "snakemake", "--summary", "--cores", "1"],
@@ -100,8 +118,9 @@ def test_outs_cover_every_workflow_output(tmp_path):
     )
     assert out.returncode == 0, out.stderr[-4000:]
     rows = [line.split("\t") for line in out.stdout.splitlines()[1:] if "\t" in line]
-    assert {rule for _, _, rule, *_ in rows} == UPSTREAM_RULES - {"checkpoint"} | FIGURE_RULES
-    outs = {name: out_paths(stage(name)) for name in ("compute", "figures")}
+    rules = UPSTREAM_RULES - {"checkpoint"} | FIGURE_RULES | EXPLORER_RULES
+    assert {rule for _, _, rule, *_ in rows} == rules
+    outs = {name: out_paths(stage(name)) for name in ("compute", "figures", "explorer")}
     assert all(o.startswith(STUDIES["demo"]["results"] + "/") for o in sum(outs.values(), []))
     for path, _, rule, *_ in rows:
         if re.match(r"results/demo/(logs|benchmarks)/", path):
@@ -113,15 +132,24 @@ def test_outs_cover_every_workflow_output(tmp_path):
             if f"{path}/".startswith(o + "/")
         ]
         assert len(owners) == 1, f"{path} ({rule}) lies in {owners or 'no out'}"
-        assert owners[0][0] == ("figures" if rule in FIGURE_RULES else "compute"), (path, owners)
+        expected = (
+            "figures"
+            if rule in FIGURE_RULES
+            else "explorer"
+            if rule in EXPLORER_RULES
+            else "compute"
+        )
+        assert owners[0][0] == expected, (path, owners)
     assert all(o.get(next(iter(o)), {}).get("persist") for o in stage("compute")["outs"])
 
 
 def test_stage_commands_target_the_right_rules():
-    compute, figures = stage("compute")["cmd"].split(), stage("figures")["cmd"].split()
+    compute = stage("compute")["cmd"].split()
     assert compute[:3] == ["snakemake", "tables", "validation"]
-    assert figures[:2] == ["snakemake", "figures"]
-    assert figures[figures.index("--allowed-rules") + 1 :] == ["figures"]
+    for name in ("figures", "explorer"):
+        cmd = stage(name)["cmd"].split()
+        assert cmd[:2] == ["snakemake", name]
+        assert cmd[cmd.index("--allowed-rules") + 1 :] == [name]
 
 
 def test_plots_are_outputs_of_the_stages():

@@ -67,7 +67,8 @@ def test_a_study_end_to_end(demo_repo):
     n_arch, n_seeds = len(raw["architectures"]), len(raw["training"]["seeds"])
     root = demo_repo / "results/demo"
     figures = sorted(p.name for p in (root / "figures").iterdir())
-    assert len(figures) == 2 * (len(FIGURES) + len(VALIDATION_FIGURES))
+    formats = raw.get("figures", {}).get("formats", ["png", "pdf"])
+    assert len(figures) == len(formats) * (len(FIGURES) + len(VALIDATION_FIGURES))
     assert all((root / "figures" / f).stat().st_size > 5000 for f in figures)
     recon = pd.read_parquet(root / "tables/reconstruction.parquet")
     assert len(recon) == len(steps) * len(layers) * n_arch * n_seeds
@@ -99,7 +100,7 @@ def test_a_study_end_to_end(demo_repo):
     rss = [
         pd.read_csv(f, sep="\t")["max_rss"].iloc[0] for f in (root / "benchmarks").rglob("*.tsv")
     ]
-    assert len(rss) == 5 + len(steps) + 3 * len(per_layer) + 1 and max(rss) < 4000
+    assert len(rss) == 5 + len(steps) + 3 * len(per_layer) + 1 + 1 and max(rss) < 4000  # explorer
     # a second run has nothing to do
     again = run(["-n", "--cores", "2", "--configfile", "workflow/configs/demo.yaml"], cwd=demo_repo)
     assert "Nothing to be done" in again.stdout + again.stderr
@@ -113,6 +114,9 @@ def test_a_study_end_to_end(demo_repo):
         assert base64.b64encode(path.read_bytes()).decode() in html, path.name
         caption = (REPO / "workflow/report" / f"{path.stem}.rst").read_text()
         assert caption.split("**")[1] in html, path.name
+    # and the explorer's first page, with its caption
+    explorer = (REPO / "workflow/report/explorer.rst").read_text()
+    assert explorer.split("**")[1] in html and "explorer.html" in html
 
 
 @pytest.mark.slow

@@ -117,6 +117,16 @@ def cmd_figures(args, s: dict, c: dict) -> None:
     log.info("figures: %d files in %s", len(written), args.out)
 
 
+def cmd_explorer(args, s: dict, c: dict) -> None:
+    from saedynamics.explorer.site import build_explorer
+
+    paths = (args.saes, args.eval, args.checkpoints, Path(args.tables), Path(args.out))
+    front = Path(args.front_page) if args.front_page else None
+    build_explorer(
+        c["explorer"], *paths, study=s["study"], provenance=provenance(s), front_page=front
+    )
+
+
 def _job(args, s: dict) -> dict:
     return dict(study=s["study"], step=args.step, layer=args.layer, provenance=provenance(s))
 
@@ -211,6 +221,13 @@ def build_parser() -> argparse.ArgumentParser:
     arg = command("figures", cmd_figures, "render the figures from the tables", "--tables")
     arg("--validation", help="validation/ of the study: its figures too")
     arg("--out", required=True)
+
+    help = "the static feature explorer: latents across checkpoints and seeds"
+    arg = command("explorer", cmd_explorer, help, "--tables", "--out")
+    arg("--saes", nargs="+", required=True, help="every SAE's cfg.json")
+    arg("--eval", nargs="+", required=True, help="every (step, layer)'s eval.parquet")
+    arg("--checkpoints", nargs="+", required=True, help="every checkpoints/step<N>/ directory")
+    arg("--front-page", help="also the study's page as one self-contained file (for the report)")
     return parser
 
 

@@ -463,6 +463,25 @@ class FiguresConfig(StrictModel):
     dpi: int = Field(default=200, gt=0)
 
 
+class ExplorerConfig(StrictModel):
+    """The static feature explorer (explorer/site.py): what each latent page shows."""
+
+    latents: int = Field(
+        default=1024,
+        gt=0,
+        description="latents given pages per (layer, architecture): all when the SAE has no more, "
+        "else a seeded uniform sample of the final SAE's latents",
+    )
+    sample_seed: int = 0
+    contexts: int = Field(default=10, gt=0, description="max-activating eval contexts per step")
+    context_before: int = Field(default=12, ge=0, description="tokens shown before the max token")
+    context_after: int = Field(default=4, ge=0, description="tokens shown after it")
+    logit_tokens: int = Field(default=10, gt=0, description="promoted and suppressed tokens each")
+    histogram_bins: int = Field(default=24, gt=1)
+    batch_size: int = Field(default=4096, gt=0, description="eval tokens encoded at a time")
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+
+
 class ContainersConfig(StrictModel):
     main: str = Field(
         default="containers/saedynamics-0.1.0.sif",
@@ -485,6 +504,7 @@ class StudyConfig(StrictModel):
     metrics: MetricsConfig = MetricsConfig()
     validation: ValidationConfig = ValidationConfig()
     figures: FiguresConfig = FiguresConfig()
+    explorer: ExplorerConfig = ExplorerConfig()
     containers: ContainersConfig = ContainersConfig()
 
     @field_validator("results")
@@ -580,6 +600,7 @@ class StudyConfig(StrictModel):
             "drift": ["metrics"],
             "tables": [],
             "figures": ["figures"],
+            "explorer": ["explorer"],
             "validation": ["validation"],
         }
         if stage not in slices:
@@ -751,7 +772,7 @@ def format_errors(error: ValidationError, prefix: str = "", model=None, bullet: 
             allowed = _allowed_keys(model, err["loc"][:-1])
             close = difflib.get_close_matches(str(loc[-1]), allowed, n=1)
             msg = "unknown key"
-            if allowed and (not close or len(allowed) <= 12):  # a long list only when needed
+            if allowed and (not close or len(allowed) <= 16):  # a long list only when needed
                 msg += f"; allowed keys here: {', '.join(allowed)}"
             msg += f" (did you mean {close[0]!r}?)" if close else ""
         elif err["type"] == "missing":

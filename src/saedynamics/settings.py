@@ -94,6 +94,7 @@ SLICES = {
     "tables": [],
     "validation": [("validation", "ValidationConfig")],
     "figures": [("figures", "FiguresConfig")],
+    "explorer": [("explorer", "ExplorerConfig")],
 }
 
 

@@ -74,6 +74,12 @@ METRICS = ["reconstruction", "consistency", "superposition"]
 FIGURE_FILES = expand(
     f"{R}/figures/{{name}}.{{fmt}}", name=[*FIGURES, *VALIDATION_FIGURES], fmt=CFG.figures.formats
 )
+EXPLORER = f"{R}/explorer"  # the site; and EXPLORER.html its first page, for the report
+EXPLORER_CODE = sorted(
+    str(p)
+    for p in Path("src/saedynamics/explorer").rglob("*")
+    if p.is_file() and "__pycache__" not in p.parts
+)
 VALIDATION_FILES = expand(f"{R}/validation/{{name}}.json", name=["superposition", "organism"])
 
 

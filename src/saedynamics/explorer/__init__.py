@@ -1,0 +1,2 @@
+"""The static feature explorer: latents across checkpoints and seeds (`site.build_explorer`), from
+the numbers computed in `latents`."""

@@ -275,18 +275,13 @@ def _legend(fig, ax, handles=None) -> None:
     fig.legend(handles, labels, loc="outside right center", frameon=False)
 
 
+def _line(style: dict) -> dict:
+    """An architecture's line style (`architecture_styles`) as matplotlib keywords."""
+    return {k: style[k] for k in ("color", "marker", "mfc", "ls", "label")}
+
+
 def _handle(style: dict, **kw) -> matplotlib.lines.Line2D:
-    return matplotlib.lines.Line2D(
-        [],
-        [],
-        color=style["color"],
-        marker=style["marker"],
-        mfc=style["mfc"],
-        ls=style["ls"],
-        ms=5,
-        label=style["label"],
-        **kw,
-    )
+    return matplotlib.lines.Line2D([], [], **(_line(style) | {"ms": 5} | kw))
 
 
 def _null_handle(label: str = "random dictionaries (null)") -> matplotlib.lines.Line2D:
@@ -302,15 +297,7 @@ def _draw_lines(ax, df: pd.DataFrame, value: str, styles: dict, x: str = "step",
         g["std"] = g["std"].fillna(0)  # one seed: no band; an undefined mean stays NaN, a gap
         # the first lines of a panel drawn wider and with larger markers, so that a line that
         # coincides with a later one (e.g. Mutual Choice on BatchTopK) still shows round it
-        kw = {
-            "color": style["color"],
-            "marker": style["marker"],
-            "mfc": style["mfc"],
-            "ls": style["ls"],
-            "ms": max(6.5 - 0.8 * i, 3.5),
-            "lw": max(2.3 - 0.3 * i, 1.2),
-            "label": style["label"],
-        }
+        kw = _line(style) | {"ms": max(6.5 - 0.8 * i, 3.5), "lw": max(2.3 - 0.3 * i, 1.2)}
         ax.plot(g.index, g["mean"], **(kw | line))
         ax.fill_between(
             g.index,
@@ -474,13 +461,7 @@ def fvu_vs_l0(tables: Path):
                     p[("fvu", "mean")],
                     xerr=p[("l0", "std")],
                     yerr=p[("fvu", "std")],
-                    color=style["color"],
-                    marker=style["marker"],
-                    mfc=style["mfc"],
-                    ms=6,
-                    ls="",
-                    elinewidth=0.8,
-                    label=style["label"],
+                    **(_line(style) | {"ms": 6, "ls": "", "elinewidth": 0.8}),
                 )
                 if p[("fvu", "mean")] > 1:
                     worse = True
@@ -719,16 +700,7 @@ def latent_stability(tables: Path):
                 .sum()
             )
             y = g["w"] / g["n_latents"] if r == 0 else g["n_latents"] / n
-            ax.plot(
-                g.index,
-                y,
-                color=style["color"],
-                marker=style["marker"],
-                mfc=style["mfc"],
-                ls=style["ls"],
-                ms=4.5,
-                label=style["label"],
-            )
+            ax.plot(g.index, y, **(_line(style) | {"ms": 4.5}))
         if r == 0 and layer in nulls:
             ax.axhline(nulls[layer]["shared"], **NULL_STYLE)
         ax.set_xscale("log")

@@ -50,6 +50,8 @@ from saedynamics.saes import load
 log = logging.getLogger("saedynamics")
 
 WRAPPER = "EXPLORER.receive("  # every data file is WRAPPER + JSON + ");\n"
+UNEMBEDDING = "embed_out.weight"  # GPT-NeoX (Pythia and the micro suite)
+FINAL_NORM = "gpt_neox.final_layer_norm.weight"
 
 
 def build_explorer(
@@ -486,20 +488,34 @@ def _checkpoints(checkpoints: list[Path], steps) -> dict:
 
 
 def _unembedding(directory: Path) -> torch.Tensor:
-    """The unembedding [vocab, d] the checkpoint's LM uses (loaded and verified as every stage
-    loads it, weight tying included), with its final LayerNorm's scale folded in (as
-    TransformerLens' fold_ln: the direct path with the norm's scale, not its centring or its
-    division by the norm)."""
-    from saedynamics.checkpoints import load_model
+    """The unembedding [vocab, d] the checkpoint's LM uses, with its final LayerNorm's scale folded
+    in (as TransformerLens' fold_ln: the direct path with the norm's scale, not its centring or its
+    division by the norm). Read from the verified weights; a checkpoint that does not store its
+    unembedding (tied weights) is loaded as every stage loads the LM, tying included."""
+    from safetensors import safe_open
 
-    model = load_model(directory)
-    norm = getattr(getattr(model, "gpt_neox", None), "final_layer_norm", None)
-    if norm is None:
-        raise DataError(
-            f"{directory}: not a GPT-NeoX checkpoint (no gpt_neox.final_layer_norm); the "
-            "explorer reads GPT-NeoX checkpoints"
-        )
-    return (model.get_output_embeddings().weight * norm.weight).detach().float()
+    from saedynamics.checkpoints import load_model, verify_checkpoint
+
+    verify_checkpoint(directory)
+    tensors = {}
+    for f in sorted(Path(directory).glob("model*.safetensors")):
+        with safe_open(f, "pt") as weights:
+            for key in (UNEMBEDDING, FINAL_NORM):
+                if key in weights.keys():  # noqa: SIM118 - safe_open has no __contains__
+                    tensors[key] = weights.get_tensor(key).float()
+    if UNEMBEDDING not in tensors or FINAL_NORM not in tensors:
+        model = load_model(directory)
+        norm = getattr(getattr(model, "gpt_neox", None), "final_layer_norm", None)
+        if norm is None:
+            raise DataError(
+                f"{directory}: not a GPT-NeoX checkpoint (no gpt_neox.final_layer_norm); the "
+                "explorer reads GPT-NeoX checkpoints"
+            )
+        tensors = {
+            UNEMBEDDING: model.get_output_embeddings().weight.detach().float(),
+            FINAL_NORM: norm.weight.detach().float(),
+        }
+    return tensors[UNEMBEDDING] * tensors[FINAL_NORM]
 
 
 def _token_strings(path: Path, vocab: int) -> list[str]:

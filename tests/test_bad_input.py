@@ -39,12 +39,14 @@ from pathlib import Path
 
 import pytest
 import yaml
+from snakemake.cli import parse_config as snakemake_parse_config
 
 from saedynamics.artifacts import read_json, sha256_file, write_json
 from saedynamics.checkpoints import download_checkpoint, download_tokenizer, load_model
 from saedynamics.cli import main
 from saedynamics.config import HubModelConfig, coerce_overrides, load_config
 from saedynamics.errors import ConfigError, DataError
+from saedynamics.snakemake_args import check_arguments, dotted_entry
 
 from .conftest import REPO, copy_workflow, hub_config, snapshot_of
 
@@ -476,12 +478,20 @@ def test_the_cli_stops_before_any_work(case, tmp_path, capsys):
 # ---- the real entry points, in a copy of the workflow ------------------------------------------------
 
 
-def entry_point_runs(cases: list[Case], tmp_path: Path, overrides=()) -> dict[str, dict]:
-    """Run `snakemake --cores 1 --configfile <case>` and `python -m saedynamics tokens --config
-    <case> ...` for every case, and `snakemake --cores 1 --config <override>` for every override
+WRAPPER = ("saedynamics", "snakemake")  # python -m saedynamics snakemake: Snakemake, args checked
+
+
+def entry_point_runs(
+    cases: list[Case], tmp_path: Path, overrides=(), dry_runs=()
+) -> dict[str, dict]:
+    """Run `snakemake --cores 1 --configfile <case>`, the same through `python -m saedynamics
+    snakemake` ("wrapper") and `python -m saedynamics tokens --config <case> ...` for every case,
+    and `snakemake --cores 1 --config <override>` (and through the wrapper) for every override
     (merged into the embedded demo config), in a copy of the workflow (tests/entry_points.py: one
     warm interpreter for all runs); assert that they created no file there (the results folder
-    included); return {case id or override: {"snakemake": (rc, output), "cli": (rc, output)}}."""
+    included), and a dry run (`-n -p`) through the wrapper for each tuple of --config entries in
+    `dry_runs`; return
+    {case id, override or dry run: {"snakemake" | "wrapper" | "cli": (rc, output)}}."""
     wd = copy_workflow(tmp_path / "wd")
     configs = tmp_path / "configs"
     configs.mkdir()
@@ -499,9 +509,14 @@ def entry_point_runs(cases: list[Case], tmp_path: Path, overrides=()) -> dict[st
     for case, case_id in zip(cases, ids(cases), strict=True):
         path = str(write_case(case, configs))
         job(case_id, "snakemake", path, "snakemake", "--cores", "1", "--configfile", path)
+        job(case_id, "wrapper", path, *WRAPPER, "--cores", "1", "--configfile", path)
         job(case_id, "cli", path, "saedynamics", "tokens", "--config", path, *outputs)
     for override in overrides:
         job(override, "snakemake", "", "snakemake", "--cores", "1", "--config", override)
+        job(override, "wrapper", "", *WRAPPER, "--cores", "1", "--config", override)
+    for entries in dry_runs:  # each: a tuple of --config entries
+        argv = (*WRAPPER, "-n", "-p", "--cores", "1", "--config", *entries)
+        job(" ".join(entries), "wrapper", "", *argv)
     before = sorted(p for p in wd.rglob("*") if ".snakemake" not in p.parts)
     (tmp_path / "jobs.json").write_text(json.dumps(jobs))
     env = {**os.environ, "PYTHONPATH": str(wd / "src")}
@@ -527,6 +542,9 @@ def check_entry_points(case: Case, run: dict) -> None:
     message = out[out.index("error: ") :]
     assert name in message and case.says in message, out
     assert_short(message)
+    rc, out = run["wrapper"]  # reads the file before Snakemake: every case named, no traceback
+    assert rc != 0 and "Traceback (most recent call last)" not in out, out
+    assert name in out and case.says in out and len(out.strip().splitlines()) <= 8, out
     rc, out = run["snakemake"]
     if case.id in SNAKEMAKE_CRASHES:
         assert rc != 0 and SNAKEMAKE_CRASHES[case.id] in out, out
@@ -545,18 +563,26 @@ def test_real_entry_points_stop_before_any_job(tmp_path):
     """One case per category through `snakemake` and `python -m saedynamics`; and bad values given
     with Snakemake's --config. (tests/test_workflow.py runs a bad config through a plain
     `python -m snakemake` subprocess too.)"""
+    not_an_int = "training.n_latents: Input should be a valid integer (got 'many')"
     overrides = {
         "study=../x": "study: '../x' must be lower",
         "results=~/r": "results: '~/r'",
-        "training={n_latents: many}": "training.n_latents: Input should be a valid integer (got 'many')",
+        "training={n_latents: many}": not_an_int,
+        "training.n_latents=many": not_an_int,  # dotted: the wrapper's alone
+        "architectures.topk.k=0": "architectures.topk.k: Input should be greater than 0",
     }
-    runs = entry_point_runs(REPRESENTATIVE, tmp_path, overrides)
+    dry_run = ("training.n_latents=48", "architectures.topk.k=3")
+    runs = entry_point_runs(REPRESENTATIVE, tmp_path, overrides, [dry_run])
     for case, case_id in zip(REPRESENTATIVE, ids(REPRESENTATIVE), strict=True):
         check_entry_points(case, runs[case_id])
     for override, message in overrides.items():
-        rc, out = runs[override]["snakemake"]
-        assert rc != 0 and "Traceback (most recent call last)" not in out, out
-        assert message in out and len(out.strip().splitlines()) <= 8, out
+        dotted = "." in override.partition("=")[0]
+        for kind in ("wrapper",) if dotted else ("snakemake", "wrapper"):
+            rc, out = runs[override][kind]
+            assert rc != 0 and "Traceback (most recent call last)" not in out, out
+            assert message in out and len(out.strip().splitlines()) <= 8, out
+    rc, out = runs[" ".join(dry_run)]["wrapper"]  # dotted keys that are fine: read as numbers
+    assert rc == 0 and '"n_latents": 48' in out and '"k": 3' in out, out
 
 
 @pytest.mark.slow
@@ -650,6 +676,77 @@ def test_config_overrides_that_are_no_number_name_the_key(entries, says):
         load_config(coerce_overrides(with_overrides(overrides), overrides), name="the demo")
     assert says in str(error.value), error.value
     assert_short(str(error.value))
+
+
+# ---- python -m saedynamics snakemake: what Snakemake reads before the workflow --------------------
+
+
+@pytest.mark.parametrize(
+    "entry, rewritten",
+    [
+        ("training.n_latents=32", "training={n_latents: '32'}"),
+        ("architectures.topk.k=4", "architectures={topk: {k: '4'}}"),
+        ("training.seeds=[0, 5]", "training={seeds: ['0', '5']}"),
+        ("training.checkpoint_tokens=", "training={checkpoint_tokens: null}"),
+        ("study=tiny", "study=tiny"),  # no dot: Snakemake's own form, unchanged
+        ("training={n_latents: 32}", "training={n_latents: 32}"),
+        ("no-equals-sign", "no-equals-sign"),  # Snakemake names what is missing
+    ],
+)
+def test_dotted_config_keys_become_snakemake_mappings(entry, rewritten):
+    assert dotted_entry(entry) == rewritten
+
+
+def test_dotted_config_keys_are_read_as_the_schema_types():
+    """Dotted entries, rewritten, through Snakemake's own parser and the workflow's reading: the
+    numbers and lists the schema wants; mappings for one top-level key merge."""
+    argv = ["-n", "--config", "training.n_latents=32", "training.seeds=[0, 1]"]
+    argv += ["architectures.topk.k=8", "--cores", "1"]
+    entries = check_arguments(argv)[2:5]
+    overrides = snakemake_parse_config(entries)
+    assert overrides["training"] == {"n_latents": "32", "seeds": ["0", "1"]}
+    cfg = load_config(coerce_overrides(with_overrides(overrides), overrides))
+    assert (cfg.training.n_latents, cfg.training.seeds) == (32, [0, 1])
+    assert (
+        cfg.architectures["topk"].k == 8
+        and cfg.architectures["relu"]
+        == load_config(REPO / "workflow/configs/tiny.yaml").architectures["relu"]
+    )
+
+
+def test_the_wrapper_keeps_every_other_argument(tmp_path):
+    study = tmp_path / "study.yaml"
+    study.write_text("study: s\n")
+    argv = ["all", "--cores", "2", f"--configfile={study}", "figures", "-C", "a.b=1", "-n"]
+    assert check_arguments(argv) == [*argv[:3], f"--configfile={study}", "figures", "-C"] + [
+        "a={b: '1'}",
+        "-n",
+    ]
+    two = ["--configfiles", str(study), str(study), "--config=x.y=", "all"]
+    assert check_arguments(two) == [*two[:3], "--config=x={y: null}", "all"]
+
+
+@pytest.mark.parametrize(
+    "argv, says",
+    [
+        (["--configfile", "missing.yaml"], "--configfile missing.yaml: cannot read config file "),
+        (
+            ["--configfiles", "bad.yaml"],
+            "--configfiles bad.yaml: config file bad.yaml is not valid ",
+        ),
+        (["-C", "training..n_latents=3"], "--config training..n_latents=3: 'training..n_latents'"),
+        (["--config", "training.seeds=[0"], "--config training.seeds=[0: the value '[0' is not "),
+    ],
+)
+def test_the_wrapper_names_the_argument(argv, says, tmp_path, capsys, monkeypatch):
+    """`python -m saedynamics snakemake ...` stops before Snakemake starts: one line naming the
+    file or entry, exit 1, nothing written."""
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "bad.yaml").write_bytes(b"study: \xbc\xbd\n")  # Snakemake's traceback case
+    assert main(["snakemake", "-n", "--cores", "1", *argv]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith(f"error: {says}") and len(err.strip().splitlines()) == 1, err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["bad.yaml"]
 
 
 # ---- a Hub checkpoint that needs remote code ------------------------------------------------------

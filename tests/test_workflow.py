@@ -171,7 +171,8 @@ def test_a_configfile_replaces_the_demo_config():
 
 def test_a_missing_configfile_is_named(tmp_path):
     """Snakemake reads --configfile before the Snakefile (so before any code of ours): its
-    traceback's last line names the file; nothing is created."""
+    traceback's last line names the file; nothing is created. (`python -m saedynamics snakemake`
+    names it in one line: tests/test_bad_input.py.)"""
     wd = copy_workflow(tmp_path / "wd")
     out = run(["-n", "--cores", "1", "--configfile", "missing.yaml"], cwd=wd, check=False)
     assert out.returncode != 0

@@ -5,6 +5,7 @@ the stage, see `StudyConfig.stage_settings`) or as `--config FILE` (a whole stud
 one stage by hand), validates them before any work, and writes its outputs atomically. Errors meant
 for the user (bad config, unreadable file, diverged training) print one message and exit 1.
 This module only maps arguments to functions: a stage's work is in the module named for it.
+`python -m saedynamics snakemake ...` runs the workflow itself (see `snakemake_args`).
 """
 
 from __future__ import annotations
@@ -154,6 +155,11 @@ def build_parser() -> argparse.ArgumentParser:
             p.add_argument(flag, type=int if flag in ("--step", "--layer") else None, required=True)
         return p.add_argument
 
+    help = (
+        "run the workflow: Snakemake's own arguments, every --configfile read first, dotted "
+        "--config keys allowed (training.n_latents=32)"
+    )
+    sub.add_parser("snakemake", help=help, add_help=False)  # main() hands it to snakemake_args
     p = sub.add_parser("check-config", help="validate a study config and summarise it")
     p.add_argument("path")
     p.set_defaults(func=cmd_check_config, threads=None, stage=None)
@@ -232,6 +238,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["snakemake"]:  # Snakemake parses its own arguments
+        from saedynamics.snakemake_args import run_snakemake
+
+        return run_snakemake(argv[1:])
     args = build_parser().parse_args(argv)
     if not sys.stderr.isatty():  # a rule's log file: keep our own progress, not every library's
         os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")

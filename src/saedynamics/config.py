@@ -633,28 +633,39 @@ class StudyConfig(StrictModel):
 # ---- loading and error messages --------------------------------------------------------------------
 
 
-def load_config(source: str | Path | dict, name: str | None = None) -> StudyConfig:
-    """Validate a config file (or an already-parsed dict); raise ConfigError naming the problem."""
-    if isinstance(source, dict):
-        raw, name = source, name or "the config"
-    else:
-        path = Path(source)
-        name = name or str(path)
-        try:
-            raw = yaml.safe_load(path.read_bytes())  # bytes: a bad encoding is a YAMLError too
-        except OSError as e:
-            raise ConfigError(f"cannot read config file {path}: {e.strerror}") from None
-        except yaml.YAMLError as e:
-            mark = getattr(e, "problem_mark", None)
-            where = f"line {mark.line + 1}, column {mark.column + 1}: " if mark else ""
-            what = [getattr(e, "context", None), getattr(e, "problem", None)]
-            problem = "; ".join(filter(None, what)) or " ".join(str(e).split())
-            raise ConfigError(f"config file {path} is not valid YAML: {where}{problem}") from None
+def read_config_file(path: str | Path) -> dict:
+    """A config file's mapping, unvalidated; ConfigError naming the file if it is unreadable, not
+    YAML (a bad encoding included) or not a mapping."""
+    path = Path(path)
+    try:
+        raw = yaml.safe_load(path.read_bytes())  # bytes: a bad encoding is a YAMLError too
+    except OSError as e:
+        raise ConfigError(f"cannot read config file {path}: {e.strerror}") from None
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f"line {mark.line + 1}, column {mark.column + 1}: " if mark else ""
+        what = [getattr(e, "context", None), getattr(e, "problem", None)]
+        problem = "; ".join(filter(None, what)) or " ".join(str(e).split())
+        raise ConfigError(f"config file {path} is not valid YAML: {where}{problem}") from None
+    _require_mapping(raw, str(path))
+    return raw
+
+
+def _require_mapping(raw: Any, name: str) -> None:
     if not isinstance(raw, dict):
         raise ConfigError(
             f"{name}: expected a mapping of keys at the top level, got "
             + ("nothing (the file is empty)" if raw is None else type(raw).__name__)
         )
+
+
+def load_config(source: str | Path | dict, name: str | None = None) -> StudyConfig:
+    """Validate a config file (or an already-parsed dict); raise ConfigError naming the problem."""
+    if isinstance(source, dict):
+        raw, name = source, name or "the config"
+        _require_mapping(raw, name)
+    else:
+        raw, name = read_config_file(source), name or str(source)
     try:
         return StudyConfig.model_validate(raw)
     except ValidationError as e:

@@ -23,6 +23,7 @@ from saedynamics.toy import (
     superposition_setting,
     superposition_validation,
     tied_sae_codes,
+    tied_sae_loss,
     train_tied_saes,
     train_toy_models,
     weight_effective_features,
@@ -142,6 +143,19 @@ def test_early_stopping_keeps_each_sae_where_it_stopped(one_thread):
         short = cfg.model_copy(update={"toy_sae_epochs": n, "toy_sae_patience": 0})
         e_i, b_i, _ = train_tied_saes(h, short, torch.Generator().manual_seed(1))
         assert torch.equal(e_i[i], e[i]) and torch.equal(b_i[i], b[i]), i
+
+
+def test_tied_sae_loss_of_a_hand_computed_batch():
+    """Eq. 5 of the paper (sums per sample, mean over the batch) and the authors' code (means over
+    every element), on 2 samples in N = 2 with D = 3 latents. Sample 1: z = ReLU(E x + b) =
+    ReLU(1, 2 - 1, 3 - 4) = (1, 1, 0), x' = (1, 1), error (0, 1); sample 2 is zero."""
+    x = torch.tensor([[[1.0, 2.0], [0.0, 0.0]]])
+    e = torch.tensor([[[1.0, 0.0], [0.0, 1.0], [1.0, 1.0]]])
+    b = torch.tensor([[0.0, -1.0, -4.0]])
+    # eq. 5: (|error|^2 + 0.1 |z|_1) = (1 + 0.2, 0) per sample, mean 0.6
+    assert tied_sae_loss(x, e, b, 0.1, "eq5").item() == pytest.approx(0.6)
+    # code: error^2 over 4 elements 1 / 4, |z| over 6 elements 2 / 6
+    assert tied_sae_loss(x, e, b, 0.1, "code").item() == pytest.approx(0.25 + 0.1 * 2 / 6)
 
 
 def test_f_true_of_a_hand_computed_toy_model():

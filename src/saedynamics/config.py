@@ -392,6 +392,11 @@ class ValidationConfig(StrictModel):
     toy_samples: int = Field(default=10_000, gt=0, description="hidden activations per toy model")
     toy_sae_expansion: int = Field(default=8, gt=0, description="tied SAE latents / N (paper: 8)")
     toy_sae_l1: float = Field(default=0.1, ge=0, description="tied SAE L1 coefficient (paper: 0.1)")
+    toy_sae_loss: Literal["eq5", "code"] = Field(
+        default="eq5",
+        description="eq5: the paper's eq. 5, |h - h'|^2 + l1 |z|_1 per sample; code: the "
+        "authors' sae.py, mean squared error + l1 mean |z| over all elements",
+    )
     toy_sae_lr: float = Field(default=1e-3, gt=0, description="tied SAE Adam lr (paper: 1e-3)")
     toy_sae_batch: int = Field(default=512, gt=0, description="tied SAE batch (paper: 128)")
     toy_sae_epochs: int = Field(default=150, gt=0, description="tied SAE epochs, max (paper: 800)")
@@ -428,7 +433,9 @@ class ValidationConfig(StrictModel):
         """The toy fields in Bereska et al. 2025's setting (section 5.1, arXiv 2512.13568; blog).
 
         Paper: 100 models, S in [0.001, 0.999], M = 20 -> N = 5, importance 0.7^i, 10,000 samples,
-        SAE 8x with l1 0.1. The authors' `train_sae` (experiments/adversarial/sae.py): Adam lr
+        SAE 8x with l1 0.1 in the loss of its eq. 5, ||x - x'||^2 + l1 ||z||_1 (the authors'
+        `compute_loss` averages both over elements instead: toy_sae_loss "code"). The authors'
+        `train_sae` (experiments/adversarial/sae.py): Adam lr
         1e-3, batch 128, <= 800 epochs, patience 10. "Following Elhage et al. ... trained to
         convergence": their notebook's AdamW, lr 1e-3, batch 1024, 10,000 steps.
         """
@@ -446,6 +453,7 @@ class ValidationConfig(StrictModel):
             "toy_samples": 10_000,
             "toy_sae_expansion": 8,
             "toy_sae_l1": 0.1,
+            "toy_sae_loss": "eq5",
             "toy_sae_lr": 1e-3,
             "toy_sae_batch": 128,
             "toy_sae_epochs": 800,

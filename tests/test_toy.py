@@ -118,6 +118,22 @@ def test_superposition_json_states_r_and_its_setting():
     json.dumps(result, allow_nan=False)
 
 
+def test_an_sae_without_an_active_latent_has_no_f():
+    """A strong l1 silences every latent: F of its codes is undefined, so f_sae is null with a
+    reason, r is over the models that have one (here none), and the JSON is valid."""
+    cfg = ValidationConfig(toy_models=3, toy_steps=20, toy_samples=300, toy_sae_epochs=20)
+    cfg = cfg.model_copy(update={"toy_sae_batch": 64, "toy_sae_lr": 0.05, "toy_sae_l1": 100.0})
+    result = superposition_validation(cfg)
+    for m in result["models"]:
+        assert (m["f_sae"], m["f_sae_reason"], m["sae_alive_latents"]) == (
+            None,
+            "no active latent",
+            0,
+        )
+    assert result["pearson_r"] is None and result["pearson_r_models"] == 0
+    json.dumps(result, allow_nan=False)
+
+
 def test_paper_setting_is_recognised():
     paper = ValidationConfig.paper_superposition()
     assert superposition_setting(paper) == {"paper_setting": True, "differs_from_paper": {}}

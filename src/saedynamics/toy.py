@@ -46,8 +46,9 @@ them did. Each experiment returns plain JSON-able data; nothing here plots or wr
    - Reported: per model the density, F_true (both), F_SAE, the entropy measure on the SAE's
      weights (`f_sae_weights`, p_i ~ |E_i|, the paper's psi_Ours(W_sae)), psi_Frob of the toy
      weights and of the SAE's (`sae_psi_frob`, the paper's psi_Frob(W_sae)), the features
-     with |W_:,i| > 0.5, the SAE's live latents, FVU and epochs; the Pearson r of F_SAE against
-     F_true across the sweep, with its 95% interval over the models (Fisher's z). The paper:
+     with |W_:,i| > 0.5, the SAE's live latents, FVU and epochs (F_SAE null, with a reason,
+     where no latent fires); the Pearson r of F_SAE against F_true across the models that have
+     one (`pearson_r_models`), with its 95% interval over them (Fisher's z). The paper:
      r = 0.94 +- 0.02 through the SAE and 0.99 +- 0.01 on the toy weights, "across 100
      model-SAE pairs" (one sweep; the +- is not defined, the caption of its Fig. 3b speaks of 95%
      intervals across the 100 pairs). The JSON states every toy setting, `paper_setting`, and
@@ -376,7 +377,9 @@ def superposition_validation(cfg: ValidationConfig) -> dict:
                     "sparsity": float(1.0 - p),
                     "f_true": weight_effective_features(w[i], power=2.0),
                     "f_true_norm": weight_effective_features(w[i], power=1.0),
-                    "f_sae": measured["effective_features"],
+                    # no latent active on any sample (a strong l1): F of the codes is undefined
+                    "f_sae": measured["effective_features"] if measured["alive_latents"] else None,
+                    "f_sae_reason": None if measured["alive_latents"] else "no active latent",
                     "f_sae_weights": weight_effective_features(e[i].T, power=1.0),
                     "sae_psi_frob": float(e[i].double().pow(2).sum() / n),
                     "psi_frob": float(w[i].double().pow(2).sum() / n),
@@ -388,14 +391,17 @@ def superposition_validation(cfg: ValidationConfig) -> dict:
             )
     wall = time.perf_counter() - started
     column = {key: [row[key] for row in models] for key in models[0]}
-    r = _pearson(column["f_sae"], column["f_true"])
+    measured = [row for row in models if row["f_sae"] is not None]  # r over these
+    f_sae = [row["f_sae"] for row in measured]
+    r = _pearson(f_sae, [row["f_true"] for row in measured])
     result = {
         "experiment": "superposition",
         "source": "Bereska et al. 2025 section 5.1 on Elhage et al. 2022 toy models",
         "models": models,
         "pearson_r": r,
-        "pearson_r_ci95": _fisher_ci(r, len(models)),
-        "pearson_r_norm": _pearson(column["f_sae"], column["f_true_norm"]),
+        "pearson_r_ci95": _fisher_ci(r, len(measured)),
+        "pearson_r_models": len(measured),
+        "pearson_r_norm": _pearson(f_sae, [row["f_true_norm"] for row in measured]),
         "pearson_r_psi_frob": _pearson(column["psi_frob"], column["f_true"]),
         "pearson_r_norm_psi_frob": _pearson(column["psi_frob"], column["f_true_norm"]),
         "pearson_r_sae_weights": _pearson(column["f_sae_weights"], column["f_true"]),

@@ -77,6 +77,8 @@ def local_slurm(tmp_path_factory):
             text=True,
         ).stdout.splitlines()
         assert not left, f"daemons still running: {left}"
+        # a config left behind makes every later Snakemake start wait on `scontrol` (9 s)
+        assert not Path("/etc/slurm/slurm.conf").exists()
 
 
 def run_on_slurm(wd: Path, env: dict, config: str) -> subprocess.CompletedProcess:

@@ -3,7 +3,8 @@
 # and CI. Root only; no systemd, no cgroups, no accounting database.
 #
 #   tests/slurm/start-local-slurm.sh PIDFILE     writes the config, starts the daemons, runs a probe
-#   tests/slurm/stop-local-slurm.sh PIDFILE      stops exactly the daemons listed in PIDFILE
+#   tests/slurm/stop-local-slurm.sh PIDFILE      stops exactly the daemons listed in PIDFILE and
+#                                                removes the config this script wrote
 #
 # The node has two partitions, `cpu` (default) and `gpu`, as workflow/profiles/slurm expects, and a
 # fake GPU gres (File=/dev/null, /dev/zero, ...) so that `--gpus=1` is scheduled on a machine without one. The

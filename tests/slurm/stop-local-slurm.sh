@@ -12,3 +12,8 @@ tac "$pidfile" | while read -r name pid; do
     echo "stopped $name ($pid)" >&2
 done
 rm -f "$pidfile"
+# and the config start-local-slurm.sh wrote: left behind, every later `scontrol` (which the SLURM
+# executor plugin runs whenever Snakemake starts) waits 9 s for a controller that is gone
+if head -n 1 /etc/slurm/slurm.conf 2> /dev/null | grep -q "written by saedynamics"; then
+    rm -f /etc/slurm/slurm.conf /etc/slurm/gres.conf
+fi

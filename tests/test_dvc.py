@@ -24,6 +24,8 @@ FIGURE_CODE = {"src/saedynamics/figures.py", "workflow/rules/figures.smk"}
 EXPLORER_CODE = {"workflow/rules/explorer.smk"} | {
     p.relative_to(REPO).as_posix() for p in (REPO / "src/saedynamics/explorer").rglob("*.py")
 }
+# `python -m saedynamics snakemake` starts Snakemake on the host; no job runs it
+LAUNCHER_CODE = {"src/saedynamics/snakemake_args.py"}
 # the rules of the figures and explorer stages; every other rule belongs to compute
 FIGURE_RULES = {"figures"}
 EXPLORER_RULES = {"explorer"}
@@ -61,8 +63,8 @@ def out_paths(definition: dict) -> list[str]:
 
 
 def test_compute_deps_are_exactly_the_code_compute_runs():
-    """Every module and rule file but the figures' and the explorer's, so that a new module cannot
-    be forgotten and an edit to the figure or explorer code cannot re-run training."""
+    """Every module and rule file but the figures', the explorer's and the launcher's, so that a new
+    module cannot be forgotten and an edit to the figure or explorer code cannot re-run training."""
     deps = stage("compute")["deps"]
     assert len(deps) == len(set(deps)), "a dep is listed twice"
     expected = (
@@ -73,6 +75,7 @@ def test_compute_deps_are_exactly_the_code_compute_runs():
         )
         - FIGURE_CODE
         - EXPLORER_CODE
+        - LAUNCHER_CODE
     )
     missing, extra = sorted(expected - set(deps)), sorted(set(deps) - expected)
     assert not missing, f"dvc.yaml: compute deps lack {missing} (list every file compute runs)"

@@ -53,34 +53,30 @@ def dotted_entry(entry: str) -> str:
 
 def check_arguments(argv: list[str]) -> list[str]:
     """`argv` with dotted --config keys rewritten, after reading every --configfile."""
-    out, option = [], None  # option: the flag whose values are being read
+    out, option = [], None  # option: the flag whose values follow (as Snakemake's nargs reads them)
     for arg in argv:
-        name, eq, inline = arg.partition("=") if arg.startswith("--") else (arg, "", "")
-        if name in CONFIGFILE_FLAGS + CONFIG_FLAGS:
-            option = None if eq else name
-            if not eq:
-                out.append(arg)
-                continue
-            arg = inline
-        elif arg.startswith("-"):
+        flag, eq, inline = arg.partition("=")
+        if arg.startswith("--") and eq and flag in CONFIGFILE_FLAGS + CONFIG_FLAGS:
+            out.append(f"{flag}={_checked(flag, inline)}")  # --config=a.b=1: this value alone
             option = None
+        elif arg.startswith("-"):
             out.append(arg)
-            continue
-        elif option is None:
-            out.append(arg)
-            continue
+            option = arg if arg in CONFIGFILE_FLAGS + CONFIG_FLAGS else None
         else:
-            name = option
-        if name in CONFIGFILE_FLAGS:
-            try:
-                read_config_file(arg)
-            except ConfigError as e:
-                raise ConfigError(f"{name} {arg}: {e}") from None
-            value = arg
-        else:
-            value = dotted_entry(arg)
-        out.append(f"{name}={value}" if eq else value)
+            out.append(_checked(option, arg) if option else arg)
     return out
+
+
+def _checked(flag: str, value: str) -> str:
+    """A --configfile value, read (ConfigError naming it if it cannot be); a --config entry, with
+    a dotted key rewritten."""
+    if flag in CONFIG_FLAGS:
+        return dotted_entry(value)
+    try:
+        read_config_file(value)
+    except ConfigError as e:
+        raise ConfigError(f"{flag} {value}: {e}") from None
+    return value
 
 
 def run_snakemake(argv: list[str]) -> int:

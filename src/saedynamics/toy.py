@@ -391,17 +391,17 @@ def superposition_validation(cfg: ValidationConfig) -> dict:
             )
     wall = time.perf_counter() - started
     column = {key: [row[key] for row in models] for key in models[0]}
-    measured = [row for row in models if row["f_sae"] is not None]  # r over these
-    f_sae = [row["f_sae"] for row in measured]
-    r = _pearson(f_sae, [row["f_true"] for row in measured])
+    with_f = [row for row in models if row["f_sae"] is not None]  # r over these
+    f_sae = [row["f_sae"] for row in with_f]
+    r = _pearson(f_sae, [row["f_true"] for row in with_f])
     result = {
         "experiment": "superposition",
         "source": "Bereska et al. 2025 section 5.1 on Elhage et al. 2022 toy models",
         "models": models,
         "pearson_r": r,
-        "pearson_r_ci95": _fisher_ci(r, len(measured)),
-        "pearson_r_models": len(measured),
-        "pearson_r_norm": _pearson(f_sae, [row["f_true_norm"] for row in measured]),
+        "pearson_r_ci95": _fisher_ci(r, len(with_f)),
+        "pearson_r_models": len(with_f),
+        "pearson_r_norm": _pearson(f_sae, [row["f_true_norm"] for row in with_f]),
         "pearson_r_psi_frob": _pearson(column["psi_frob"], column["f_true"]),
         "pearson_r_norm_psi_frob": _pearson(column["psi_frob"], column["f_true_norm"]),
         "pearson_r_sae_weights": _pearson(column["f_sae_weights"], column["f_true"]),

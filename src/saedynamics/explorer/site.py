@@ -39,7 +39,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from saedynamics.artifacts import MANIFEST, atomic_directory, atomic_file
+from saedynamics.artifacts import MANIFEST, atomic_directory, atomic_file, read_json
 from saedynamics.errors import DataError
 from saedynamics.explorer.latents import chains, context_rows, encode_eval, logit_effects
 from saedynamics.inputs import checked_activation_file
@@ -431,7 +431,7 @@ def _sae_dirs(saes: list[Path]) -> dict:
         if not cfg.is_file():
             raise DataError(f"{cfg}: no such SAE config; run the train rule")
         try:
-            ours = json.loads(cfg.read_text())["saedynamics"]
+            ours = read_json(cfg)["saedynamics"]
             key = (ours["layer"], ours["step"], ours["architecture_name"], ours["seed"])
         except (ValueError, KeyError, TypeError) as e:
             raise DataError(f"{cfg}: not an saedynamics SAE config ({e})") from None
